@@ -6,12 +6,15 @@ edges close loops; one executor unrolls any topology for R rounds.
 
 from .agent import DEFAULT_SYSTEM_PROMPT, Agent
 from .errors import CheckpointError, GraphError, InputError, LatentGraphError
+from .evaluation import evaluate
 from .executor import AgentStep, RunOutput
 from .links import Link, LinkConfig, link_types, register_link
 from .published import list_styles, load_style
 from .render import render
 from .system import Edge, System
 from .tools import Tool
+from .train_data import TrainExample, load_training_data
+from .training import TrainConfig, train
 
 __version__ = "0.1.0"
 
@@ -29,9 +32,14 @@ __all__ = [
     "RunOutput",
     "System",
     "Tool",
+    "TrainConfig",
+    "TrainExample",
+    "evaluate",
     "link_types",
     "list_styles",
     "load_style",
     "register_link",
     "render",
+    "train",
+    "load_training_data",
 ]

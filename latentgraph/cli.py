@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import CheckpointError, LatentGraphError
+from .errors import CheckpointError, InputError, LatentGraphError
 
 app = typer.Typer(help="Multi-agent LLM systems that talk in latent space.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -145,6 +145,100 @@ def convert(
     system.save_pretrained(out_dir)
     console.print(f"wrote {style} ({task}) to {out_dir}: {len(system.agents)} agents, {len(system.edges)} edges, "
                   f"{system.num_parameters():,} link parameters")
+
+
+@app.command("eval")
+def eval_command(
+    dataset: str = typer.Option(..., help="A benchmark name (needs network), or a .jsonl/.json/.csv/.parquet "
+                                          "file."),
+    output: Path = typer.Option(..., help="Directory for results.jsonl, summary.json and plot.png; a rerun "
+                                          "into it resumes."),
+    style: str = typer.Option(DEFAULT, help="'default', a published style, or a saved directory."),
+    compare: str = typer.Option("latent", help="Comma list of methods: single, text, latent."),
+    rounds: str | None = typer.Option(None, help="Comma list of round counts, each run separately (default: "
+                                                 "the system's)."),
+    limit: int | None = typer.Option(None, help="Most questions to evaluate."),
+    offset: int = typer.Option(0, help="Rows to skip first (e.g. 7000 for a held-out slice of GSM8K train)."),
+    fmt: str | None = typer.Option(None, "--format", help="For a file: the benchmark whose columns it has "
+                                                        "(gsm8k, math500, gpqa, ...)."),
+    columns: str | None = typer.Option(None, help='For a file: JSON mapping of fields to columns, e.g. '
+                                                  '\'{"question": "q", "gold": "a"}\'.'),
+    split: str | None = typer.Option(None, help="Split of a named benchmark (default: its evaluation split)."),
+    max_new_tokens: int = typer.Option(256, help="Most tokens per answer and per text message."),
+    batch_size: int = typer.Option(8, help="Questions per batch."),
+    samples: int = typer.Option(1, help="Answers per question: 1 is greedy; k > 1 samples and reports pass@k."),
+    upstream: bool = typer.Option(False, help="Also report the published lenient accuracy (separately)."),
+    task: str | None = typer.Option(None, help="For published styles: math or code (default: from the data)."),
+    seed: int = typer.Option(0, help="Seeds sampling and the order of multiple-choice options."),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
+) -> None:
+    """Evaluate a system (and its baselines) on a dataset: accuracy, tokens and time per method and round."""
+    from .datasets import load_dataset
+    from .evaluation import PLOT, RESULTS, SUMMARY, evaluate
+
+    try:
+        mapping = json.loads(columns) if columns is not None else None
+    except json.JSONDecodeError as e:
+        raise InputError(f"--columns is not valid JSON ({e.msg}); pass e.g. "
+                         '\'{"question": "q", "gold": "a"}\'') from e
+    try:
+        counts = [int(r) for r in rounds.split(",")] if rounds else None
+    except ValueError:
+        raise InputError(f"--rounds takes comma-separated integers, e.g. 1,2,3; got {rounds!r}") from None
+    examples = load_dataset(dataset, split=split, columns=mapping, format=fmt, offset=offset, limit=limit,
+                            seed=seed)
+    task = task or ("code" if any(e.kind == "code" for e in examples) else "math")
+    with console.status(f"loading {style} (the first run converts and caches the models)"):
+        system = load(style, task=task, device=device)
+        for agent in system.agents.values():
+            agent.model, agent.tokenizer  # load now, not inside the first batch's timing
+    report = evaluate(system, examples, methods=[m.strip() for m in compare.split(",") if m.strip()],
+                      rounds=counts, output=output, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                      samples=samples, seed=seed, upstream=upstream)
+    stdout = Console()
+    stdout.print(report.table(), width=None if stdout.is_terminal else 120)  # a file gets the whole table
+    written = [output / name for name in (RESULTS, SUMMARY, PLOT) if (output / name).exists()]
+    console.print("wrote " + ", ".join(map(str, written)), soft_wrap=True, highlight=False)
+
+
+@app.command("train")
+def train_command(
+    data: Path = typer.Option(..., help="Training JSONL: our rows (question, answer, plan, targets) or GSM8K's."),
+    output: Path = typer.Option(..., help="Where the trained system, checkpoints and train_log.jsonl go."),
+    style: str = typer.Option(DEFAULT, help="The system to train: 'default', a published style, or a directory."),
+    data_format: str | None = typer.Option(None, "--format", help="'gsm8k' for GSM8K rows."),
+    offset: int = typer.Option(0, help="First data row to use."),
+    limit: int | None = typer.Option(None, help="Most data rows to use."),
+    config: Path | None = typer.Option(None, help="A JSON file of TrainConfig fields; the flags below override it."),
+    stage: str | None = typer.Option(None, help="inner, outer or joint."),
+    regime: str | None = typer.Option(None, help="teacher (published) or rollout (as at inference)."),
+    steps: int | None = typer.Option(None, help="Optimizer steps."),
+    lr: float | None = typer.Option(None, help="Peak learning rate."),
+    batch_size: int | None = typer.Option(None, help="Examples per micro-batch."),
+    save_every: int | None = typer.Option(None, help="Write a checkpoint every N steps."),
+    resume: Path | None = typer.Option(None, help="A checkpoint directory to continue from."),
+    task: str = typer.Option("math", help="For published styles: math or code."),
+) -> None:
+    """Train a system's links on frozen backbones; the result loads with `latentgraph run --style OUTPUT`."""
+    from .train_data import load_training_data
+    from .training import TrainConfig, train
+
+    try:
+        settings = json.loads(config.read_text()) if config is not None else {}
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read the training config {config}: {e}") from None
+    flags = {"stage": stage, "regime": regime, "steps": steps, "lr": lr, "batch_size": batch_size,
+             "save_every": save_every}
+    settings.update({key: value for key, value in flags.items() if value is not None})
+    try:
+        train_config = TrainConfig(**settings)
+    except ValueError as e:
+        raise InputError(f"invalid training config: {e}") from None
+    examples = load_training_data(data, format=data_format, offset=offset, limit=limit)
+    system = load(style, task=task)
+    log = train(system, examples, train_config, output=output, resume=resume)
+    console.print(f"trained {train_config.stage} links for {train_config.steps} steps on {len(examples)} examples: "
+                  f"loss {log[0]['loss']:.4f} -> {log[-1]['loss']:.4f}; wrote {output}")
 
 
 def main() -> None:

@@ -131,7 +131,10 @@ def unrolled_loss(system: System, batch: list[TrainExample], *, regime: Regime =
             forced = None
             if scored or (turn.thinks and regime == "teacher"):
                 texts = [ex.answer if answers else ex.target_for(agent.name) for ex in batch]
-                forced = teacher_forced(agent, prompt, target_ids(agent, texts), logits=scored)
+                ids = target_ids(agent, texts)
+                if not scored:  # a message uses only the first latent_steps states: skip the rest of the text
+                    ids = [t[:agent.latent_steps] for t in ids]
+                forced = teacher_forced(agent, prompt, ids, logits=scored)
                 if scored:
                     losses[r] = cross_entropy(forced)
             if turn.thinks:

@@ -50,3 +50,11 @@ def published_hub():
     for style in list_styles():
         hub.build(style)
     return hub
+
+
+@pytest.fixture
+def saved(tiny, tmp_path):
+    """A tiny sequential system saved with its backbones as local directories, as the CLI loads it."""
+    from systems import save_with_backbone_dirs, sequential
+
+    return save_with_backbone_dirs(sequential(tiny), tmp_path)

@@ -12,23 +12,6 @@ from typer.testing import CliRunner
 import latentgraph as lg
 from latentgraph.cli import app
 
-from test_system import sequential
-
-
-@pytest.fixture
-def saved(tiny, tmp_path):
-    """A tiny sequential system saved with backbones referenced by directory, as a user's would be."""
-    system = sequential(tiny)
-    for name, agent in system.agents.items():
-        directory = tmp_path / f"backbone-{name}"
-        agent.model.save_pretrained(directory)
-        agent.tokenizer.save_pretrained(directory)
-    system.save_pretrained(tmp_path / "sys")
-    config = json.loads((tmp_path / "sys" / "latentgraph_config.json").read_text())
-    for agent in config["agents"]:
-        agent["backbone"]["name_or_path"] = str(tmp_path / f"backbone-{agent['name']}")
-    (tmp_path / "sys" / "latentgraph_config.json").write_text(json.dumps(config))
-    return tmp_path / "sys"
 
 
 def test_run_json_is_one_object_with_the_documented_keys(saved):

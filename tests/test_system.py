@@ -6,24 +6,7 @@ import torch
 import latentgraph as lg
 
 from conftest import ALL_ARCHS
-
-QUESTIONS = ["What is 17 * 23?", "Natalia sold clips to 48 of her friends in April. How many in May?",
-             "Why?"]
-
-
-def sequential(tiny, archs=("qwen3", "llama", "gemma3_text"), sizes=(64, 48, 32), steps=(3, 4, 2)):
-    """planner -> critic -> solver, with solver -> planner feedback."""
-    models = [tiny(arch, size, seed=i) for i, (arch, size) in enumerate(zip(archs, sizes))]
-    prompts = ["Plan how to solve: {question}", "Plan: {planner}\nRefine it for: {question}",
-               "Plan: {critic}\n{question}\nAnswer in \\boxed{{}}."]
-    agents = [lg.Agent(name, model, tokenizer=tok, prompt=prompt, latent_steps=m)
-              for name, (model, tok), prompt, m in zip(["planner", "critic", "solver"], models, prompts, steps)]
-    agents[0].feedback_prompt = "Feedback: {feedback}\nImprove your plan for: {question}"
-    system = lg.System(agents, rounds=3, answer="solver")
-    system.connect("planner", "critic").connect("critic", "solver")
-    system.connect("solver", "planner", slot="feedback", feedback=True)
-    return system
-
+from systems import QUESTIONS, sequential
 
 def test_mixed_architectures_run_three_rounds_with_feedback(tiny):
     system = sequential(tiny)

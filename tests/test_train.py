@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import latentgraph as lg
-import latentgraph.train
-from latentgraph.train import TrainConfig, batches_for, train
+import latentgraph.training
+from latentgraph.training import TrainConfig, batches_for, train
 from latentgraph.train_data import TrainExample, clean_gsm8k_solution, load_training_data
 
-from test_system import sequential
+from systems import save_with_backbone_dirs, sequential
 
 EXAMPLES = [
     TrainExample("What is 17 * 23?", "The answer is 391.", plan="Multiply 17 by 23."),
@@ -91,17 +91,17 @@ def test_resume_gives_the_same_links_as_an_uninterrupted_run(tiny, tmp_path, mon
     interrupted = sequential(tiny, steps=(2, 2, 2))  # the same backbones and starting links, killed in step 5
     interrupted.rounds = 2
     interrupted.load_state_dict(initial)
-    real_step = latentgraph.train._step
+    real_step = latentgraph.training._step
 
     def dies_in_step_5(system, examples, config, step, *args):
         if step == 4:
             raise KeyboardInterrupt
         return real_step(system, examples, config, step, *args)
 
-    monkeypatch.setattr(latentgraph.train, "_step", dies_in_step_5)
+    monkeypatch.setattr(latentgraph.training, "_step", dies_in_step_5)
     with pytest.raises(KeyboardInterrupt):
         train(interrupted, EXAMPLES, config, output=tmp_path / "interrupted", progress=False)
-    monkeypatch.setattr(latentgraph.train, "_step", real_step)
+    monkeypatch.setattr(latentgraph.training, "_step", real_step)
     assert sorted(p.name for p in (tmp_path / "interrupted").iterdir()) == ["checkpoint-3"]
     resumed = sequential(tiny, steps=(2, 2, 2))
     resumed.rounds = 2
@@ -138,3 +138,26 @@ def test_gsm8k_adapter(tmp_path):
     with pytest.raises(lg.InputError, match="line 1: cannot read a training example"):
         (tmp_path / "bad.jsonl").write_text('{"q": 1}\n')
         load_training_data(tmp_path / "bad.jsonl")
+
+
+def test_train_cli_writes_a_system_that_runs(tiny, tmp_path):
+    """latentgraph train on a saved tiny system, then latentgraph run --style on its output."""
+    from typer.testing import CliRunner
+
+    from latentgraph.cli import app
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"question": e.question, "answer": e.answer, "plan": e.plan}) + "\n"
+                            for e in EXAMPLES))
+    (tmp_path / "config.json").write_text(json.dumps({"stage": "outer", "regime": "teacher", "steps": 5, "lr": 1e-3}))
+    source = save_with_backbone_dirs(sequential(tiny), tmp_path)
+    result = CliRunner().invoke(app, ["train", "--data", str(data), "--output", str(tmp_path / "trained"),
+                                      "--style", str(source), "--config", str(tmp_path / "config.json"),
+                                      "--steps", "3", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    log = [json.loads(line) for line in (tmp_path / "trained" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]  # --steps overrode the config file
+    run = CliRunner().invoke(app, ["run", "What is 2 + 2?", "--style", str(tmp_path / "trained"), "--greedy",
+                                   "--max-new-tokens", "3", "--json"])
+    assert run.exit_code == 0, run.output
+    assert json.loads(run.stdout)["style"] == str(tmp_path / "trained")

@@ -1,0 +1,253 @@
+"""Evaluate a system on a dataset, with its baselines side by side, and resume an interrupted run.
+
+:func:`evaluate` answers every question with each method (``"single"``: the answer node alone; ``"text"``:
+the graph with text edges; ``"latent"``: the graph as built) at each round count, scores the answers
+strictly (:mod:`latentgraph.scoring`; code runs in a :class:`~latentgraph.tools.Sandbox`), and reports per
+(method, rounds) the accuracy with a Wilson 95% interval, generated tokens and wall time
+(:mod:`latentgraph.report`).
+
+With ``output=DIR`` every finished batch is appended to ``DIR/results.jsonl`` at once, so a killed run loses
+at most the batch in flight; run the same call again and it skips the rows already there. At the end it
+writes ``DIR/summary.json`` and, when matplotlib is installed, ``DIR/plot.png``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import scoring, scoring_upstream
+from .datasets import Example, load_dataset
+from .errors import InputError
+from .executor import MODES, RunOutput
+from .report import EvalReport, plot, summarize
+from .tools.sandbox import Limits, Sandbox
+
+if TYPE_CHECKING:
+    from .system import System
+
+RESULTS, SETTINGS, SUMMARY, PLOT = "results.jsonl", "settings.json", "summary.json", "plot.png"
+
+
+def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods: Sequence[str] = ("latent",),
+             rounds: int | Sequence[int] | None = None, output: str | Path | None = None, batch_size: int = 8,
+             max_new_tokens: int = 256, samples: int = 1, seed: int = 0, upstream: bool = False,
+             code_runner: scoring.CodeRunner | None = None, code_timeout: float = 10.0,
+             progress: bool = True) -> EvalReport:
+    """Answer every question with every method and score the answers strictly.
+
+    Args:
+        system: the system to evaluate.
+        dataset: examples from :func:`~latentgraph.datasets.load_dataset`, or a name it accepts (local files
+            need ``format=`` or ``columns=``: load those first).
+        methods: any of ``"single"`` (the answer node alone), ``"text"`` (every edge a text edge) and
+            ``"latent"`` (the graph as built), run on the same questions.
+        rounds: the round counts to run, each separately (the answer node only answers in the last round);
+            default ``system.rounds``. ``"single"`` runs once whatever they are.
+        output: a directory for ``results.jsonl``, ``settings.json``, ``summary.json`` and ``plot.png``; a
+            run into a directory that holds results resumes from them.
+        batch_size: questions per :meth:`~latentgraph.System.run` call; a row's ``seconds`` is its batch's
+            wall time divided evenly among the batch.
+        max_new_tokens: bound on each answer and each text message.
+        samples: answers per question. 1 decodes greedily; ``k > 1`` samples ``k`` times (seeds ``seed``,
+            ``seed + 1``, ...) and reports pass@k.
+        seed: seeds the sampling; unused when greedy.
+        upstream: also report the published lenient accuracy, in its own field (never mixed with strict).
+        code_runner: runs code answers, ``run(program, timeout) -> (passed, output)``; default a
+            :class:`SandboxRunner`.
+        code_timeout: seconds each code answer's tests may run.
+        progress: show progress bars on stderr.
+
+    Returns:
+        An :class:`EvalReport` over exactly the requested questions, methods, round counts and samples.
+
+    Raises:
+        InputError: an unknown method, bad rounds or sizes, duplicate example ids, or an ``output`` directory
+            whose results were made by another system, other settings or other questions.
+    """
+    examples = load_dataset(dataset) if isinstance(dataset, (str, Path)) else list(dataset)
+    configs = _configs(system, methods, rounds)
+    if not examples:
+        raise InputError("evaluate() got no examples; check the dataset, offset and limit")
+    if batch_size < 1 or samples < 1 or max_new_tokens < 1:
+        raise InputError(f"batch_size, samples and max_new_tokens must be >= 1, got {batch_size}, {samples}, "
+                         f"{max_new_tokens}")
+    duplicates = sorted(i for i, count in Counter(e.id for e in examples).items() if count > 1)
+    if duplicates:
+        raise InputError(f"example ids must be unique (results are keyed by id); repeated: {duplicates[:5]}")
+    settings = {"system": fingerprint(system), "max_new_tokens": max_new_tokens, "samples": samples,
+                **({"seed": seed} if samples > 1 else {})}
+    directory = Path(output) if output is not None else None
+    rows = _resume(directory, settings, examples) if directory else {}
+    if code_runner is None and any(e.kind == "code" for e in examples):
+        code_runner = SandboxRunner()
+    bars = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=Console(stderr=True), disable=not progress)
+    with bars:
+        for method, r in configs:
+            done = sum((e.id, method, r, s) in rows for s in range(samples) for e in examples)
+            task = bars.add_task(method if r is None else f"{method} r={r}", total=len(examples) * samples,
+                                 completed=done)
+            for sample in range(samples):
+                decoding = {"do_sample": samples > 1, "seed": seed + sample if samples > 1 else None,
+                            "max_new_tokens": max_new_tokens}
+                pending = [e for e in examples if (e.id, method, r, sample) not in rows]
+                for batch in _chunks(pending, batch_size):
+                    new = _run_batch(system, batch, method, r, sample, decoding, code_runner, code_timeout)
+                    if directory:  # one write per batch: a kill loses at most the batch in flight
+                        with (directory / RESULTS).open("a", encoding="utf-8") as f:
+                            f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in new))
+                    rows.update({_key(row): row for row in new})
+                    bars.advance(task, len(new))
+    wanted = [rows[(e.id, m, r, s)] for m, r in configs for s in range(samples) for e in examples]
+    report = EvalReport([summarize(wanted, m, r, samples, upstream) for m, r in configs], wanted, samples,
+                        upstream)
+    if directory:
+        summary = {"settings": settings, **report.to_dict()}
+        (directory / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        plot(report.scores, directory / PLOT)
+    return report
+
+
+def _configs(system: System, methods: Sequence[str], rounds: int | Sequence[int] | None) -> list[tuple]:
+    """The (method, rounds) pairs to run, in the order given; ``"single"`` has rounds None."""
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    unknown = [m for m in methods if m not in MODES]
+    if unknown or not methods or len(set(methods)) != len(methods):
+        raise InputError(f"methods must be distinct names among {MODES}, got {methods}")
+    counts = [system.rounds] if rounds is None else [rounds] if isinstance(rounds, int) else list(rounds)
+    if not counts or not all(isinstance(r, int) and r >= 1 for r in counts):
+        raise InputError(f"rounds must be integers >= 1, got {rounds!r}")
+    counts = sorted(set(counts))
+    return [pair for m in methods for pair in ([(m, None)] if m == "single" else [(m, r) for r in counts])]
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _key(row: dict) -> tuple:
+    return row["id"], row["method"], row["rounds"], row["sample"]
+
+
+def fingerprint(system: System) -> str:
+    """A digest of what decides a system's answers: agents (backbone, prompts, latent steps), edges, answer
+    node and link weights. Backbone weights are identified by their source only."""
+    graph = {"agents": [[a.name, str(a.backbone.name_or_path), a.backbone.revision, a.prompt,
+                         a.feedback_prompt, a.system_prompt, a.latent_steps] for a in system.agents.values()],
+             "edges": [[e.name, e.slot, e.mode, e.feedback] for e in system.edges.values()],
+             "answer": system.answer}
+    digest = hashlib.sha256(json.dumps(graph).encode())
+    for name, tensor in sorted(system.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _resume(directory: Path, settings: dict, examples: list[Example]) -> dict[tuple, dict]:
+    """The rows already in ``directory``, after checking they were made the same way; starts a new run there
+    when it holds none."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path, settings_path = directory / RESULTS, directory / SETTINGS
+    if settings_path.exists():
+        before = json.loads(settings_path.read_text(encoding="utf-8"))
+        changed = [f"{k}={before.get(k)!r} (now {settings.get(k)!r})" for k in sorted({*before, *settings})
+                   if before.get(k) != settings.get(k)]
+        if changed and path.exists() and path.stat().st_size:
+            raise InputError(f"{directory} holds results made with other settings: {', '.join(changed)}; "
+                             "rerun with the same system and settings to resume, or pass another output "
+                             "directory")
+    settings_path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1
+    if complete < len(data):  # a line cut short by a kill: drop it so the next append starts a fresh line
+        with path.open("r+b") as f:
+            f.truncate(complete)
+    rows, prompts = {}, {e.id: e.prompt for e in examples}
+    for number, line in enumerate(data[:complete].decode("utf-8").splitlines(), start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}, line {number}: not valid JSON ({e.msg}); delete the line to recompute "
+                             "it, or pass another output directory") from e
+        if row["id"] in prompts and row["question"] != prompts[row["id"]]:
+            raise InputError(f"{path}, line {number}: id {row['id']!r} holds another question than the "
+                             "dataset's, so the results come from another dataset: pass another output "
+                             "directory")
+        rows[_key(row)] = row
+    return rows
+
+
+def _run_batch(system: System, batch: list[Example], method: str, rounds: int | None, sample: int,
+               decoding: dict[str, Any], code_runner: scoring.CodeRunner | None,
+               code_timeout: float) -> list[dict[str, Any]]:
+    """Answer one batch with one method, score it, and return its result rows."""
+    start = time.perf_counter()
+    out = system.run([e.prompt for e in batch], rounds=rounds, mode=method, **decoding)
+    seconds = (time.perf_counter() - start) / len(batch)  # the batch ran as one: share its time evenly
+    rows = []
+    for i, (example, text) in enumerate(zip(batch, out.texts)):
+        answer, correct, lenient = score(example, text, code_runner, code_timeout)
+        rows.append({"id": example.id, "method": method, "rounds": rounds, "sample": sample,
+                     "question": example.prompt, "prediction": text, "answer": answer, "gold": example.gold,
+                     "correct": correct, "upstream_correct": lenient, "tokens": _tokens(out, i),
+                     "seconds": round(seconds, 4)})
+    return rows
+
+
+def _tokens(out: RunOutput, row: int) -> int:
+    """Tokens generated for one question, by every agent in every round."""
+    return sum(step.tokens_out[row] for steps in out.trace for step in steps.values() if step.tokens_out)
+
+
+def score(example: Example, text: str, code_runner: scoring.CodeRunner | None = None,
+          code_timeout: float = 10.0) -> tuple[str | None, bool, bool | None]:
+    """Score one answer: ``(what was extracted, strict verdict, upstream-lenient verdict)``.
+
+    Math uses :func:`~latentgraph.scoring.score_math`, multiple choice the option letter (none stated is
+    wrong), code the example's tests run by ``code_runner``. The lenient verdict is None for code, which the
+    published evaluation scores the same way.
+    """
+    if example.kind == "math":
+        return (scoring.extract_answer(text), scoring.score_math(text, example.gold),
+                scoring_upstream.score_math(text, example.gold))
+    if example.kind == "choice":
+        return (scoring.parse_choice(text, example.letters),
+                scoring.score_choice(text, example.gold, example.letters),
+                scoring_upstream.score_choice(text, example.gold))
+    if code_runner is None:
+        raise InputError(f"example {example.id} is code: pass code_runner= (e.g. SandboxRunner())")
+    result = scoring.score_code(text, example.tests, code_runner, timeout=code_timeout)
+    return result.code, result.passed, None
+
+
+class SandboxRunner:
+    """Runs programs for :func:`~latentgraph.scoring.score_code` in a :class:`~latentgraph.tools.Sandbox`.
+
+    Args:
+        limits: resource limits; the wall time of each run is the ``timeout`` it is called with.
+    """
+
+    def __init__(self, limits: Limits | None = None):
+        self.limits = limits or Limits()
+        self._sandboxes: dict[float, Sandbox] = {}
+
+    def __call__(self, program: str, timeout: float) -> tuple[bool, str]:
+        if timeout not in self._sandboxes:
+            self._sandboxes[timeout] = Sandbox(replace(self.limits, wall_seconds=timeout,
+                                                       cpu_seconds=max(1, math.ceil(timeout))))
+        result = self._sandboxes[timeout].run([sys.executable, "-I", "-B", "-"], stdin=program.encode())
+        return result.returncode == 0 and result.limit is None, result.output
