@@ -18,6 +18,7 @@ import transformers
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2Config
 
 import latentgraph as lg
+from latentgraph.backbone import cache_kwargs
 from latentgraph.testing import tiny_tokenizer
 
 transformers.logging.set_verbosity_error()
@@ -65,11 +66,12 @@ def replay(calls):
     """Run the recorded forwards again, each recorded cache replaced by a fresh one."""
     fresh = {}
     for module, args, kwargs in calls:
-        cache = kwargs.get("past_key_values")
+        (keyword,) = cache_kwargs(module, None)  # the name this transformers release uses
+        cache = kwargs.get(keyword)
         if cache is not None:
             if id(cache) not in fresh:
                 fresh[id(cache)] = DynamicCache(config=module.config)
-            kwargs = {**kwargs, "past_key_values": fresh[id(cache)]}
+            kwargs = {**kwargs, keyword: fresh[id(cache)]}
         module(*args, **kwargs)
 
 

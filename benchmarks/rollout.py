@@ -23,7 +23,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from latentgraph.backbone import get_backbone
+from latentgraph.backbone import cache_kwargs, get_backbone
 from latentgraph.links import make_link
 from latentgraph.rollout import latent_rollout, positions_from_mask
 from latentgraph.testing import tiny_backbone, tiny_tokenizer
@@ -43,13 +43,13 @@ def floor(backbone, embeds, mask, steps):
     """One prefill plus steps - 1 single-position forwards of the bare decoder."""
     decoder, cache = backbone.decoder, backbone.new_cache()
     positions = positions_from_mask(mask)
-    out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                  use_cache=True)
+    with_cache = cache_kwargs(decoder, cache)
+    out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **with_cache)
     for _ in range(steps - 1):
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         positions = positions[:, -1:] + 1
         out = decoder(inputs_embeds=out.last_hidden_state[:, -1:], attention_mask=mask, position_ids=positions,
-                      past_key_values=cache, use_cache=True)
+                      use_cache=True, **with_cache)
 
 
 def timed(fn):

@@ -7,6 +7,8 @@ eval mode, no gradients.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import weakref
 from pathlib import Path
@@ -101,6 +103,17 @@ class Backbone:
     def new_cache(self) -> DynamicCache:
         # Built from the config so hybrid models (Qwen3.5 linear attention) get their recurrent layers.
         return DynamicCache(config=self.model.config)
+
+
+def cache_kwargs(module: torch.nn.Module, cache: DynamicCache | None) -> dict[str, DynamicCache | None]:
+    """The keyword that hands ``module.forward`` its KV cache: ``cache`` from transformers 5.24 on (where
+    ``past_key_values`` warns, and goes in 5.40), ``past_key_values`` before."""
+    return {_cache_keyword(type(module)): cache}
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def _freeze(model: PreTrainedModel) -> PreTrainedModel:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backbone import Backbone
+from .backbone import Backbone, cache_kwargs
 
 
 @dataclass
@@ -51,7 +51,7 @@ def latent_rollout(backbone: Backbone, inner: nn.Module, embeds: torch.Tensor, m
     for step in range(steps):
         with torch.set_grad_enabled(torch.is_grad_enabled() and (grad_steps is None or step < grad_steps)):
             out = decoder(inputs_embeds=new_input, attention_mask=mask, position_ids=positions,
-                          past_key_values=cache, use_cache=use_cache)
+                          use_cache=use_cache, **cache_kwargs(decoder, cache))
         h = out.last_hidden_state[:, -1]  # (B, H)
         e = inner(h.to(link_dtype))  # (B, H), in the link's dtype
         hidden.append(h)
