@@ -5,6 +5,7 @@ edges close loops; one executor unrolls any topology for R rounds.
 """
 
 from .agent import DEFAULT_SYSTEM_PROMPT, Agent
+from .decode import ToolCall
 from .errors import CheckpointError, GraphError, InputError, LatentGraphError
 from .evaluation import evaluate
 from .executor import AgentStep, RunOutput
@@ -32,6 +33,7 @@ __all__ = [
     "RunOutput",
     "System",
     "Tool",
+    "ToolCall",
     "TrainConfig",
     "TrainExample",
     "evaluate",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -13,11 +15,12 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .backbone import Backbone, get_backbone
-from .decode import Sampling, generate
+from .decode import Generation, Sampling, generate
 from .errors import CheckpointError, GraphError
 from .links import make_link
 from .prompt import PromptTemplate, marker, render_chat, scrub, split_at_markers
 from .rollout import Thoughts, latent_rollout
+from .tools.base import Tool
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -45,6 +48,25 @@ def check_name(name: Any, what: str) -> str:
     return name
 
 
+def check_tools(tools: Sequence[Tool], agent: str) -> list[Tool]:
+    """The agent's tools, each a :class:`Tool` with its own well-formed tag."""
+    if isinstance(tools, Tool):
+        tools = [tools]
+    seen: dict[str, Tool] = {}
+    for tool in tools:
+        if not isinstance(tool, Tool):
+            raise GraphError(f"agent '{agent}': tools must be latentgraph.Tool instances, got {tool!r}")
+        tag = tool.tag.lower() if isinstance(tool.tag, str) else ""
+        if not re.fullmatch(r"[a-z][a-z0-9_.-]*", tag) or tag == "result":
+            raise GraphError(f"agent '{agent}': tool {tool!r} has tag {tool.tag!r}; a tag is a word like 'python' "
+                             "(letters, digits, '_', '.', '-'), and 'result' is taken by the results")
+        if tag in seen:
+            raise GraphError(f"agent '{agent}': tools {seen[tag]!r} and {tool!r} share the tag <{tag}>; "
+                             "give one of them another tag")
+        seen[tag] = tool
+    return list(seen.values())
+
+
 class Agent(nn.Module):
     """A node of a system: a frozen causal LM, its prompts and its inner link.
 
@@ -62,18 +84,26 @@ class Agent(nn.Module):
         revision: hub revision of the backbone.
         device: where the backbone runs (default: CUDA when available, else CPU).
         dtype: backbone dtype (default: bf16 on GPUs that support it, fp32 on CPU). Links stay fp32.
+        tools: the :class:`~latentgraph.Tool` objects the agent may call while it speaks (it writes
+            ``<tag>input</tag>`` and reads the answer in ``<result>…</result>``). Tools are code, not weights: a
+            saved system does not keep them.
+        max_tool_calls: most tool calls per question each time the agent speaks; later calls get an error note.
     """
 
     def __init__(self, name: str, backbone: str | Path | PreTrainedModel | Backbone, prompt: str = "{question}",
                  *, feedback_prompt: str | None = None, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
                  latent_steps: int = 32, inner_link: Any = "ln_res", tokenizer: Any = None,
                  revision: str | None = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | str | None = None):
+                 dtype: torch.dtype | str | None = None, tools: Sequence[Tool] = (), max_tool_calls: int = 5):
         super().__init__()
         self.name = check_name(name, "agent")
         if not (isinstance(latent_steps, int) and latent_steps >= 0):
             raise GraphError(f"agent '{name}': latent_steps must be an integer >= 0, got {latent_steps!r}")
         self.latent_steps = latent_steps
+        self.tools = tools
+        if not (isinstance(max_tool_calls, int) and max_tool_calls >= 0):
+            raise GraphError(f"agent '{name}': max_tool_calls must be an integer >= 0, got {max_tool_calls!r}")
+        self.max_tool_calls = max_tool_calls
         self.system_prompt = system_prompt
         self.prompt = prompt
         self.feedback_prompt = feedback_prompt
@@ -110,6 +140,14 @@ class Agent(nn.Module):
         except GraphError as e:
             raise GraphError(f"agent '{self.name}' {field}: {e}") from None
 
+    @property
+    def tools(self) -> list[Tool]:
+        return self._tools
+
+    @tools.setter
+    def tools(self, tools: Sequence[Tool]) -> None:
+        self._tools = check_tools(tools, self.name)
+
     def template(self, feedback: bool) -> PromptTemplate:
         return self._feedback_prompt if feedback else self._prompt
 
@@ -127,7 +165,8 @@ class Agent(nn.Module):
         return self.backbone.hidden_size
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, backbone={self.backbone.name_or_path!r}, latent_steps={self.latent_steps}"
+        tools = f", tools={[t.tag for t in self.tools]}" if self.tools else ""
+        return f"name={self.name!r}, backbone={self.backbone.name_or_path!r}, latent_steps={self.latent_steps}{tools}"
 
     def render(self, questions: list[str], template: PromptTemplate,
                messages: dict[str, Message]) -> list[list[str | tuple[str]]]:
@@ -172,6 +211,7 @@ class Agent(nn.Module):
                               use_cache=use_cache, grad_steps=grad_steps)
 
     def speak(self, prompt: Encoded, sampling: Sampling, generator: torch.Generator | None = None
-              ) -> list[list[int]]:
-        """Decode text; returns each row's new token ids."""
-        return generate(self.backbone, prompt.embeds, prompt.mask, sampling, generator)
+              ) -> list[Generation]:
+        """Decode text, calling the agent's tools when it writes their tags; one :class:`Generation` per row."""
+        return generate(self.backbone, prompt.embeds, prompt.mask, sampling, generator, tools=self.tools,
+                        max_tool_calls=self.max_tool_calls)

@@ -81,15 +81,21 @@ def run_record(question: str, style: str, out: Any) -> dict:
         "answer": out.texts[0],
         "style": style,
         "mode": out.mode,
-        "rounds": [{"round": r, "agents": {name: {"prompt": s.prompt, "seconds": round(s.seconds, 4),
-                                                  "tokens_in": s.tokens_in[0], "latents_in": s.latents_in,
-                                                  "latent_steps": s.latent_shape[1] if s.latent_shape else 0,
-                                                  "tokens_out": s.tokens_out[0] if s.tokens_out else 0}
-                                           for name, s in steps.items()}}
+        "rounds": [{"round": r, "agents": {name: step_record(s) for name, s in steps.items()}}
                    for r, steps in enumerate(out.trace, start=1)],
         "seconds": round(out.seconds, 4),
         "tokens_out": out.tokens_out,
     }
+
+
+def step_record(s: Any) -> dict:
+    record = {"prompt": s.prompt, "seconds": round(s.seconds, 4), "tokens_in": s.tokens_in[0],
+              "latents_in": s.latents_in, "latent_steps": s.latent_shape[1] if s.latent_shape else 0,
+              "tokens_out": s.tokens_out[0] if s.tokens_out else 0}
+    if s.tool_calls is not None:
+        record["tool_calls"] = [{"tool": c.tool, "input": c.input, "output": c.output,
+                                 "seconds": round(c.seconds, 4)} for c in s.tool_calls[0]]
+    return record
 
 
 def trace_table(out: Any) -> Table:
@@ -98,8 +104,10 @@ def trace_table(out: Any) -> Table:
         table.add_column(column, justify="left" if column in ("agent", "did") else "right", no_wrap=True)
     for r, steps in enumerate(out.trace, start=1):
         for name, s in steps.items():
+            calls = sum(map(len, s.tool_calls or []))
             did = " + ".join(filter(None, [f"thought {s.latent_shape[1]}" if s.latent_shape else "",
-                                           "spoke" if s.tokens_out else ""]))
+                                           "spoke" if s.tokens_out else "",
+                                           f"{calls} tool call{'s' * (calls != 1)}" if calls else ""]))
             table.add_row(str(r), name, did, str(sum(s.tokens_in)), str(s.latents_in),
                           str(sum(s.tokens_out)) if s.tokens_out else "-", f"{s.seconds:.2f}")
     return table

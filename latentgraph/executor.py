@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from .agent import Agent, Encoded, Message
-from .decode import Sampling
+from .decode import Sampling, ToolCall
 from .errors import InputError
 from .links import placement
 from .rollout import Thoughts
@@ -44,8 +44,9 @@ class AgentStep:
     latents_in: int  # latent vectors spliced into the prompt
     latent_shape: tuple[int, ...] | None = None  # (B, m, H) of the thoughts, when the agent thought
     latent_norm: float | None = None  # mean L2 norm of the raw hidden states
-    tokens_out: list[int] | None = None  # generated tokens (end token included), when the agent spoke
-    text: list[str] | None = None
+    tokens_out: list[int] | None = None  # tokens the model generated (end token included), when it spoke
+    text: list[str] | None = None  # what it said, tool results included
+    tool_calls: list[list[ToolCall]] | None = None  # per question, when the agent has tools and spoke
     seconds: float = 0.0
 
 
@@ -199,9 +200,12 @@ def _unroll(system: System, plan: list[list[Turn]], questions: list[str], sampli
                 if latents is not None:
                     latents[r - 1][agent.name] = thoughts.hidden.cpu()
             if turn.speaks:
-                ids = agent.speak(prompt, sampling, generators.get(device))
-                step.tokens_out = [len(row) for row in ids]
-                step.text = [t.strip() for t in agent.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+                spoken = agent.speak(prompt, sampling, generators.get(device))
+                step.tokens_out = [g.sampled for g in spoken]
+                step.text = [t.strip() for t in agent.tokenizer.batch_decode([g.ids for g in spoken],
+                                                                             skip_special_tokens=True)]
+                if agent.tools:
+                    step.tool_calls = [g.calls for g in spoken]
             for edge in turn.outgoing:
                 if edge.mode == "text":
                     message = Message(text=step.text)

@@ -21,9 +21,10 @@ from torch import nn
 
 from .backbone import Backbone, get_backbone
 from .checkpoint import check_shape, load_pickled_state_dict
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .hub import fetch
 from .system import System
+from .tools.base import Tool
 
 TASKS = ("math", "code")
 LINK_PATTERNS = ["*.json", "*.pt"]  # what a link repo snapshot needs; backbones fetch their own files
@@ -44,7 +45,8 @@ def style_module(name: str) -> ModuleType:
 
 def load_style(name: str, task: str = "math", *, revision: str | dict[str, str] | None = None,
                checkpoints: dict[str, str] | None = None, backbones: dict[str, Any] | None = None,
-               device: Any = None, dtype: Any = None, load_weights: bool = True) -> System:
+               device: Any = None, dtype: Any = None, load_weights: bool = True,
+               tools: list[Tool] | None = None) -> System:
     """A published style as an editable :class:`System`, with its published link weights.
 
     Args:
@@ -60,6 +62,8 @@ def load_style(name: str, task: str = "math", *, revision: str | dict[str, str] 
             touching it start fresh (random), with a warning: retrain them.
         device: where the backbones run; dtype: their dtype.
         load_weights: ``False`` gives the graph with fresh links (for rendering, or training from scratch).
+        tools: the tools of the style's tool-using agent (deliberation's tool-caller), instead of the style's
+            default ones; ``[]`` for none. Styles without such an agent refuse it.
     """
     style = style_module(name)
     if task not in TASKS:
@@ -76,7 +80,10 @@ def load_style(name: str, task: str = "math", *, revision: str | dict[str, str] 
     members = {role: _backbone(swapped[role], device, dtype) if role in swapped else
                get_backbone(repos[role], revision=revisions.get(role), device=device, dtype=dtype)
                for role in roles}
-    system = style.build(members, task=task)
+    if tools is not None and not hasattr(style, "TOOL_AGENT"):
+        raise InputError(f"style '{name}' has no agent that uses tools; tools= applies to "
+                         f"{[s for s in list_styles() if hasattr(style_module(s), 'TOOL_AGENT')]}")
+    system = style.build(members, task=task, **({"tools": tools} if tools is not None else {}))
     if not load_weights:
         return system
     if swapped:
@@ -86,6 +93,9 @@ def load_style(name: str, task: str = "math", *, revision: str | dict[str, str] 
         if role not in swapped:
             directory = fetch(repos[role], revision=revisions.get(role), allow=LINK_PATTERNS)
             _load_link(system.agents[role].inner_link, inner_link_file(directory, task))
+    needed = {key for key, (src, dst) in style.LEGACY_KEYS.items() if src not in swapped and dst not in swapped}
+    if not needed:  # every edge touches a swapped backbone: no published outer link applies
+        return system.validate()
     directory = fetch(repos["links"], revision=revisions.get("links"), allow=LINK_PATTERNS)
     manifest = directory / "outerlink_config.json"
     loaded = set()
@@ -97,7 +107,6 @@ def load_style(name: str, task: str = "math", *, revision: str | dict[str, str] 
         if src not in swapped and dst not in swapped:
             _load_link(system.links[f"{src}->{dst}"], directory / filename)
             loaded.add(key)
-    needed = {key for key, (src, dst) in style.LEGACY_KEYS.items() if src not in swapped and dst not in swapped}
     if needed - loaded:
         raise CheckpointError(f"{manifest} does not list the outer links {sorted(needed - loaded)} of style '{name}'")
     return system.validate()

@@ -36,8 +36,9 @@ def render(system: System, path: str | Path | None = None, *, sizes: bool = True
     for name, agent in system.agents.items():
         title = f"{name} (answer)" if name == system.answer else name
         steps = f"{agent.latent_steps} latent steps"
+        tools = [f"tools: {', '.join(f'<{tool.tag}>' for tool in agent.tools)}"] if agent.tools else []
         label = _lines(title, agent.backbone.name_or_path,
-                       f"hidden {agent.hidden_size}, {steps}" if sizes else steps)
+                       f"hidden {agent.hidden_size}, {steps}" if sizes else steps, *tools)
         graph.node(name, label, **({"peripheries": "2"} if name == system.answer else {}))
     for edge in system.edges.values():
         if edge.mode == "text":

@@ -1,12 +1,15 @@
-"""Deliberation style: a reflector thinks about the task; a tool-caller reasons step by step and answers.
+"""Deliberation style: a reflector thinks about the task; a tool-caller reasons with tools and answers.
 
 Before the last round the tool-caller thinks instead, and its thoughts return to the reflector as
-feedback. The tool-caller's instructions describe a Python interpreter and a search tool; until tools are
-attached to the agent, it decodes plain text. Published agents: reflector and tool-caller, both Qwen3.5-4B
-(RecursiveMAS, arXiv 2604.25917).
+feedback. In the last round it decodes with its tools: writing ``<python>code</python>`` runs the code in
+a sandbox, ``<search>query</search>`` searches, and each answer comes back in ``<result>…</result>``.
+By default the tool-caller has the Python tool only; pass ``tools=[PythonTool(), BM25Search(corpus)]``
+(or :class:`~latentgraph.tools.TavilySearch`) to add search. Published agents: reflector and tool-caller,
+both Qwen3.5-4B (RecursiveMAS, arXiv 2604.25917).
 """
 
 import latentgraph as lg
+from latentgraph.tools import PythonTool
 
 CHECKPOINTS = {
     "reflector": "RecursiveMAS/Deliberation-Reflector-Qwen3.5-4B",
@@ -15,10 +18,8 @@ CHECKPOINTS = {
 }
 LEGACY_KEYS = {"outer_rt": ("reflector", "toolcaller"), "outer_tr": ("toolcaller", "reflector")}
 LATENT_STEPS = 32
+TOOL_AGENT = "toolcaller"
 
-SYSTEM_PROMPT = ("You solve problems step by step. You may run Python by writing code between <python> and "
-                 "</python>, and search by writing a query between <search> and </search>; each result comes "
-                 "back between <result> and </result>. Give the final answer in \\boxed{}.")
 ANSWER = {
     "math": "Give the final answer in \\boxed{{}}.",
     "code": "Reply with the complete solution in one ```python code block.",
@@ -32,12 +33,22 @@ TOOLCALLER = ("You are the tool-caller of a two-agent team. The reflector's note
               "\n\nTask: {{question}}\n\n{answer}")
 
 
-def build(backbones: dict, task: str = "math") -> lg.System:
-    """The deliberation graph on ``backbones`` (``{"reflector": ..., "toolcaller": ...}``)."""
+def system_prompt(tools: list[lg.Tool]) -> str:
+    """The system prompt both agents share: how to call each of the tool-caller's tools."""
+    usage = "".join(f"\n- {tool.describe()}" for tool in tools)
+    calls = (f" You may call these tools by writing their tags:{usage}\nEach result comes back between <result> "
+             "and </result>.") if tools else ""
+    return f"You solve problems step by step.{calls} Give the final answer in \\boxed{{}}."
+
+
+def build(backbones: dict, task: str = "math", tools: list[lg.Tool] | None = None) -> lg.System:
+    """The deliberation graph on ``backbones`` (``{"reflector": ..., "toolcaller": ...}``); ``tools`` are the
+    tool-caller's (default: a sandboxed :class:`~latentgraph.tools.PythonTool`)."""
+    tools = [PythonTool()] if tools is None else list(tools)
     reflector = lg.Agent("reflector", backbones["reflector"], REFLECTOR, feedback_prompt=REFLECTOR_FEEDBACK,
-                         system_prompt=SYSTEM_PROMPT, latent_steps=LATENT_STEPS)
+                         system_prompt=system_prompt(tools), latent_steps=LATENT_STEPS)
     toolcaller = lg.Agent("toolcaller", backbones["toolcaller"], TOOLCALLER.format(answer=ANSWER[task]),
-                          system_prompt=SYSTEM_PROMPT, latent_steps=LATENT_STEPS)
+                          system_prompt=system_prompt(tools), latent_steps=LATENT_STEPS, tools=tools)
 
     system = lg.System([reflector, toolcaller], rounds=3, answer="toolcaller")
     system.connect("reflector", "toolcaller", slot="reflection")

@@ -96,7 +96,8 @@ def test_decoding_stops_rows_at_their_end_token(tiny):
             out = generate(backbone, embeds, mask, Sampling(do_sample=False, max_new_tokens=5))
         finally:
             model.lm_head.bias = bias
-    assert out == [[eos], [eos]]
+    assert [g.ids for g in out] == [[eos], [eos]]
+    assert [g.sampled for g in out] == [1, 1]
 
 
 @pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=0.0), dict(top_p=1.5), dict(top_k=0)])
