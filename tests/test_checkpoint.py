@@ -61,6 +61,13 @@ def test_round_trip_is_exact(system, backbones, tmp_path):
     assert loaded.run(["What is 2 + 2?"], **run).texts == system.run(["What is 2 + 2?"], **run).texts
 
 
+def assert_same_links(loaded, system):
+    """The loaded system carries the saved links, tensor for tensor."""
+    expected = system.state_dict()
+    assert loaded.state_dict().keys() == expected.keys()
+    assert all(torch.equal(tensor, expected[key]) for key, tensor in loaded.state_dict().items())
+
+
 def test_unknown_keys_are_tolerated_with_a_warning(system, backbones, tmp_path):
     system.save_pretrained(tmp_path)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
@@ -69,7 +76,8 @@ def test_unknown_keys_are_tolerated_with_a_warning(system, backbones, tmp_path):
     (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.warns(UserWarning, match=r"ignoring unknown keys \['config.future_option', "
                                          r"'config.agents\[1\].backbone.quantization'\]"):
-        lg.System.from_pretrained(tmp_path, backbones=backbones)
+        loaded = lg.System.from_pretrained(tmp_path, backbones=backbones)
+    assert_same_links(loaded, system)
 
 
 def test_extra_tensors_are_tolerated_with_a_warning(system, backbones, tmp_path):
@@ -77,7 +85,8 @@ def test_extra_tensors_are_tolerated_with_a_warning(system, backbones, tmp_path)
     tensors = load_file(tmp_path / WEIGHTS_NAME) | {"c.proj.weight": torch.zeros(2)}
     save_file(tensors, tmp_path / WEIGHTS_NAME)
     with pytest.warns(UserWarning, match=r"ignoring 1 tensors that match no link: \['c.proj.weight'\]"):
-        lg.System.from_pretrained(tmp_path, backbones=backbones)
+        loaded = lg.System.from_pretrained(tmp_path, backbones=backbones)
+    assert_same_links(loaded, system)
 
 
 def test_missing_files(system, backbones, tmp_path):
