@@ -83,15 +83,19 @@ def main():
             floor(backbone, embeds, mask, 4)  # warm-up
             params = sum(p.numel() for p in model.parameters())
             for steps in args.steps:
-                times = {"re-encode": [], "cached": [], "floor": []}
-                for _ in range(args.repeats):
-                    t, reference = timed(lambda: latent_rollout(backbone, inner, embeds, mask, steps, use_cache=False))
-                    times["re-encode"].append(t)
-                    t, cached = timed(lambda: latent_rollout(backbone, inner, embeds, mask, steps))
-                    times["cached"].append(t)
-                    times["floor"].append(timed(lambda: floor(backbone, embeds, mask, steps))[0])
+                variants = {
+                    "re-encode": lambda: latent_rollout(backbone, inner, embeds, mask, steps, use_cache=False),
+                    "cached": lambda: latent_rollout(backbone, inner, embeds, mask, steps),
+                    "floor": lambda: floor(backbone, embeds, mask, steps),
+                }
+                times, results = {name: [] for name in variants}, {}
+                for repeat in range(args.repeats):
+                    names = list(variants)
+                    for name in names[repeat % 3:] + names[:repeat % 3]:  # rotate: no variant always runs first
+                        t, results[name] = timed(variants[name])
+                        times[name].append(t)
                 med = {k: statistics.median(v) for k, v in times.items()}
-                diff = (cached.hidden - reference.hidden).abs().max().item()
+                diff = (results["cached"].hidden - results["re-encode"].hidden).abs().max().item()
                 print(f"{label:<22}{params / 1e6:>7.1f}M{steps:>5}{med['re-encode']:>13.3f}{med['cached']:>10.3f}"
                       f"{med['floor']:>9.3f}{med['re-encode'] / med['cached']:>9.1f}x"
                       f"{med['cached'] / med['floor']:>13.2f}x{diff:>12.1e}")
