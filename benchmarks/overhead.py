@@ -4,7 +4,9 @@ A 3-agent, 3-round sequential system (planner -> critic -> solver, solver -> pla
 ~100M-parameter backbones of two architectures runs once with hooks that record every top-level backbone
 call (its module and inputs). The benchmark then times, interleaved, (a) ``system.run`` and (b) a replay
 of exactly those recorded forwards on fresh caches, with nothing else: no prompt assembly, no links, no
-sampling, no trace. The ratio (a) / (b) is the executor's overhead.
+sampling, no trace. The ratio (a) / (b) is the executor's overhead. Since (a) and (b) run at different
+moments of a shared machine, it also prints a measure that drift cannot touch: the share of each
+``system.run`` spent outside the backbone forwards (timed by the same hooks).
 
     python benchmarks/overhead.py [--repeats 5] [--latent-steps 16] [--max-new-tokens 32] [--batch 4]
 """
@@ -41,21 +43,27 @@ def backbone_100m(config_class, seed):
 
 
 class Recorder:
-    """Records the top-level forward calls of the given modules (nested calls are part of their caller)."""
+    """Records the top-level forward calls of the given modules (nested calls are part of their caller) and
+    adds up the seconds spent inside them."""
 
     def __init__(self, modules):
         self.calls, self.depth, self.handles = [], 0, []
+        self.recording, self.inside, self._entered = True, 0.0, 0.0
         for module in modules:
             self.handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
             self.handles.append(module.register_forward_hook(self._leave))
 
     def _enter(self, module, args, kwargs):
         if self.depth == 0:
-            self.calls.append((module, args, dict(kwargs)))
+            if self.recording:
+                self.calls.append((module, args, dict(kwargs)))
+            self._entered = time.perf_counter()
         self.depth += 1
 
     def _leave(self, module, args, output):
         self.depth -= 1
+        if self.depth == 0:
+            self.inside += time.perf_counter() - self._entered
 
     def remove(self):
         for handle in self.handles:
@@ -100,17 +108,18 @@ def main():
     run = lambda: system.run(questions, do_sample=False, max_new_tokens=args.max_new_tokens)  # noqa: E731
     recorder = Recorder([llama, llama.get_decoder(), qwen, qwen.get_decoder()])
     out = run()
-    recorder.remove()
+    recorder.recording = False
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}, "
           f"{args.latent_steps} latent steps, {args.max_new_tokens} new tokens, median of {args.repeats}")
     print(f"{len(recorder.calls)} backbone forwards per run; {out.tokens_out} tokens generated\n")
 
-    system_times, bare_times = [], []
+    system_times, bare_times, outside = [], [], []
     with torch.no_grad():
         for _ in range(args.repeats):
-            start = time.perf_counter()
+            recorder.inside, start = 0.0, time.perf_counter()
             run()
             system_times.append(time.perf_counter() - start)
+            outside.append(1 - recorder.inside / system_times[-1])
             start = time.perf_counter()
             replay(recorder.calls)
             bare_times.append(time.perf_counter() - start)
@@ -118,6 +127,7 @@ def main():
     print(f"{'system.run':<28}{system_s:>8.3f} s")
     print(f"{'bare backbone forwards':<28}{bare_s:>8.3f} s")
     print(f"{'overhead (run / bare)':<28}{system_s / bare_s:>8.3f}x")
+    print(f"{'share of system.run spent outside backbone forwards':<52}{statistics.median(outside):>7.1%}")
 
 
 if __name__ == "__main__":
