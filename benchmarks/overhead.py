@@ -47,11 +47,11 @@ class Recorder:
     adds up the seconds spent inside them."""
 
     def __init__(self, modules):
-        self.calls, self.depth, self.handles = [], 0, []
+        self.calls, self.depth = [], 0
         self.recording, self.inside, self._entered = True, 0.0, 0.0
         for module in modules:
-            self.handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
-            self.handles.append(module.register_forward_hook(self._leave))
+            module.register_forward_pre_hook(self._enter, with_kwargs=True)
+            module.register_forward_hook(self._leave)
 
     def _enter(self, module, args, kwargs):
         if self.depth == 0:
@@ -64,10 +64,6 @@ class Recorder:
         self.depth -= 1
         if self.depth == 0:
             self.inside += time.perf_counter() - self._entered
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
 
 
 def replay(calls):
