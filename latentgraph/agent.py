@@ -97,8 +97,6 @@ class Agent(nn.Module):
                  dtype: torch.dtype | str | None = None, tools: Sequence[Tool] = (), max_tool_calls: int = 5):
         super().__init__()
         self.name = check_name(name, "agent")
-        if not (isinstance(latent_steps, int) and latent_steps >= 0):
-            raise GraphError(f"agent '{name}': latent_steps must be an integer >= 0, got {latent_steps!r}")
         self.latent_steps = latent_steps
         self.tools = tools
         if not (isinstance(max_tool_calls, int) and max_tool_calls >= 0):
@@ -115,6 +113,16 @@ class Agent(nn.Module):
         width = self.backbone.hidden_size
         self.inner_link = make_link(inner_link, role="inner", in_dim=width, out_dim=width,
                                     where=f"agent '{name}' inner link")
+
+    @property
+    def latent_steps(self) -> int:
+        return self._latent_steps
+
+    @latent_steps.setter
+    def latent_steps(self, value: int) -> None:
+        if isinstance(value, bool) or not (isinstance(value, int) and value >= 0):
+            raise GraphError(f"agent '{self.name}': latent_steps must be an integer >= 0, got {value!r}")
+        self._latent_steps = value
 
     @property
     def prompt(self) -> str:

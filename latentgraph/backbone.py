@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import pickle
 import weakref
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
-from .errors import CheckpointError
+from .errors import CheckpointError, GraphError, InputError, unpickling_problem
 from .hub import fetch, is_local, missing_repo_message, plain_view
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,24 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``None`` means CUDA when available, else CPU; a device this machine lacks is an :class:`InputError`."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:1', 'mps', ...") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} was asked for, but CUDA is not available on this machine "
+                         "(no GPU, or a CPU-only torch); use device 'cpu' or leave it unset")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise InputError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device {device!r} was asked for, but MPS is not available here; use 'cpu'")
+    return resolved
+
+
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
     """``None`` means bf16 on a GPU that supports it and fp32 elsewhere."""
     if isinstance(dtype, torch.dtype):
@@ -37,8 +56,8 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
         gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if gpu_bf16 else torch.float32
     resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'")
+    if not (isinstance(resolved, torch.dtype) and resolved.is_floating_point):
+        raise InputError(f"unknown dtype {dtype!r}; use a floating-point dtype such as 'float32' or 'bfloat16'")
     return resolved
 
 
@@ -71,7 +90,11 @@ class Backbone:
             kwargs = {"dtype": self.dtype}
             if self.device.type != "cpu":
                 kwargs["device_map"] = str(self.device)
-            self._model = _freeze(AutoModelForCausalLM.from_pretrained(directory, **kwargs))
+            try:
+                self._model = _freeze(AutoModelForCausalLM.from_pretrained(directory, **kwargs))
+            except pickle.UnpicklingError as e:
+                raise CheckpointError(f"backbone {self.name_or_path!r}: {unpickling_problem(e)}; convert its "
+                                      ".bin weights to safetensors, or use a checkpoint you trust") from None
         return self._model
 
     @property
@@ -135,19 +158,24 @@ def get_backbone(backbone: str | Path | PreTrainedModel | Backbone, *, tokenizer
         return backbone
     if isinstance(backbone, PreTrainedModel):
         key: tuple = ("model", id(backbone), id(tokenizer))
+        wanted_device = resolve_device(device) if device is not None else None
+        wanted_dtype = resolve_dtype(dtype, wanted_device or backbone.device) if dtype is not None else None
         if (shared := _SHARED.get(key)) is not None:
+            _check_shared(shared, wanted_device, wanted_dtype)
             return shared
-        if device is not None or dtype is not None:
-            backbone.to(device=torch.device(device) if device is not None else None,
-                        dtype=resolve_dtype(dtype, backbone.device) if dtype is not None else None)
+        if wanted_device is not None or wanted_dtype is not None:
+            backbone.to(device=wanted_device, dtype=wanted_dtype)
         source = backbone.config.name_or_path or type(backbone).__name__
         if tokenizer is None:
             raise CheckpointError(f"backbone {source!r} was given as a loaded model; pass its tokenizer= too")
         made = Backbone(source, device=backbone.device, dtype=backbone.dtype, model=_freeze(backbone),
                         tokenizer=tokenizer)
     elif isinstance(backbone, (str, Path)):
-        resolved_device = torch.device(device) if device is not None else default_device()
+        resolved_device = resolve_device(device)
         resolved_dtype = resolve_dtype(dtype, resolved_device)
+        if looks_like_path(backbone) and not Path(backbone).expanduser().is_dir():
+            raise CheckpointError(f"backbone directory {str(backbone)!r} does not exist; check the path "
+                                  "(a hub id looks like 'org/name')")
         key = ("source", str(backbone), revision, str(resolved_device), resolved_dtype)
         if (shared := _SHARED.get(key)) is not None:
             return shared
@@ -162,6 +190,24 @@ def get_backbone(backbone: str | Path | PreTrainedModel | Backbone, *, tokenizer
                 "config.json, or a loaded model."
             ) from None
     else:
-        raise TypeError(f"a backbone is a hub id, a local directory or a loaded model, got {backbone!r}")
+        raise GraphError(f"a backbone is a hub id, a local directory or a loaded model, got {backbone!r:.80}")
     _SHARED[key] = made
     return made
+
+
+def looks_like_path(source: str | Path) -> bool:
+    """Whether ``source`` names a local folder rather than a hub repo (``org/name``)."""
+    text = str(source)
+    return isinstance(source, Path) or text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
+
+
+def _check_shared(shared: Backbone, device: torch.device | None, dtype: torch.dtype | None) -> None:
+    """A loaded model is one object: a second agent cannot have it on another device or in another dtype."""
+    if device is not None and device != shared.device:
+        raise GraphError(f"backbone {shared.name_or_path!r} is already placed on {shared.device} for another "
+                         f"agent, which shares its weights; it cannot also be on {device}: pass the same device, "
+                         "or load a second copy of the model")
+    if dtype is not None and dtype != shared.dtype:
+        raise GraphError(f"backbone {shared.name_or_path!r} is already in {shared.dtype} for another agent, which "
+                         f"shares its weights; it cannot also be in {dtype}: pass the same dtype, or load a "
+                         "second copy of the model")

@@ -25,8 +25,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, unpickling_problem
 from .links import Link, LinkConfig
+from .textfiles import read_json
 
 if TYPE_CHECKING:
     from .system import System
@@ -147,24 +148,26 @@ def load(directory: str | Path, *, backbones: dict[str, Any] | None = None, devi
     for e in spec.edges:
         system.connect(e.src, e.dst, slot=e.slot, mode=e.mode, feedback=e.feedback, link=e.link)
     weights = directory / WEIGHTS_NAME
-    if not weights.exists():
-        raise CheckpointError(f"{weights} is missing; a latentgraph checkpoint has {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        state = load_file(weights)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{weights} is not a readable safetensors file ({e}); save the system again") from None
-    assign(system, state, source=str(weights))
+    assign(system, read_weights(weights), source=str(weights))
     return system.validate()
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``links.safetensors`` file."""
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing; a latentgraph checkpoint has {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); save the system again") from None
 
 
 def read_spec(path: Path) -> SystemSpec:
     if not path.exists():
         raise CheckpointError(f"{path} is missing: is {path.parent} a latentgraph checkpoint (save_pretrained)?")
+    raw = read_json(path, error=CheckpointError)
     try:
-        raw = json.loads(path.read_text())
         spec = SystemSpec.model_validate(raw)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise CheckpointError(f"{path} does not describe a system: {problems}") from None
@@ -208,8 +211,7 @@ def load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a plain state dict of tensors; refused to unpickle it ({first})") from None
+        raise CheckpointError(f"{path} is not a plain state dict of tensors: {unpickling_problem(e)}") from None
     if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                             for k, v in state.items())):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a dict of named tensors")

@@ -8,9 +8,11 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import CheckpointError, InputError, LatentGraphError
+from .textfiles import read_json
 
 app = typer.Typer(help="Multi-agent LLM systems that talk in latent space.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -25,6 +27,9 @@ def _commands() -> None:
 
 def load(style: str, *, task: str = "math", weights: bool = True, device: str | None = None):
     """A system by name: ``default`` (the embedded default), a published style, or a saved directory."""
+    from transformers.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # per-tensor "Loading weights" bars; the command shows its own status
     from .checkpoint import CONFIG_NAME
     from .default import default_system
     from .published import list_styles, load_style
@@ -52,6 +57,8 @@ def run(
     max_new_tokens: int = typer.Option(256, help="Most tokens the answer (and each text message) may have."),
     greedy: bool = typer.Option(False, "--greedy/--sample", help="Greedy decoding, or sampling at the "
                                                                  "published temperature 0.6, top-p 0.95."),
+    temperature: float = typer.Option(0.6, help="Sampling temperature (the published 0.6)."),
+    top_p: float = typer.Option(0.95, help="Sampling top-p (the published 0.95)."),
     seed: int | None = typer.Option(None, help="Seed for sampling."),
     task: str = typer.Option("math", help="For published styles: math or code links and answer format."),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
@@ -65,8 +72,8 @@ def run(
             if latent_steps is not None:
                 agent.latent_steps = latent_steps
     with console.status(f"running {mode} mode"):
-        out = system.run([question], rounds=rounds, mode=mode, do_sample=not greedy, max_new_tokens=max_new_tokens,
-                         seed=seed)
+        out = system.run([question], rounds=rounds, mode=mode, do_sample=not greedy, temperature=temperature,
+                         top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     if as_json:
         print(json.dumps(run_record(question, style, out), ensure_ascii=False))
         return
@@ -174,7 +181,13 @@ def eval_command(
     split: str | None = typer.Option(None, help="Split of a named benchmark (default: its evaluation split)."),
     max_new_tokens: int = typer.Option(256, help="Most tokens per answer and per text message."),
     batch_size: int = typer.Option(8, help="Questions per batch."),
-    samples: int = typer.Option(1, help="Answers per question: 1 is greedy; k > 1 samples and reports pass@k."),
+    samples: int = typer.Option(1, help="Answers per question; k > 1 samples k times and reports pass@k."),
+    sample: bool | None = typer.Option(None, "--sample/--greedy", help="Sample, or decode greedily (default: "
+                                                                      "greedy for one answer per question)."),
+    temperature: float | None = typer.Option(None, help="Sampling temperature (default 0.6, the published "
+                                                        "one); needs --sample or --samples > 1."),
+    top_p: float | None = typer.Option(None, help="Sampling top-p (default 0.95, the published one); needs "
+                                                  "--sample or --samples > 1."),
     upstream: bool = typer.Option(False, help="Also report the published lenient accuracy (separately)."),
     task: str | None = typer.Option(None, help="For published styles: math or code (default: from the data)."),
     seed: int = typer.Option(0, help="Seeds sampling and the order of multiple-choice options."),
@@ -193,6 +206,10 @@ def eval_command(
         counts = [int(r) for r in rounds.split(",")] if rounds else None
     except ValueError:
         raise InputError(f"--rounds takes comma-separated integers, e.g. 1,2,3; got {rounds!r}") from None
+    sampling = samples > 1 if sample is None else sample
+    if not sampling and (temperature is not None or top_p is not None):
+        raise InputError("--temperature and --top-p set how answers are sampled, but decoding is greedy: add "
+                         "--sample (or drop them)")
     examples = load_dataset(dataset, split=split, columns=mapping, format=fmt, offset=offset, limit=limit,
                             seed=seed)
     task = task or ("code" if any(e.kind == "code" for e in examples) else "math")
@@ -202,7 +219,8 @@ def eval_command(
             agent.model, agent.tokenizer  # load now, not inside the first batch's timing
     report = evaluate(system, examples, methods=[m.strip() for m in compare.split(",") if m.strip()],
                       rounds=counts, output=output, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                      samples=samples, seed=seed, upstream=upstream)
+                      samples=samples, do_sample=sampling, temperature=0.6 if temperature is None else temperature,
+                      top_p=0.95 if top_p is None else top_p, seed=seed, upstream=upstream)
     stdout = Console()
     stdout.print(report.table(), width=None if stdout.is_terminal else 120)  # a file gets the whole table
     written = [output / name for name in (RESULTS, SUMMARY, PLOT) if (output / name).exists()]
@@ -231,10 +249,9 @@ def train_command(
     from .train_data import load_training_data
     from .training import TrainConfig, train
 
-    try:
-        settings = json.loads(config.read_text()) if config is not None else {}
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read the training config {config}: {e}") from None
+    settings = read_json(config) if config is not None else {}
+    if not isinstance(settings, dict):
+        raise InputError(f"{config} must hold a JSON object of TrainConfig fields, e.g. {{\"steps\": 100}}")
     flags = {"stage": stage, "regime": regime, "steps": steps, "lr": lr, "batch_size": batch_size,
              "save_every": save_every}
     settings.update({key: value for key, value in flags.items() if value is not None})
@@ -245,7 +262,7 @@ def train_command(
     examples = load_training_data(data, format=data_format, offset=offset, limit=limit)
     system = load(style, task=task)
     log = train(system, examples, train_config, output=output, resume=resume)
-    console.print(f"trained {train_config.stage} links for {train_config.steps} steps on {len(examples)} examples: "
+    console.print(f"trained {train_config.stage} links up to step {log[-1]['step']} on {len(examples)} examples: "
                   f"loss {log[0]['loss']:.4f} -> {log[-1]['loss']:.4f}; wrote {output}")
 
 
@@ -254,5 +271,6 @@ def main() -> None:
     try:
         app()
     except LatentGraphError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)  # one line: copyable
+        line = " ".join(str(e).replace("\n  - ", "; ").split())  # one line, even for a list of problems
+        console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
         raise SystemExit(1) from None

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from .errors import InputError
 from .scoring import parse_gsm8k_answer
+from .textfiles import read_text
 
 Kind = Literal["math", "choice", "code"]
 
@@ -110,7 +111,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(read_text(path).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -121,12 +122,11 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
                 ) from e
     elif suffix == ".json":
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(read_text(path))
         except json.JSONDecodeError as e:
             raise InputError(f"{path}: not valid JSON ({e}): fix the file") from e
     elif suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
     elif suffix == ".parquet":
         try:
             import pyarrow.parquet

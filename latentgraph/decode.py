@@ -27,6 +27,7 @@ from transformers.generation.logits_process import (
 )
 
 from .backbone import Backbone, cache_kwargs
+from .errors import InputError
 from .rollout import positions_from_mask
 from .tools.base import Tool
 
@@ -42,14 +43,19 @@ class Sampling:
     max_new_tokens: int = 256
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.do_sample and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+        problems = []
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.do_sample, bool):
+            problems.append(f"do_sample must be True or False, got {self.do_sample!r}")
+        if not _is_number(self.temperature) or (self.do_sample and not self.temperature > 0):
+            problems.append(f"temperature must be a number > 0 when sampling, got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            problems.append(f"top_k must be an integer >= 1 or None, got {self.top_k!r}")
+        if problems:
+            raise InputError("invalid decoding settings: " + "; ".join(problems))
 
     def warpers(self) -> LogitsProcessorList:
         warpers = LogitsProcessorList()
@@ -61,6 +67,14 @@ class Sampling:
             if self.top_p < 1.0:
                 warpers.append(TopPLogitsWarper(self.top_p))
         return warpers
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not a count
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def stop_token_ids(backbone: Backbone) -> list[int]:

@@ -1,6 +1,8 @@
 """The errors latentgraph raises on bad input. Every message names the agent, edge or file at fault and
 says how to fix it."""
 
+import re
+
 
 class LatentGraphError(Exception):
     """Base class of every error raised by latentgraph."""
@@ -16,3 +18,17 @@ class InputError(LatentGraphError, ValueError):
 
 class CheckpointError(LatentGraphError):
     """A checkpoint is missing, corrupt, or does not match the system it is loaded into."""
+
+
+def unpickling_problem(error: Exception) -> str:
+    """What is wrong with a file ``torch.load(weights_only=True)`` failed on: a refused object, naming the
+    global it would have imported (torch's own message goes on to suggest turning ``weights_only`` off, which
+    we never do), or corrupt bytes."""
+    text = str(error)
+    if found := re.search(r"GLOBAL ([\w.]+)", text):
+        return (f"refused to unpickle it: it holds the global {found.group(1)}, which a weights file never "
+                "needs (nothing was executed)")
+    if "Weights only load failed" in text:
+        return "refused to unpickle it: it holds objects other than tensors (nothing was executed)"
+    first = text.strip().splitlines()[0].split(". ")[0][:120] if text.strip() else type(error).__name__
+    return f"it is corrupt ({first})"

@@ -30,19 +30,24 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import scoring, scoring_upstream
 from .datasets import Example, load_dataset
 from .errors import InputError
+from .decode import Sampling
 from .executor import MODES, RunOutput
 from .report import EvalReport, plot, summarize
+from .textfiles import read_json
 from .tools.sandbox import Limits, Sandbox
 
 if TYPE_CHECKING:
     from .system import System
 
 RESULTS, SETTINGS, SUMMARY, PLOT = "results.jsonl", "settings.json", "summary.json", "plot.png"
+ROW_KEYS = ("id", "method", "rounds", "sample", "question", "prediction", "answer", "gold", "correct",
+            "upstream_correct", "tokens", "seconds")  # one results.jsonl line
 
 
 def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods: Sequence[str] = ("latent",),
              rounds: int | Sequence[int] | None = None, output: str | Path | None = None, batch_size: int = 8,
-             max_new_tokens: int = 256, samples: int = 1, seed: int = 0, upstream: bool = False,
+             max_new_tokens: int = 256, samples: int = 1, do_sample: bool | None = None,
+             temperature: float = 0.6, top_p: float = 0.95, seed: int = 0, upstream: bool = False,
              code_runner: scoring.CodeRunner | None = None, code_timeout: float = 10.0,
              progress: bool = True) -> EvalReport:
     """Answer every question with every method and score the answers strictly.
@@ -60,8 +65,11 @@ def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods
         batch_size: questions per :meth:`~latentgraph.System.run` call; a row's ``seconds`` is its batch's
             wall time divided evenly among the batch.
         max_new_tokens: bound on each answer and each text message.
-        samples: answers per question. 1 decodes greedily; ``k > 1`` samples ``k`` times (seeds ``seed``,
-            ``seed + 1``, ...) and reports pass@k.
+        samples: answers per question; ``k > 1`` samples ``k`` times (seeds ``seed``, ``seed + 1``, ...) and
+            reports pass@k.
+        do_sample: sample (at ``temperature`` and ``top_p``) instead of decoding greedily; default: greedy
+            for one sample, sampling for several.
+        temperature, top_p: the sampling settings (the published ones by default); unused when greedy.
         seed: seeds the sampling; unused when greedy.
         upstream: also report the published lenient accuracy, in its own field (never mixed with strict).
         code_runner: runs code answers, ``run(program, timeout) -> (passed, output)``; default a
@@ -86,8 +94,13 @@ def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods
     duplicates = sorted(i for i, count in Counter(e.id for e in examples).items() if count > 1)
     if duplicates:
         raise InputError(f"example ids must be unique (results are keyed by id); repeated: {duplicates[:5]}")
+    sampling = samples > 1 if do_sample is None else do_sample
+    if samples > 1 and not sampling:
+        raise InputError(f"samples={samples} with greedy decoding would give the same answer {samples} times; "
+                         "sample (do_sample=True, or --sample) or take one sample")
+    Sampling(do_sample=sampling, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)  # checks
     settings = {"system": fingerprint(system), "max_new_tokens": max_new_tokens, "samples": samples,
-                **({"seed": seed} if samples > 1 else {})}
+                **({"temperature": temperature, "top_p": top_p, "seed": seed} if sampling else {})}
     directory = Path(output) if output is not None else None
     rows = _resume(directory, settings, examples) if directory else {}
     if code_runner is None and any(e.kind == "code" for e in examples):
@@ -100,8 +113,8 @@ def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods
             task = bars.add_task(method if r is None else f"{method} r={r}", total=len(examples) * samples,
                                  completed=done)
             for sample in range(samples):
-                decoding = {"do_sample": samples > 1, "seed": seed + sample if samples > 1 else None,
-                            "max_new_tokens": max_new_tokens}
+                decoding = {"do_sample": sampling, "temperature": temperature, "top_p": top_p,
+                            "seed": seed + sample if sampling else None, "max_new_tokens": max_new_tokens}
                 pending = [e for e in examples if (e.id, method, r, sample) not in rows]
                 for batch in _chunks(pending, batch_size):
                     new = _run_batch(system, batch, method, r, sample, decoding, code_runner, code_timeout)
@@ -158,13 +171,26 @@ def fingerprint(system: System) -> str:
 def _resume(directory: Path, settings: dict, examples: list[Example]) -> dict[tuple, dict]:
     """The rows already in ``directory``, after checking they were made the same way; starts a new run there
     when it holds none."""
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"--output {directory} is a file; pass a directory (new, or one from an earlier run to "
+                         "resume it)")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the output directory {directory}: {e.strerror or e}") from None
     path, settings_path = directory / RESULTS, directory / SETTINGS
+    has_results = path.exists() and path.stat().st_size > 0
+    if has_results and not settings_path.exists():
+        raise InputError(f"{directory} holds results but no {SETTINGS}, so nothing shows how they were made; "
+                         "pass another output directory (or delete its results to start over)")
     if settings_path.exists():
-        before = json.loads(settings_path.read_text(encoding="utf-8"))
+        before = read_json(settings_path)
+        if not isinstance(before, dict):
+            raise InputError(f"{settings_path} is not a settings object; delete the directory's results and "
+                             f"{SETTINGS} to start over, or pass another output directory")
         changed = [f"{k}={before.get(k)!r} (now {settings.get(k)!r})" for k in sorted({*before, *settings})
                    if before.get(k) != settings.get(k)]
-        if changed and path.exists() and path.stat().st_size:
+        if changed and has_results:
             raise InputError(f"{directory} holds results made with other settings: {', '.join(changed)}; "
                              "rerun with the same system and settings to resume, or pass another output "
                              "directory")
@@ -183,6 +209,10 @@ def _resume(directory: Path, settings: dict, examples: list[Example]) -> dict[tu
         except json.JSONDecodeError as e:
             raise InputError(f"{path}, line {number}: not valid JSON ({e.msg}); delete the line to recompute "
                              "it, or pass another output directory") from e
+        missing = [key for key in ROW_KEYS if key not in row] if isinstance(row, dict) else ROW_KEYS
+        if missing:
+            raise InputError(f"{path}, line {number}: a result row lacks {missing}; delete the line to recompute "
+                             "it, or pass another output directory")
         if row["id"] in prompts and row["question"] != prompts[row["id"]]:
             raise InputError(f"{path}, line {number}: id {row['id']!r} holds another question than the "
                              "dataset's, so the results come from another dataset: pass another output "

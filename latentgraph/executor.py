@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -123,13 +124,9 @@ def execute(system: System, questions: str | list[str], *, rounds: int | None = 
             do_sample: bool = True, temperature: float = 0.6, top_p: float = 0.95, top_k: int | None = None,
             max_new_tokens: int = 256, seed: int | None = None, return_latents: bool = False) -> RunOutput:
     """Run ``system`` on ``questions``; the implementation of :meth:`System.run`."""
-    questions = [questions] if isinstance(questions, str) else list(questions)
-    if not questions:
-        raise InputError("run() got no questions; pass a question or a non-empty list of them")
-    if not all(isinstance(q, str) for q in questions):
-        raise InputError(f"questions must be strings, got {[type(q).__name__ for q in questions]}")
+    questions = question_list(questions)
     rounds = system.rounds if rounds is None else rounds
-    if not (isinstance(rounds, int) and rounds >= 1):
+    if isinstance(rounds, bool) or not (isinstance(rounds, int) and rounds >= 1):
         raise InputError(f"rounds must be an integer >= 1, got {rounds!r}")
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}, got {mode!r}")
@@ -142,6 +139,21 @@ def execute(system: System, questions: str | list[str], *, rounds: int | None = 
         out = _unroll(system, plan, questions, sampling, seed, return_latents)
     out.mode = mode
     return out
+
+
+def question_list(questions: str | Sequence[str]) -> list[str]:
+    """The batch a run answers: one question, or a list or tuple of them (not a dict, set or generator)."""
+    if isinstance(questions, str):
+        return [questions]
+    if not isinstance(questions, (list, tuple)):
+        raise InputError(f"run() takes a question or a list of questions, got {type(questions).__name__}: "
+                         f"{questions!r:.80}")
+    if not questions:
+        raise InputError("run() got no questions; pass a question or a non-empty list of them")
+    wrong = [f"{i}: {type(q).__name__}" for i, q in enumerate(questions) if not isinstance(q, str)]
+    if wrong:
+        raise InputError(f"questions must be strings; these are not: {', '.join(wrong[:5])}")
+    return list(questions)
 
 
 def _check_lengths(system: System, plan: list[list[Turn]], questions: list[str], sampling: Sampling) -> None:

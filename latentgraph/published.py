@@ -11,7 +11,6 @@ Each agent's hub repo holds a full base model and its inner link(s) as pickled s
 from __future__ import annotations
 
 import importlib
-import json
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +23,7 @@ from .checkpoint import check_shape, load_pickled_state_dict
 from .errors import CheckpointError, InputError
 from .hub import fetch
 from .system import System
+from .textfiles import read_json
 from .tools.base import Tool
 
 TASKS = ("math", "code")
@@ -46,7 +46,7 @@ def style_module(name: str) -> ModuleType:
 def load_style(name: str, task: str = "math", *, revision: str | dict[str, str] | None = None,
                checkpoints: dict[str, str] | None = None, backbones: dict[str, Any] | None = None,
                device: Any = None, dtype: Any = None, load_weights: bool = True,
-               tools: list[Tool] | None = None) -> System:
+               tools: list[Tool] | None = None, trust_remote_code: bool = False) -> System:
     """A published style as an editable :class:`System`, with its published link weights.
 
     Args:
@@ -64,6 +64,10 @@ def load_style(name: str, task: str = "math", *, revision: str | dict[str, str] 
         load_weights: ``False`` gives the graph with fresh links (for rendering, or training from scratch).
         tools: the tools of the style's tool-using agent (deliberation's tool-caller), instead of the style's
             default ones; ``[]`` for none. Styles without such an agent refuse it.
+        trust_remote_code: accepted so that the published model cards' snippet
+            (``load_style("distillation", device="cuda", trust_remote_code=True)``) runs as written. It changes
+            nothing: every published backbone is a standard transformers architecture, and latentgraph never
+            runs code from a repo.
     """
     style = style_module(name)
     if task not in TASKS:
@@ -155,10 +159,7 @@ def _load_link(link: nn.Module, path: Path) -> None:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    return read_json(path, error=CheckpointError)
 
 
 def _backbone(source: Any, device: Any, dtype: Any) -> Backbone:

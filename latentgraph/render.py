@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING
 
 import graphviz
 
+from .errors import InputError
 from .links import Link
 
 if TYPE_CHECKING:
     from .system import System
 
 
-def render(system: System, path: str | Path | None = None, *, sizes: bool = True) -> graphviz.Digraph:
+def render(system: System, path: str | Path | None = None, *, sizes: bool = True) -> SystemDiagram:
     """Return the system as a ``graphviz.Digraph`` (shown inline by Jupyter; ``.source`` is the DOT text).
 
     Args:
@@ -27,7 +28,7 @@ def render(system: System, path: str | Path | None = None, *, sizes: bool = True
             or ``.dot``/``.gv`` for the DOT source).
         sizes: show hidden sizes, link dims and parameter counts; ``False`` draws the topology only.
     """
-    graph = graphviz.Digraph(
+    graph = SystemDiagram(
         "latentgraph",
         graph_attr={"rankdir": "LR"},
         node_attr={"shape": "box", "style": "rounded", "fontname": "Helvetica"},
@@ -69,15 +70,35 @@ def _count(n: int) -> str:
     return f"{n / 1e3:.1f}K" if n >= 1_000 else str(n)
 
 
+class SystemDiagram(graphviz.Digraph):
+    """A ``graphviz.Digraph`` that Jupyter shows as its DOT text, with how to install Graphviz, when the
+    ``dot`` program is missing (a plain Digraph raises there)."""
+
+    def _repr_mimebundle_(self, include=None, exclude=None, **kwargs) -> dict:
+        try:
+            return super()._repr_mimebundle_(include, exclude, **kwargs)
+        except graphviz.ExecutableNotFound:
+            return {"text/plain": f"{self.source}\n({MISSING_DOT})"}
+
+
+MISSING_DOT = ("drawing needs the Graphviz 'dot' program: install it (Debian/Ubuntu: apt-get install graphviz; "
+               "macOS: brew install graphviz); the DOT text is available without it as render(system).source")
+TEXT_FORMATS = ("dot", "gv")
+
+
 def _write(graph: graphviz.Digraph, path: Path) -> None:
     fmt = path.suffix.lstrip(".").lower()
-    if fmt in ("dot", "gv"):
-        path.write_text(graph.source)
-        return
+    if fmt in TEXT_FORMATS:
+        content = graph.source.encode()
+    elif fmt not in graphviz.FORMATS:
+        raise InputError(f"cannot draw to {path}: '.{fmt}' is not a Graphviz output format; use a path ending "
+                         "in .svg, .png, .pdf or .dot")
+    else:
+        try:
+            content = graph.pipe(format=fmt)
+        except graphviz.ExecutableNotFound:
+            raise InputError(f"writing {path}: {MISSING_DOT}") from None
     try:
-        path.write_bytes(graph.pipe(format=fmt))
-    except graphviz.ExecutableNotFound:
-        raise RuntimeError(
-            f"writing {path} needs the Graphviz 'dot' program (Debian: apt-get install graphviz); "
-            "the DOT text is available without it as render(system).source"
-        ) from None
+        path.write_bytes(content)
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None

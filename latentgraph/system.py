@@ -71,7 +71,7 @@ class System(nn.Module):
 
     @rounds.setter
     def rounds(self, value: int) -> None:
-        if not (isinstance(value, int) and value >= 1):
+        if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
             raise GraphError(f"rounds must be an integer >= 1, got {value!r}")
         self._rounds = value
 

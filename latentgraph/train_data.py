@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .scoring import parse_gsm8k_answer
+from .textfiles import read_text
 
 ANSWER_TEMPLATE = "The answer is {answer}."
 
@@ -61,7 +62,7 @@ def load_training_data(path: str | Path, *, format: str | None = None, offset: i
     if format not in (None, "gsm8k"):
         raise InputError(f"format must be None or 'gsm8k', got {format!r}")
     examples = []
-    lines = path.read_text().splitlines()[offset: None if limit is None else offset + limit]
+    lines = read_text(path).splitlines()[offset: None if limit is None else offset + limit]
     for number, line in enumerate(lines, start=offset + 1):
         if not line.strip():
             continue

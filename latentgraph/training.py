@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import random
 from pathlib import Path
 from typing import Literal
@@ -27,11 +28,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from .checkpoint import WEIGHTS_NAME, assign
-from .errors import CheckpointError
+from .checkpoint import WEIGHTS_NAME, assign, read_weights
+from .errors import CheckpointError, InputError, unpickling_problem
 from .init import initialize
 from .objectives import inner_loss, unrolled_loss
 from .system import System
+from .textfiles import read_text
 from .train_data import TrainExample
 
 STATE_NAME = "trainer_state.pt"
@@ -89,7 +91,12 @@ def train(system: System, examples: list[TrainExample], config: TrainConfig | No
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
     start, log = 0, []
     if resume is not None:
-        start, log = _load_checkpoint(Path(resume), system, optimizer, schedule)
+        state = _trainer_state(Path(resume))
+        start = state["step"]
+        if start >= config.steps:
+            raise InputError(f"{resume} is at step {start}, and this training stops at step {config.steps}: "
+                             "nothing left to train; raise steps (--steps) to train further")
+        log = _load_checkpoint(Path(resume), state, system, optimizer, schedule)
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress,
                desc=f"training {config.stage} links")
     for step in bar:
@@ -180,14 +187,35 @@ def _save_checkpoint(directory: Path, system: System, optimizer, schedule, step:
     (directory / LOG_NAME).write_text("".join(json.dumps(r) + "\n" for r in log))
 
 
-def _load_checkpoint(directory: Path, system: System, optimizer, schedule) -> tuple[int, list[dict]]:
-    from safetensors.torch import load_file
+RESUME_FIX = "resume from another checkpoint-N folder, or start again without --resume"
 
-    if not (directory / STATE_NAME).exists():
+
+def _trainer_state(directory: Path) -> dict:
+    """The optimizer, schedule and step saved in a training checkpoint."""
+    path = directory / STATE_NAME
+    if not path.exists():
         raise CheckpointError(f"{directory} is not a training checkpoint: it has no {STATE_NAME}")
-    assign(system, load_file(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
-    state = torch.load(directory / STATE_NAME, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
-    log = [json.loads(line) for line in (directory / LOG_NAME).read_text().splitlines() if line.strip()]
-    return state["step"], log
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: {unpickling_problem(e)}; {RESUME_FIX}") from None
+    if not (isinstance(state, dict) and {"step", "optimizer", "schedule"} <= set(state)
+            and isinstance(state["step"], int)):
+        raise CheckpointError(f"{path} is not a latentgraph trainer state; {RESUME_FIX}")
+    return state
+
+
+def _load_checkpoint(directory: Path, state: dict, system: System, optimizer, schedule) -> list[dict]:
+    """Restore the links, optimizer and schedule of a checkpoint; returns its log."""
+    assign(system, read_weights(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{directory / STATE_NAME} does not match this training's links ({e}); "
+                              f"{RESUME_FIX}") from None
+    try:
+        return [json.loads(line) for line in read_text(directory / LOG_NAME, error=CheckpointError).splitlines()
+                if line.strip()]
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{directory / LOG_NAME} is corrupt ({e.msg}); {RESUME_FIX}") from None

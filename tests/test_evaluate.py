@@ -37,9 +37,10 @@ class Script:
     def __init__(self, answer):
         self.answer, self.calls = answer, []
 
-    def __call__(self, system, questions, *, rounds=None, mode="latent", do_sample=True, seed=None, **_):
+    def __call__(self, system, questions, *, rounds=None, mode="latent", do_sample=True, seed=None,
+                 temperature=None, top_p=None, **_):
         self.calls.append({"questions": list(questions), "rounds": rounds, "mode": mode,
-                           "do_sample": do_sample, "seed": seed})
+                           "do_sample": do_sample, "seed": seed, "temperature": temperature, "top_p": top_p})
         texts = [self.answer(q, mode, rounds, seed) for q in questions]
         step = AgentStep(round=1, agent="solver", prompt="prompt", tokens_in=[1] * len(texts), latents_in=0,
                          tokens_out=[len(t) for t in texts])
@@ -132,6 +133,24 @@ def test_samples_give_pass_at_k(system, script):
     assert score.accuracy == pytest.approx(1 / 6) and score.pass_at_k == pytest.approx(1 / 2)
     assert sorted(row["sample"] for row in report.rows) == [0, 0, 1, 1, 2, 2]
     assert "pass@3" in [str(c.header) for c in report.table().columns]
+
+
+def test_one_sample_can_be_drawn_at_given_settings_which_the_results_remember(system, script, tmp_path):
+    fake = script(lambda *_: "x")
+    lg.evaluate(system, math_examples(2), do_sample=True, temperature=0.6, top_p=0.95, seed=42, output=tmp_path,
+                progress=False)
+    assert {(c["do_sample"], c["temperature"], c["top_p"], c["seed"]) for c in fake.calls} == {(True, 0.6, 0.95, 42)}
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert (settings["temperature"], settings["top_p"], settings["seed"]) == (0.6, 0.95, 42)
+    with pytest.raises(InputError, match=r"other settings: .*temperature=0.6 \(now None\)"):
+        lg.evaluate(system, math_examples(2), output=tmp_path, progress=False)  # greedy now: no reuse
+    fake.calls.clear()
+    lg.evaluate(system, math_examples(2), progress=False)
+    assert {c["do_sample"] for c in fake.calls} == {False}  # one sample: greedy by default
+    with pytest.raises(InputError, match="samples=3 with greedy decoding would give the same answer 3 times"):
+        lg.evaluate(system, math_examples(2), samples=3, do_sample=False, progress=False)
+    with pytest.raises(InputError, match="top_p must be a number in"):
+        lg.evaluate(system, math_examples(2), do_sample=True, top_p=2.0, progress=False)
 
 
 def test_wilson_interval():

@@ -155,8 +155,8 @@ class Exploit:
 def test_a_pickle_holding_code_is_refused_not_executed(links_copy, tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"proj1.weight": Exploit(marker)}, links_copy / "Solver-Planner-Outerlink.pt")
-    with pytest.raises(lg.CheckpointError, match="Solver-Planner-Outerlink.pt is not a plain state dict of tensors; "
-                                                 "refused to unpickle it"):
+    with pytest.raises(lg.CheckpointError, match="Solver-Planner-Outerlink.pt is not a plain state dict of tensors: "
+                                                 "refused to unpickle it: it holds the global posix.system"):
         lg.load_style("sequential_light", checkpoints={"links": str(links_copy)})
     assert not marker.exists()
 
@@ -189,3 +189,10 @@ def test_styles_cli_lists_every_style():
 
     lines = CliRunner().invoke(app, ["styles"]).output.splitlines()
     assert [line.split()[0] for line in lines] == STYLES
+
+
+def test_the_model_cards_snippet_runs_as_written(published_hub):
+    carded = lg.load_style("distillation", device="cpu", trust_remote_code=True)  # no remote code runs either way
+    plain = lg.load_style("distillation", device="cpu")
+    assert carded.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(carded.state_dict()[k], v) for k, v in plain.state_dict().items())

@@ -56,5 +56,23 @@ def test_dot_file_needs_no_binary(system, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", "")
     lg.render(system, path=tmp_path / "system.dot")
     assert (tmp_path / "system.dot").read_text() == EXPECTED
-    with pytest.raises(RuntimeError, match="needs the Graphviz 'dot' program"):
+    with pytest.raises(lg.InputError, match="needs the Graphviz 'dot' program: install it"):
         lg.render(system, path=tmp_path / "system.svg")
+
+
+def test_jupyter_shows_the_dot_text_and_the_fix_without_the_dot_program(system, monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    bundle = lg.render(system)._repr_mimebundle_()
+    assert set(bundle) == {"text/plain"}
+    assert bundle["text/plain"].startswith(EXPECTED) and "apt-get install graphviz" in bundle["text/plain"]
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="needs the Graphviz 'dot' program")
+def test_jupyter_shows_svg_with_the_dot_program(system):
+    assert set(lg.render(system)._repr_mimebundle_()) == {"image/svg+xml"}
+
+
+def test_an_unknown_suffix_is_an_input_error_naming_the_formats(system, tmp_path):
+    with pytest.raises(lg.InputError, match=r"'.exe' is not a Graphviz output format; use a path ending in .svg"):
+        lg.render(system, path=tmp_path / "x.exe")
+    assert list(tmp_path.iterdir()) == []

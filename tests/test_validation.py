@@ -163,3 +163,85 @@ def test_non_finite_latents_are_reported(make):
         a.inner_link.proj1.weight.fill_(float("nan"))
     with pytest.raises(lg.InputError, match="agent 'a' produced non-finite latents .* in round 1"):
         system.run("hi", max_new_tokens=2)
+
+
+@pytest.mark.parametrize("questions, message", [
+    (None, "run\\(\\) takes a question or a list of questions, got NoneType"),
+    ({"a": 1}, "run\\(\\) takes a question or a list of questions, got dict"),
+    (("q", 3), "questions must be strings; these are not: 1: int"),
+])
+def test_questions_must_be_a_string_or_a_list_of_strings(make, questions, message):
+    system = lg.System([make("a")])
+    with pytest.raises(lg.InputError, match=message):
+        system.run(questions, max_new_tokens=1)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1, got 0"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer >= 1, got 2.5"),
+    ({"max_new_tokens": True}, "max_new_tokens must be an integer >= 1, got True"),
+    ({"temperature": 0}, "temperature must be a number > 0 when sampling, got 0"),
+    ({"top_p": 1.5}, "top_p must be a number in \\(0, 1\\], got 1.5"),
+    ({"top_k": 0}, "top_k must be an integer >= 1 or None, got 0"),
+])
+def test_bad_decoding_settings_fail_before_any_forward(make, settings, message):
+    a = make("a")
+    calls = []
+    a.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(lg.InputError, match=message):
+        lg.System([a]).run("hi", **settings)
+    assert calls == []
+
+
+def test_latent_steps_and_rounds_are_checked_when_set_and_bools_are_not_counts(make):
+    a = make("a")
+    system = lg.System([a])
+    for value in (-1, True, 1.5):
+        with pytest.raises(lg.GraphError, match=f"agent 'a': latent_steps must be an integer >= 0, got {value}"):
+            a.latent_steps = value
+        with pytest.raises(lg.GraphError, match=f"rounds must be an integer >= 1, got {value}"):
+            system.rounds = value
+    with pytest.raises(lg.GraphError, match="latent_steps must be an integer >= 0, got True"):
+        lg.Agent("b", a.model, tokenizer=a.tokenizer, latent_steps=True)
+    with pytest.raises(lg.InputError, match="rounds must be an integer >= 1, got True"):
+        system.run("hi", rounds=True, max_new_tokens=1)
+    assert a.latent_steps == 2 and system.rounds == 3
+
+
+def test_a_shared_loaded_model_cannot_take_a_second_dtype_or_device(tiny):
+    model, tokenizer = tiny("llama", 32, seed=7)
+    first = lg.Agent("a", model, tokenizer=tokenizer, dtype="float32")
+    with pytest.raises(lg.GraphError, match="already in torch.float32 for another agent, which shares its weights; "
+                                            "it cannot also be in torch.bfloat16"):
+        lg.Agent("b", model, tokenizer=tokenizer, dtype="bfloat16")
+    assert model.dtype == torch.float32 and first.backbone.dtype == torch.float32
+    assert lg.Agent("c", model, tokenizer=tokenizer, dtype=torch.float32).backbone.dtype == torch.float32
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu7", "unknown device 'gpu7'"),
+    pytest.param("cuda", "CUDA is not available on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_a_device_this_machine_lacks_is_an_input_error(tiny, device, message):
+    model, tokenizer = tiny("llama", 32)
+    with pytest.raises(lg.InputError, match=message):
+        lg.Agent("a", "some/repo", device=device)
+    with pytest.raises(lg.InputError, match=message):
+        lg.Agent("a", model, tokenizer=tokenizer, device=device)
+
+
+def test_bad_dtypes_and_backbone_types_are_graph_errors(tiny):
+    model, tokenizer = tiny("llama", 32)
+    with pytest.raises(lg.InputError, match="unknown dtype 'float33'"):
+        lg.Agent("a", model, tokenizer=tokenizer, dtype="float33")
+    with pytest.raises(lg.GraphError, match="a backbone is a hub id, a local directory or a loaded model, got 42"):
+        lg.Agent("a", 42)
+
+
+@pytest.mark.parametrize("path", ["/no/such/folder", "./models/gone", "~/gone/model", "a/b/c"])
+def test_a_missing_local_folder_is_not_reported_as_a_hub_repo(path):
+    with pytest.raises(lg.CheckpointError) as info:
+        lg.Agent("a", path)
+    assert f"backbone directory '{path}' does not exist; check the path" in str(info.value)
+    assert "hf download" not in str(info.value)

@@ -1,0 +1,184 @@
+"""Every mistake a user can make on the command line ends in one `error:` line and a non-zero exit, never a
+traceback. One table: each case prepares its files, runs the command and names what the line must say."""
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from latentgraph import cli
+
+QUESTION = {"question": "What is 2 + 2?", "answer": "#### 4"}
+
+
+class Evil:
+    """A pickle that would run a shell command if a loader executed it."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def data_file(tmp_path, text: str | None = None, encoding="utf-8", name="data.jsonl"):
+    path = tmp_path / name
+    path.write_bytes((text if text is not None else json.dumps(QUESTION) + "\n").encode(encoding))
+    return path
+
+
+def checkpoint(tmp_path, saved, state=None, truncate=False, step=1):
+    """A training checkpoint folder: the saved system, a trainer state and a log."""
+    directory = tmp_path / "checkpoint-1"
+    shutil.copytree(saved, directory)
+    torch.save(state, directory / "trainer_state.pt")
+    if truncate:  # a file cut short, as by a full disk
+        data = (directory / "trainer_state.pt").read_bytes()
+        (directory / "trainer_state.pt").write_bytes(data[: len(data) // 2])
+    (directory / "train_log.jsonl").write_text(json.dumps({"step": step, "loss": 1.0}) + "\n")
+    return directory
+
+
+def with_backbone(saved, tmp_path, agent, path):
+    """A copy of the saved system whose ``agent`` names another backbone folder."""
+    directory = tmp_path / "edited"
+    shutil.copytree(saved, directory)
+    config = json.loads((directory / "latentgraph_config.json").read_text())
+    next(a for a in config["agents"] if a["name"] == agent)["backbone"]["name_or_path"] = str(path)
+    (directory / "latentgraph_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def evil_backbone(saved, tmp_path):
+    source = json.loads((saved / "latentgraph_config.json").read_text())["agents"][2]["backbone"]["name_or_path"]
+    folder = tmp_path / "evil-backbone"
+    shutil.copytree(source, folder)
+    (folder / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": Evil()}, folder / "pytorch_model.bin")
+    return with_backbone(saved, tmp_path, "solver", folder)
+
+
+def eval_output(tmp_path, settings=None, rows=()):
+    out = tmp_path / "eval-out"
+    out.mkdir()
+    if settings is not None:
+        (out / "settings.json").write_text(settings)
+    (out / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return out
+
+
+def eval_args(saved, data, out):
+    return ["eval", "--style", str(saved), "--dataset", str(data), "--format", "gsm8k", "--output", str(out),
+            "--max-new-tokens", "2"]
+
+
+def train_args(saved, tmp_path, *extra):
+    return ["train", "--style", str(saved), "--data", str(data_file(tmp_path)), "--format", "gsm8k",
+            "--output", str(tmp_path / "trained"), *extra]
+
+
+ROW = {"id": "data-1", "method": "latent", "rounds": 3, "sample": 0, "question": QUESTION["question"]}
+
+CASES = {
+    "run --max-new-tokens 0": (
+        lambda saved, tmp: ["run", "Q?", "--style", str(saved), "--max-new-tokens", "0"],
+        "max_new_tokens must be an integer >= 1, got 0"),
+    "run --temperature 0 while sampling": (
+        lambda saved, tmp: ["run", "Q?", "--style", str(saved), "--temperature", "0"],
+        "temperature must be a number > 0 when sampling"),
+    "run --latent-steps -1": (
+        lambda saved, tmp: ["run", "Q?", "--style", str(saved), "--latent-steps", "-1"],
+        "latent_steps must be an integer >= 0, got -1"),
+    "run --device cuda without CUDA": (
+        lambda saved, tmp: ["run", "Q?", "--style", str(saved), "--device", "cuda"],
+        "CUDA is not available on this machine"),
+    "run --device nonsense": (
+        lambda saved, tmp: ["run", "Q?", "--style", str(saved), "--device", "gpu7"],
+        "unknown device 'gpu7'"),
+    "run on a backbone folder that does not exist": (
+        lambda saved, tmp: ["run", "Q?", "--style", str(with_backbone(saved, tmp, "critic", tmp / "gone" / "model"))],
+        "does not exist; check the path"),
+    "run on a backbone whose .bin holds a refused pickle": (
+        lambda saved, tmp: ["run", "Q?", "--style", str(evil_backbone(saved, tmp)), "--max-new-tokens", "1"],
+        "refused to unpickle it: it holds the global posix.system"),
+    "render to an unknown format": (
+        lambda saved, tmp: ["render", str(saved), "-o", str(tmp / "x.exe")],
+        "'.exe' is not a Graphviz output format"),
+    "eval on a Latin-1 dataset": (
+        lambda saved, tmp: eval_args(saved, data_file(tmp, '{"question": "Caf\u00e9?", "answer": "#### 4"}\n',
+                                                      encoding="latin-1"), tmp / "out"),
+        "is not UTF-8 text"),
+    "eval --output naming an existing file": (
+        lambda saved, tmp: eval_args(saved, data_file(tmp), data_file(tmp)),
+        "is a file; pass a directory"),
+    "eval into a folder whose settings.json is corrupt": (
+        lambda saved, tmp: eval_args(saved, data_file(tmp), eval_output(tmp, "{not json", [ROW])),
+        "settings.json is not valid JSON"),
+    "eval into a folder whose settings.json was deleted": (
+        lambda saved, tmp: eval_args(saved, data_file(tmp), eval_output(tmp, None, [ROW])),
+        "holds results but no settings.json"),
+    "eval --temperature while greedy": (
+        lambda saved, tmp: eval_args(saved, data_file(tmp), tmp / "out") + ["--temperature", "0.6"],
+        "add --sample"),
+    "train --config that is not UTF-8": (
+        lambda saved, tmp: train_args(saved, tmp, "--config", str(data_file(tmp, '{"lr": "\u00e9"}',
+                                                                           encoding="latin-1", name="c.json"))),
+        "is not UTF-8 text"),
+    "train --resume from a corrupt trainer_state.pt": (
+        lambda saved, tmp: train_args(saved, tmp, "--steps", "2", "--resume",
+                                      str(checkpoint(tmp, saved, state={"step": 1, "optimizer": {}, "schedule": {}},
+                                                     truncate=True))),
+        "trainer_state.pt: it is corrupt (PytorchStreamReader failed reading zip archive"),
+    "train --resume from a trainer state holding a refused pickle": (
+        lambda saved, tmp: train_args(saved, tmp, "--steps", "2", "--resume",
+                                      str(checkpoint(tmp, saved, state={"step": 1, "optimizer": Evil()}))),
+        "refused to unpickle it: it holds the global posix.system"),
+    "train --resume past --steps": (
+        lambda saved, tmp: train_args(saved, tmp, "--steps", "1", "--resume",
+                                      str(checkpoint(tmp, saved, state={"step": 1, "optimizer": {},
+                                                                        "schedule": {}}))),
+        "nothing left to train"),
+}
+
+
+def test_results_row_with_missing_keys_is_one_error_line(saved, tmp_path, monkeypatch, capsys):
+    from latentgraph.evaluation import SETTINGS, fingerprint  # noqa: F401  (settings must match to reach the rows)
+
+    data = data_file(tmp_path)
+    out = tmp_path / "out"
+    assert run_main(monkeypatch, eval_args(saved, data, out)) == 0  # a first, complete run
+    capsys.readouterr()
+    rows = (out / "results.jsonl").read_text().splitlines()
+    broken = json.loads(rows[0])
+    del broken["prediction"]
+    (out / "results.jsonl").write_text(json.dumps(broken) + "\n")
+    assert_one_error_line(run_main(monkeypatch, eval_args(saved, data, out)), capsys,
+                          "a result row lacks ['prediction']")
+
+
+def run_main(monkeypatch, args) -> int:
+    monkeypatch.setattr(sys, "argv", ["latentgraph", *args])
+    try:
+        cli.main()
+    except SystemExit as e:
+        return e.code or 0
+    return 0
+
+
+def assert_one_error_line(code, capsys, expected):
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert expected in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_user_mistake_is_one_error_line_and_a_nonzero_exit(case, saved, tmp_path, monkeypatch, capsys):
+    if "cuda" in case and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    make_args, expected = CASES[case]
+    args = make_args(saved, tmp_path)
+    capsys.readouterr()
+    assert_one_error_line(run_main(monkeypatch, args), capsys, expected)
