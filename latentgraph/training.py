@@ -13,10 +13,15 @@ loss, the learning rate, each link's gradient norm and, for unrolled stages, the
 reaching each link's message in each round (public reproductions found early rounds starving). Checkpoints
 are written in latentgraph's format plus the optimizer state; resuming one gives the same links as an
 uninterrupted run, because the data order is a function of the seed and the step.
+
+Every ``checkpoint-N/`` folder and the final output are written crash-safely (:mod:`latentgraph.atomic`):
+each is committed whole, so a kill or a full disk leaves a checkpoint complete or absent and the output
+folder complete in its old or its new version, with every ``checkpoint-N/`` already in it.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -27,6 +32,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from . import checkpoint
+from .atomic import recover, write_directory
 from .checkpoint import WEIGHTS_NAME, assign
 from .errors import CheckpointError
 from .init import initialize
@@ -99,9 +106,8 @@ def train(system: System, examples: list[TrainExample], config: TrainConfig | No
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         if config.save_every and (step + 1) % config.save_every == 0:
             _save_checkpoint(output / f"checkpoint-{step + 1}", system, optimizer, schedule, step + 1, log)
-    if output is not None:
-        system.save_pretrained(output)
-        (output / LOG_NAME).write_text("".join(json.dumps(r) + "\n" for r in log))
+    if output is not None:  # the system and the log in one commit, beside the checkpoint-N folders there
+        write_directory(output, {**checkpoint.files(system), LOG_NAME: _log_bytes(log)})
     for p in system.parameters():
         p.requires_grad_(True)
     return log
@@ -174,15 +180,20 @@ def _norm(parameters) -> float:
 
 
 def _save_checkpoint(directory: Path, system: System, optimizer, schedule, step: int, log: list[dict]) -> None:
-    system.save_pretrained(directory)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
-               directory / STATE_NAME)
-    (directory / LOG_NAME).write_text("".join(json.dumps(r) + "\n" for r in log))
+    """Write ``checkpoint-N/``: the system, the optimizer and schedule state, and the log, in one commit."""
+    state = io.BytesIO()
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, state)
+    write_directory(directory, {**checkpoint.files(system), STATE_NAME: state.getvalue(), LOG_NAME: _log_bytes(log)})
+
+
+def _log_bytes(log: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in log).encode()
 
 
 def _load_checkpoint(directory: Path, system: System, optimizer, schedule) -> tuple[int, list[dict]]:
     from safetensors.torch import load_file
 
+    directory = recover(directory)
     if not (directory / STATE_NAME).exists():
         raise CheckpointError(f"{directory} is not a training checkpoint: it has no {STATE_NAME}")
     assign(system, load_file(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
