@@ -4,10 +4,11 @@ complete new version, never a mix, and no temporaries once Python sees the failu
 import errno
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
-import latentgraph.atomic as atomic
+from latentgraph import atomic
 from latentgraph.atomic import atomic_directory, atomic_write_bytes, recover, write_directory
 from latentgraph.errors import CheckpointError
 
@@ -165,7 +166,7 @@ def test_a_save_killed_at_each_file_operation_leaves_old_or_new(tmp_path, commit
         target = tmp_path / f"k{k}"
         write_directory(target, OLD)
         old = with_extras(target)
-        assert killed_at(k, lambda: write_directory(target, NEW)) == KILLED
+        assert killed_at(k, lambda target=target: write_directory(target, NEW)) == KILLED
         outcome = snapshot(recover(target))
         assert outcome in (old, {**old, **NEW}), (k, names[k - 1])
         outcomes.append("old" if outcome == old else "new")
@@ -220,7 +221,7 @@ def test_a_save_into_the_working_directory_keeps_it_usable(tmp_path, monkeypatch
     write_directory(target, OLD)
     monkeypatch.chdir(target)
     write_directory(".", NEW)
-    assert os.getcwd() == str(target) and open("config.json", "rb").read() == NEW["config.json"]
+    assert os.getcwd() == str(target) and Path("config.json").read_bytes() == NEW["config.json"]
 
 
 def test_a_symlinked_folder_is_written_through_the_link(tmp_path):

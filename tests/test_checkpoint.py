@@ -233,7 +233,7 @@ def test_a_save_killed_at_any_file_operation_leaves_the_old_or_the_new_checkpoin
     seen = []
     for k in range(1, len(names) + 1):
         directory = old_checkpoint_with_a_readme(tmp_path, f"k{k}")
-        assert killed_at(k, lambda: system.save_pretrained(directory)) == KILLED
+        assert killed_at(k, lambda directory=directory: system.save_pretrained(directory)) == KILLED
         seen.append(loads_as(directory, backbones, versions))  # stale temporaries beside it do not matter
         assert (directory / "README.md").read_text() == "my notes"
         system.save_pretrained(directory)  # the next save deletes what the killed one left
