@@ -78,8 +78,8 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         _clean_stale(target)
         existed = os.path.lexists(target)
         if existed and not os.path.isdir(target):
-            raise CheckpointError(f"cannot write the folder {target}: a file of that name exists; remove it or "
-                                  "choose another folder")
+            raise CheckpointError(f"cannot write the folder {target}: a file of that name exists; remove it "
+                                  "or choose another folder")
         temporary = _temporary(target, "tmp")
         os.mkdir(temporary)
         yield temporary
@@ -225,8 +225,8 @@ def _carry(source: Path, destination: Path) -> None:
                 shutil.copy2(src, dst)
                 _sync_file(dst)
             else:
-                warnings.warn(f"{src} is neither a file nor a folder and could not be linked; the new version "
-                              f"of {source} goes without it", stacklevel=4)
+                warnings.warn(f"{src} is neither a file nor a folder and could not be linked; the new "
+                              f"version of {source} goes without it", stacklevel=4)
 
 
 def _create(path: Path | str, data: bytes, sync: bool = False) -> None:
@@ -360,6 +360,9 @@ def _cwd() -> str | None:
 
 def _remove(path: Path) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
+        mode = os.lstat(path).st_mode
+        if mode & 0o700 != 0o700:  # an old version's read-only folder: its entries can only go once it is not
+            os.chmod(path, stat.S_IMODE(mode) | 0o700)
         with os.scandir(path) as entries:
             children = [Path(entry.path) for entry in entries]
         for child in children:

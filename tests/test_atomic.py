@@ -70,11 +70,13 @@ def test_a_save_writes_new_files_and_keeps_every_other_entry(tmp_path):
     assert snapshot(target) == OLD
     os.chmod(target, 0o750)
     extras = with_extras(target)
+    os.chmod(target / "checkpoint-2" / "nested", 0o555)
     inode = os.stat(target / "checkpoint-2" / "trainer_state.pt").st_ino
     write_directory(target, NEW)
     assert snapshot(target) == {**extras, **NEW}
     assert os.stat(target / "checkpoint-2" / "trainer_state.pt").st_ino == inode  # linked, not copied
-    assert stat.S_IMODE(os.stat(target).st_mode) == 0o750  # the folder keeps its mode
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o750  # folders keep their modes
+    assert stat.S_IMODE(os.stat(target / "checkpoint-2" / "nested").st_mode) == 0o555
     assert hidden(tmp_path) == []
 
 
