@@ -9,6 +9,11 @@
 
 Backbones are referenced, never copied. Loading tolerates unknown config keys (with a warning) and fails
 clearly on missing files, missing keys, wrong shapes and corrupt files.
+
+Saving is crash-safe (:mod:`latentgraph.atomic`): both files are built in memory, written into a hidden
+sibling folder and committed with one atomic exchange, so a kill or a full disk at any moment leaves the
+complete old checkpoint or the complete new one, never the new config beside the old weights. Other files
+in the folder are kept. A failed save raises :class:`~latentgraph.errors.CheckpointError`.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from .atomic import recover, write_directory
 from .errors import CheckpointError, unpickling_problem
 from .links import Link, LinkConfig
 from .textfiles import read_json
@@ -97,11 +104,16 @@ def _link_config(module: nn.Module, where: str) -> dict[str, Any]:
 
 
 def save(system: System, directory: str | Path) -> Path:
-    """Write ``system`` in latentgraph's format; see the module docstring."""
+    """Write ``system`` in latentgraph's format, crash-safely; see the module docstring."""
+    write_directory(directory, files(system))
+    return Path(directory)
+
+
+def files(system: System) -> dict[str, bytes]:
+    """The checkpoint of ``system`` as ``{file name: content}``, built (and the system validated) in memory."""
     from . import __version__
 
     system.validate()
-    directory = Path(directory)
     spec = SystemSpec(
         format_version=FORMAT_VERSION, latentgraph_version=__version__, rounds=system.rounds, answer=system.answer,
         agents=[AgentSpec(name=name, backbone=BackboneSpec(name_or_path=agent.backbone.name_or_path,
@@ -114,12 +126,10 @@ def save(system: System, directory: str | Path) -> Path:
                         link=_link_config(system.links[e.name], f"edge '{e.name}' link") if e.mode == "latent" else None)
                for e in system.edges.values()],
     )
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_NAME).write_text(json.dumps(spec.model_dump(), indent=2) + "\n")
     # clone: safetensors refuses tensors that share memory; contiguous: it stores dense buffers
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in link_state_dict(system).items()}
-    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    return directory
+    return {CONFIG_NAME: (json.dumps(spec.model_dump(), indent=2) + "\n").encode(),
+            WEIGHTS_NAME: safetensors_bytes(tensors, metadata={"format": "pt"})}
 
 
 def load(directory: str | Path, *, backbones: dict[str, Any] | None = None, device: Any = None,
@@ -130,7 +140,7 @@ def load(directory: str | Path, *, backbones: dict[str, Any] | None = None, devi
     from .backbone import get_backbone
     from .system import System
 
-    directory = Path(directory)
+    directory = recover(Path(directory))
     spec = read_spec(directory / CONFIG_NAME)
     names = [a.name for a in spec.agents]
     for name in backbones or {}:

@@ -17,7 +17,8 @@ class InputError(LatentGraphError, ValueError):
 
 
 class CheckpointError(LatentGraphError):
-    """A checkpoint is missing, corrupt, or does not match the system it is loaded into."""
+    """A checkpoint is missing, corrupt, or does not match the system it is loaded into; or a checkpoint,
+    training output or result file cannot be written (a full disk, a read-only folder), its old version kept."""
 
 
 def unpickling_problem(error: Exception) -> str:

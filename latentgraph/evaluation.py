@@ -7,8 +7,10 @@ strictly (:mod:`latentgraph.scoring`; code runs in a :class:`~latentgraph.tools.
 (:mod:`latentgraph.report`).
 
 With ``output=DIR`` every finished batch is appended to ``DIR/results.jsonl`` at once, so a killed run loses
-at most the batch in flight; run the same call again and it skips the rows already there. At the end it
-writes ``DIR/summary.json`` and, when matplotlib is installed, ``DIR/plot.png``.
+at most the batch in flight; run the same call again and it skips the rows already there (a line a kill cut
+short is dropped). At the end it writes ``DIR/summary.json`` and, when matplotlib is installed,
+``DIR/plot.png``. ``settings.json``, ``summary.json`` and ``plot.png`` are each replaced in one atomic step
+(:mod:`latentgraph.atomic`): a kill or a full disk leaves the old or the new file, never a torn one.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import scoring, scoring_upstream
+from .atomic import atomic_write_text
 from .datasets import Example, load_dataset
 from .errors import InputError
 from .decode import Sampling
@@ -83,6 +86,8 @@ def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods
     Raises:
         InputError: an unknown method, bad rounds or sizes, duplicate example ids, or an ``output`` directory
             whose results were made by another system, other settings or other questions.
+        CheckpointError: ``settings.json``, ``summary.json`` or ``plot.png`` cannot be written (a full disk,
+            a read-only folder); the file keeps its old version.
     """
     examples = load_dataset(dataset) if isinstance(dataset, (str, Path)) else list(dataset)
     configs = _configs(system, methods, rounds)
@@ -128,7 +133,7 @@ def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods
                         upstream)
     if directory:
         summary = {"settings": settings, **report.to_dict()}
-        (directory / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(directory / SUMMARY, json.dumps(summary, indent=2) + "\n")
         plot(report.scores, directory / PLOT)
     return report
 
@@ -194,7 +199,7 @@ def _resume(directory: Path, settings: dict, examples: list[Example]) -> dict[tu
             raise InputError(f"{directory} holds results made with other settings: {', '.join(changed)}; "
                              "rerun with the same system and settings to resume, or pass another output "
                              "directory")
-    settings_path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
     if not path.exists():
         return {}
     data = path.read_bytes()

@@ -3,6 +3,7 @@ pass@k; as a rich table, a JSON summary and a plot."""
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -11,6 +12,7 @@ from typing import Any
 
 from rich.table import Table
 
+from .atomic import atomic_write_bytes
 from .scoring import pass_at_k
 
 Z95 = 1.959964  # two-sided 95% normal quantile
@@ -115,8 +117,9 @@ def _percent(value: float | None) -> str:
 def plot(scores: list[MethodScore], path: str | Path) -> Path | None:
     """Draw accuracy (with its interval), tokens per answer and wall time against rounds, one line per method.
 
-    ``"single"`` is a dashed horizontal line. Returns the path, or None (with a warning) when matplotlib is
-    missing: ``pip install "latentgraph[eval]"``.
+    ``"single"`` is a dashed horizontal line. The image format follows the file's extension (png when
+    matplotlib does not know it); the file is replaced in one atomic step. Returns the path, or None (with
+    a warning) when matplotlib is missing: ``pip install "latentgraph[eval]"``.
     """
     try:
         from matplotlib.figure import Figure
@@ -152,5 +155,9 @@ def plot(scores: list[MethodScore], path: str | Path) -> Path | None:
         axes.set_xticks(ticks)
     panels[0].set_ylim(-0.02, 1.02)
     panels[0].legend(fontsize=9)
-    figure.savefig(path, dpi=120)
+    image = io.BytesIO()
+    extension = Path(path).suffix.lstrip(".").lower()
+    figure.savefig(image, dpi=120, format=extension if extension in figure.canvas.get_supported_filetypes()
+                   else "png")
+    atomic_write_bytes(path, image.getvalue())
     return Path(path)

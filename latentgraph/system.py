@@ -234,7 +234,10 @@ class System(nn.Module):
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the graph (``latentgraph_config.json``) and the link weights (``links.safetensors``).
 
-        Backbones are referenced by ``name_or_path`` and revision, never copied. See :mod:`latentgraph.checkpoint`.
+        Backbones are referenced by ``name_or_path`` and revision, never copied. The save is crash-safe: a
+        kill or a full disk leaves the complete old checkpoint or the complete new one, other files in the
+        folder are kept, and a failed save raises :class:`~latentgraph.errors.CheckpointError` with the old
+        one intact. See :mod:`latentgraph.checkpoint`.
         """
         return checkpoint.save(self, directory)
 

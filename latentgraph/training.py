@@ -13,10 +13,15 @@ loss, the learning rate, each link's gradient norm and, for unrolled stages, the
 reaching each link's message in each round (public reproductions found early rounds starving). Checkpoints
 are written in latentgraph's format plus the optimizer state; resuming one gives the same links as an
 uninterrupted run, because the data order is a function of the seed and the step.
+
+Every ``checkpoint-N/`` folder and the final output are written crash-safely (:mod:`latentgraph.atomic`):
+each is committed whole, so a kill or a full disk leaves a checkpoint complete or absent and the output
+folder complete in its old or its new version, with every ``checkpoint-N/`` already in it.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import pickle
@@ -28,6 +33,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from . import checkpoint
+from .atomic import recover, write_directory
 from .checkpoint import WEIGHTS_NAME, assign, read_weights
 from .errors import CheckpointError, InputError, unpickling_problem
 from .init import initialize
@@ -91,12 +98,13 @@ def train(system: System, examples: list[TrainExample], config: TrainConfig | No
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
     start, log = 0, []
     if resume is not None:
-        state = _trainer_state(Path(resume))
+        resume = recover(Path(resume))  # a save killed midway may have left it aside
+        state = _trainer_state(resume)
         start = state["step"]
-        if start >= config.steps:
-            raise InputError(f"{resume} is at step {start}, and this training stops at step {config.steps}: "
-                             "nothing left to train; raise steps (--steps) to train further")
-        log = _load_checkpoint(Path(resume), state, system, optimizer, schedule)
+        if start > config.steps:
+            raise InputError(f"{resume} is at step {start}, past the {config.steps} steps this training runs: "
+                             "nothing to train; raise steps (--steps) to train further")
+        log = _load_checkpoint(resume, state, system, optimizer, schedule)
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress,
                desc=f"training {config.stage} links")
     for step in bar:
@@ -106,9 +114,8 @@ def train(system: System, examples: list[TrainExample], config: TrainConfig | No
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         if config.save_every and (step + 1) % config.save_every == 0:
             _save_checkpoint(output / f"checkpoint-{step + 1}", system, optimizer, schedule, step + 1, log)
-    if output is not None:
-        system.save_pretrained(output)
-        (output / LOG_NAME).write_text("".join(json.dumps(r) + "\n" for r in log))
+    if output is not None:  # the system and the log in one commit, beside the checkpoint-N folders there
+        write_directory(output, {**checkpoint.files(system), LOG_NAME: _log_bytes(log)})
     for p in system.parameters():
         p.requires_grad_(True)
     return log
@@ -181,10 +188,14 @@ def _norm(parameters) -> float:
 
 
 def _save_checkpoint(directory: Path, system: System, optimizer, schedule, step: int, log: list[dict]) -> None:
-    system.save_pretrained(directory)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
-               directory / STATE_NAME)
-    (directory / LOG_NAME).write_text("".join(json.dumps(r) + "\n" for r in log))
+    """Write ``checkpoint-N/``: the system, the optimizer and schedule state, and the log, in one commit."""
+    state = io.BytesIO()
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, state)
+    write_directory(directory, {**checkpoint.files(system), STATE_NAME: state.getvalue(), LOG_NAME: _log_bytes(log)})
+
+
+def _log_bytes(log: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in log).encode()
 
 
 RESUME_FIX = "resume from another checkpoint-N folder, or start again without --resume"

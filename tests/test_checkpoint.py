@@ -1,6 +1,10 @@
 """latentgraph's own format: what is written, round trips, and clear failures on bad files."""
 
+import errno
 import json
+import os
+import shutil
+import stat
 
 import pytest
 import torch
@@ -156,3 +160,114 @@ def test_push_to_hub_uploads_the_saved_folder(system, monkeypatch):
     monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
     assert system.push_to_hub("me/sys", private=True, token="t") == "commit:me/sys"
     assert calls == {"token": "t", "create": ("me/sys", True, True), "files": [CONFIG_NAME, WEIGHTS_NAME]}
+
+
+
+# Crash safety: a save failed or killed at any of its file operations leaves the complete old or the complete
+# new checkpoint, never the new config beside the old weights.
+
+NEW_PROMPT = "{a} then {question}"
+
+
+@pytest.fixture
+def versions(system, tmp_path, monkeypatch):
+    """``system`` saved to ``tmp_path/"old"``, then changed in place into a new version (another prompt and
+    other link weights); returns ``(old links, new links)``. fsync is made free: a kill loses no written
+    data, and real fsyncs would make these tests slow."""
+    from faults import no_fsync
+
+    no_fsync(monkeypatch)
+    system.save_pretrained(tmp_path / "old")
+    old = {k: v.clone() for k, v in system.state_dict().items()}
+    system.agents["b"].prompt = NEW_PROMPT
+    with torch.no_grad():
+        for p in system.parameters():
+            p.add_(1.0)
+    return old, {k: v.clone() for k, v in system.state_dict().items()}
+
+
+def old_checkpoint_with_a_readme(tmp_path, name):
+    directory = tmp_path / name
+    shutil.copytree(tmp_path / "old", directory)
+    (directory / "README.md").write_text("my notes")
+    return directory
+
+
+def loads_as(directory, backbones, versions):
+    """Which version ``directory`` loads as, after checking its prompt and every link tensor, bit for bit,
+    are that version's: never the new config beside the old weights."""
+    loaded = lg.System.from_pretrained(directory, backbones=backbones)
+    name = "new" if loaded.agents["b"].prompt == NEW_PROMPT else "old"
+    assert name == "new" or loaded.agents["b"].prompt == "{a} and {{braces}} {question}"
+    expected = versions[name == "new"]
+    assert all(torch.equal(tensor, expected[key]) for key, tensor in loaded.state_dict().items()), name
+    return name
+
+
+def test_a_save_failing_at_any_file_operation_leaves_the_old_checkpoint(system, backbones, versions, tmp_path):
+    from faults import count, fail, hidden, injected
+
+    names = count(lambda: system.save_pretrained(old_checkpoint_with_a_readme(tmp_path, "clean")))
+    committed = names.index("exchange") + 1 if "exchange" in names else names.index("rename") + 2
+    for k in range(1, len(names) + 1):
+        directory = old_checkpoint_with_a_readme(tmp_path, f"k{k}")
+        try:
+            with injected(k, fail()):
+                system.save_pretrained(directory)
+        except lg.CheckpointError as e:
+            assert k <= committed and "disk is full" in str(e), (k, names[k - 1])
+            assert loads_as(directory, backbones, versions) == "old", (k, names[k - 1])
+        else:  # past the commit; or a hard link of the README failed, and it was copied instead
+            assert k > committed or names[k - 1] == "link", (k, names[k - 1])
+            assert loads_as(directory, backbones, versions) == "new", (k, names[k - 1])
+        assert (directory / "README.md").read_text() == "my notes", (k, names[k - 1])
+        assert hidden(tmp_path) == [], (k, names[k - 1])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="kills are simulated in forked children")
+def test_a_save_killed_at_any_file_operation_leaves_the_old_or_the_new_checkpoint(system, backbones, versions,
+                                                                                    tmp_path):
+    from faults import KILLED, count, hidden, killed_at
+
+    names = count(lambda: system.save_pretrained(old_checkpoint_with_a_readme(tmp_path, "clean")))
+    seen = []
+    for k in range(1, len(names) + 1):
+        directory = old_checkpoint_with_a_readme(tmp_path, f"k{k}")
+        assert killed_at(k, lambda directory=directory: system.save_pretrained(directory)) == KILLED
+        seen.append(loads_as(directory, backbones, versions))  # stale temporaries beside it do not matter
+        assert (directory / "README.md").read_text() == "my notes"
+        system.save_pretrained(directory)  # the next save deletes what the killed one left
+        assert hidden(tmp_path) == [], (k, names[k - 1])
+    assert seen[0] == "old" and seen[-1] == "new", list(zip(names, seen))
+
+
+def test_a_read_only_or_full_target_raises_and_keeps_the_old_checkpoint(system, backbones, versions, tmp_path):
+    from faults import fail, hidden, injected
+
+    directory = old_checkpoint_with_a_readme(tmp_path, "ckpt")
+    for number, words in [(errno.EROFS, "read-only"), (errno.EACCES, "permission denied"),
+                          (errno.ENOSPC, "disk is full")]:
+        with injected(1, fail(number)), pytest.raises(lg.CheckpointError, match=f"cannot write .*ckpt.*{words}"):
+            system.save_pretrained(directory)
+        assert loads_as(directory, backbones, versions) == "old" and hidden(tmp_path) == []
+
+
+def test_other_files_in_the_folder_survive_a_save(system, backbones, versions, tmp_path):
+    directory = old_checkpoint_with_a_readme(tmp_path, "ckpt")
+    (directory / "checkpoint-2").mkdir()
+    (directory / "checkpoint-2" / "trainer_state.pt").write_bytes(b"state")
+    system.save_pretrained(directory)
+    assert loads_as(directory, backbones, versions) == "new"
+    assert sorted(p.name for p in directory.iterdir()) == ["README.md", "checkpoint-2", CONFIG_NAME, WEIGHTS_NAME]
+    assert (directory / "README.md").read_text() == "my notes"
+    assert (directory / "checkpoint-2" / "trainer_state.pt").read_bytes() == b"state"
+
+
+def test_the_weights_get_the_mode_of_the_config(system, tmp_path):
+    previous = os.umask(0o002)
+    try:
+        system.save_pretrained(tmp_path)
+    finally:
+        os.umask(previous)
+    modes = {name: stat.S_IMODE(os.stat(tmp_path / name).st_mode) for name in (CONFIG_NAME, WEIGHTS_NAME)}
+    assert modes == {CONFIG_NAME: 0o664, WEIGHTS_NAME: 0o664}

@@ -135,9 +135,9 @@ CASES = {
         "refused to unpickle it: it holds the global posix.system"),
     "train --resume past --steps": (
         lambda saved, tmp: train_args(saved, tmp, "--steps", "1", "--resume",
-                                      str(checkpoint(tmp, saved, state={"step": 1, "optimizer": {},
-                                                                        "schedule": {}}))),
-        "nothing left to train"),
+                                      str(checkpoint(tmp, saved, state={"step": 2, "optimizer": {},
+                                                                        "schedule": {}}, step=2))),
+        "is at step 2, past the 1 steps this training runs: nothing to train"),
 }
 
 

@@ -1,6 +1,8 @@
 """Training links on tiny frozen backbones: losses fall, only links change, resume is exact, logs are complete."""
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -161,3 +163,166 @@ def test_train_cli_writes_a_system_that_runs(tiny, tmp_path):
                                    "--max-new-tokens", "3", "--json"])
     assert run.exit_code == 0, run.output
     assert json.loads(run.stdout)["style"] == str(tmp_path / "trained")
+
+
+# Crash safety: a checkpoint killed or failed midway is complete or absent, the output folder never loses its
+# checkpoints, and resuming from the last complete checkpoint gives the uninterrupted run's links.
+
+CRASH = TrainConfig(stage="joint", steps=4, save_every=2, lr=1e-2, warmup=1)
+
+
+@pytest.fixture
+def cheap(tiny, monkeypatch):
+    """Training whose steps are cheap (a deterministic loss on the links, no forwards: these tests need
+    optimizer and schedule state, not a real loss) and whose fsyncs are free (a kill loses no written data).
+    Returns ``run(output, resume=None) -> links after the run``, each run from the same starting links."""
+    from faults import no_fsync
+
+    no_fsync(monkeypatch)
+
+    def cheap_step(system, examples, config, step, optimizer, params):
+        optimizer.zero_grad(set_to_none=True)
+        weight = 1 + sum(batches_for(step, config, len(examples))[0])
+        loss = weight * sum(((p - 0.01 * (i + 1)) ** 2).mean() for i, p in enumerate(params))
+        loss.backward()
+        optimizer.step()
+        return {"step": step + 1, "loss": loss.item()}
+
+    monkeypatch.setattr(latentgraph.training, "_step", cheap_step)
+    system = sequential(tiny, steps=(1, 1, 1))
+    initial = {k: v.clone() for k, v in system.state_dict().items()}
+
+    def run(output, resume=None):
+        system.load_state_dict(initial)
+        train(system, EXAMPLES, CRASH, output=output, resume=resume, progress=False)
+        return {k: v.clone() for k, v in system.state_dict().items()}
+
+    run.system = system
+    return run
+
+
+def read(folder):
+    """``{path: bytes}`` of the files in ``folder`` and below, hidden temporaries aside."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+
+
+def assert_complete_checkpoint(directory, step, system):
+    assert sorted(p.name for p in directory.iterdir()) == ["latentgraph_config.json", "links.safetensors",
+                                                           "train_log.jsonl", "trainer_state.pt"]
+    assert torch.load(directory / "trainer_state.pt", weights_only=True)["step"] == step
+    log = [json.loads(line) for line in (directory / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, step + 1))
+    lg.System.from_pretrained(directory, backbones={name: (a.model, a.tokenizer)
+                                                    for name, a in system.agents.items()})
+
+
+def forget_the_dead(folder):
+    """Delete the temporaries a killed save left in ``folder``, so that the next save performs the same
+    operations as the counted one (it would delete them itself first; test_atomic checks that it does)."""
+    for path in folder.glob(".*"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def intercept(monkeypatch, name, body):
+    """Call ``body(target, files)`` instead of the write of the folder called ``name``."""
+    real = latentgraph.training.write_directory
+    monkeypatch.setattr(latentgraph.training, "write_directory",
+                        lambda target, files: body(target, files) if target.name == name else real(target, files))
+    return real
+
+
+def test_a_checkpoint_failing_at_any_file_operation_is_absent_and_resume_works(cheap, tmp_path, monkeypatch):
+    from faults import count, fail, hidden, injected
+
+    whole = cheap(tmp_path / "whole")
+    output, outcomes = tmp_path / "out", []
+
+    def checkpoint_4(target, files):  # fail checkpoint-4's write at each operation; the last failure stops the run
+        names = count(lambda: write(tmp_path / "probe" / "checkpoint-4", files))
+        for k in range(1, len(names) + 1):
+            try:
+                with injected(k, fail()):
+                    write(target, files)
+            except lg.CheckpointError:
+                assert not target.exists(), (k, names[k - 1])
+                outcomes.append("absent")
+            else:
+                assert_complete_checkpoint(target, 4, cheap.system)
+                shutil.rmtree(target)
+                outcomes.append("complete")
+            assert hidden(output) == [], (k, names[k - 1])
+        with injected(names.index("rename") + 1, fail()):
+            write(target, files)
+
+    write = intercept(monkeypatch, "checkpoint-4", checkpoint_4)
+    with pytest.raises(lg.CheckpointError, match="disk is full"):
+        cheap(output)
+    assert "absent" in outcomes and outcomes[-1] == "complete", outcomes
+    assert sorted(p.name for p in output.iterdir()) == ["checkpoint-2"]
+    assert_complete_checkpoint(output / "checkpoint-2", 2, cheap.system)
+    monkeypatch.setattr(latentgraph.training, "write_directory", write)
+    resumed = cheap(tmp_path / "resumed", resume=output / "checkpoint-2")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="kills are simulated in forked children")
+def test_a_checkpoint_killed_at_any_file_operation_is_complete_or_absent_and_resume_works(cheap, tmp_path,
+                                                                                          monkeypatch):
+    from faults import KILLED, count, hidden, killed_at
+
+    whole = cheap(tmp_path / "whole")
+    output, outcomes = tmp_path / "out", []
+
+    def checkpoint_4(target, files):  # kill checkpoint-4's write at each operation, then the trainer itself
+        names = count(lambda: write(tmp_path / "probe" / "checkpoint-4", files))
+        for k in range(1, len(names) + 1):
+            if target.exists():
+                shutil.rmtree(target)
+            forget_the_dead(output)
+            assert killed_at(k, lambda: write(target, files)) == KILLED
+            if target.exists():
+                assert read(target) == files, (k, names[k - 1])
+            outcomes.append("complete" if target.exists() else "absent")
+        raise KeyboardInterrupt
+
+    write = intercept(monkeypatch, "checkpoint-4", checkpoint_4)
+    with pytest.raises(KeyboardInterrupt):
+        cheap(output)
+    assert outcomes[0] == "absent" and outcomes[-1] == "complete", outcomes
+    assert_complete_checkpoint(output / "checkpoint-2", 2, cheap.system)
+    assert_complete_checkpoint(output / "checkpoint-4", 4, cheap.system)
+    monkeypatch.setattr(latentgraph.training, "write_directory", write)
+    resumed = cheap(output, resume=output / "checkpoint-4")  # the last complete one
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert hidden(output) == []  # the resumed run's saves deleted what the killed ones left
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="kills are simulated in forked children")
+def test_the_final_save_killed_at_any_file_operation_keeps_every_checkpoint(cheap, tmp_path, monkeypatch):
+    from faults import KILLED, count, hidden, killed_at
+
+    output, outcomes = tmp_path / "out", []
+
+    def final(target, files):  # kill the final save into the output at each operation
+        probe = tmp_path / "probe"
+        shutil.copytree(target, probe)
+        names = count(lambda: write(probe, files))
+        old = read(target)  # the two checkpoints, complete
+        for k in range(1, len(names) + 1):
+            forget_the_dead(tmp_path)
+            assert killed_at(k, lambda: write(target, files)) == KILLED
+            seen = read(target)  # the checkpoints, and the final files all or none:
+            assert seen in (old, {**old, **files}), (k, names[k - 1])
+            outcomes.append("old" if seen == old else "new")
+        return write(target, files)
+
+    write = intercept(monkeypatch, "out", final)
+    cheap(output)
+    assert outcomes[0] == "old" and outcomes[-1] == "new", outcomes
+    assert sorted(p.name for p in output.iterdir()) == ["checkpoint-2", "checkpoint-4", "latentgraph_config.json",
+                                                        "links.safetensors", "train_log.jsonl"]
+    assert hidden(output) == [] and hidden(tmp_path) == []
+    loaded = lg.System.from_pretrained(output, backbones={name: (a.model, a.tokenizer)
+                                                          for name, a in cheap.system.agents.items()})
+    assert all(torch.equal(v, cheap.system.state_dict()[k]) for k, v in loaded.state_dict().items())
