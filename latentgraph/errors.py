@@ -16,3 +16,8 @@ class InputError(LatentGraphError, ValueError):
 
 class CheckpointError(LatentGraphError):
     """A checkpoint is missing, corrupt, or does not match the system it is loaded into."""
+
+
+class SandboxUnavailable(LatentGraphError, RuntimeError):
+    """A sandbox lacks protections it requires, so it runs no code (fail closed). The message names what is
+    missing, the fix, and the explicit opt-in to run with what is available (``require=()``)."""
