@@ -192,7 +192,7 @@ def test_bad_arguments_fail_before_running(system, script, examples, kwargs, mes
 def test_sandbox_runner_runs_tests_and_stops_runaway_code():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        run = SandboxRunner()
+        run = SandboxRunner(require=())  # runs the code with whatever protections this machine has
         assert run("assert sum(range(4)) == 6\nprint('ok')", 5.0) == (True, "ok\n")
         passed, output = run("assert 1 == 2", 5.0)
         assert not passed and "AssertionError" in output
