@@ -371,7 +371,7 @@ def _fresh_uid() -> int:
     while True:
         uid = _RUN_UIDS[0] + secrets.randbelow(_RUN_UIDS[1] - _RUN_UIDS[0])
         try:
-            if not any(entry.stat().st_uid == uid for entry in Path("/proc").iterdir() if entry.name.isdigit()):
+            if all(entry.stat().st_uid != uid for entry in Path("/proc").iterdir() if entry.name.isdigit()):
                 return uid
         except OSError:  # a process ended while we looked
             continue
@@ -392,7 +392,8 @@ def _reach(readable: Sequence[str]) -> list[str]:
     return sorted({os.path.realpath(path) for path in [*_python_dirs(), *readable]})
 
 
-_PROBE = "import os, sys\nfor p in sys.argv[1:]:\n    os.listdir(p) if os.path.isdir(p) else open(p, 'rb').close()"
+_PROBE = ("import os, sys\n"  # reads every path it is given
+          "for p in sys.argv[1:]:\n    os.listdir(p) if os.path.isdir(p) else open(p, 'rb').close()")
 
 
 @functools.cache
@@ -428,7 +429,9 @@ def _probe_user(readable: tuple[str, ...], tmp_bytes: int) -> tuple[dict | None,
     return None, f"with private mounts: {problems[0]}; without: {problems[-1]}"
 
 
-def _user_config(uid: int, mounts: bool, readable: Sequence[str], tmp_bytes: int, workdir: str | None) -> dict:
+def _user_config(uid: int, mounts: bool, readable: Sequence[str], tmp_bytes: int,
+                 workdir: str | None) -> dict:
+    """The launcher's settings for a run with its own uid; ``workdir`` is used without mounts only."""
     return {"uid": uid, "mounts": mounts, "reach": _reach(readable) if mounts else [], "tmp_bytes": tmp_bytes,
             "workdir": "/tmp" if mounts else workdir}
 
@@ -481,27 +484,28 @@ class Sandbox:
             self._user, user_problem = _probe_user(tuple(self.readable), self.limits.memory_mb * 2**20)
         self.protections = self._assess(bwrap_problem, user_problem)
         required = set(self.require) | ({"unprivileged"} if self._root else set())
-        self.missing = [name for name in PROTECTIONS if name in required and not self.protections[name].active]
+        self.missing = [n for n in PROTECTIONS if n in required and not self.protections[n].active]
         self._announce()
 
     @property
     def unavailable(self) -> str | None:
-        """Why this sandbox runs no code (one line naming the fix and the opt-in), or None when it runs code."""
+        """Why this sandbox runs no code (one line with the fix and the opt-in), or None when it runs code."""
         if not self.missing:
             return None
         fixes = []
         if self._bwrap_args is None:
-            fixes.append("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap)" if "not installed" in
-                         self._bwrap_problem else f"make bubblewrap work: {self._bwrap_problem}")
+            fixes.append("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap)"
+                         if "not installed" in self._bwrap_problem
+                         else f"make bubblewrap work: {self._bwrap_problem}")
         if "process_limit" in self.missing:
             fixes.append("run as root on a cgroup v1 machine (a pids cgroup caps the processes)")
         if self._root and "unprivileged" in self.missing:
             opt_in = (f"running as root, code never runs outside bubblewrap without a uid of its own, so "
                       f"require=() does not help: {self.protections['unprivileged'].detail}")
         else:
-            opt_in = ("or opt in to run code with only the protections available here: PythonTool(require=()), "
-                      "SandboxRunner(require=()), Sandbox(require=()), or --allow-unsandboxed-tools on the "
-                      "command line")
+            opt_in = ("or opt in to run code with only the protections available here: "
+                      "PythonTool(require=()), SandboxRunner(require=()), Sandbox(require=()), or "
+                      "--allow-unsandboxed-tools on the command line")
         return (f"the sandbox lacks {', '.join(self.missing)}, so it runs no model-written code. "
                 f"Fix: {'; '.join(fixes)}; {opt_in}")
 
@@ -521,7 +525,8 @@ class Sandbox:
                 "filesystem": (True, ("mount namespace: system dirs, Python and readable paths read-only; "
                                      "/tmp (working dir) and /dev/shm private tmpfs")),
                 "network": (True, "network namespace with loopback only"),
-                "process_isolation": (True, f"PID, IPC, UTS and user namespaces; capabilities dropped; {nested}"),
+                "process_isolation": (True, (f"PID, IPC, UTS and user namespaces; capabilities dropped; "
+                                            f"{nested}")),
                 "unprivileged": (True, "user namespace with every capability dropped; " + (
                     "its uid is root's outside the namespace, where it sees only read-only system files and "
                     "its own processes" if self._root else f"runs as uid {uid}")),
@@ -533,14 +538,15 @@ class Sandbox:
             tmp = ("/tmp, /var/tmp and /dev/shm are its own tmpfs" if mounts else
                    "files it writes outside its working directory (in the host's /tmp, say) stay")
             found = {
-                "filesystem": (False, (f"{bwrap_problem}: the program runs as a uid of its own, reads what any "
-                                      f"user may read and writes where any user may; {tmp}")),
+                "filesystem": (False, (f"{bwrap_problem}: the program runs as a uid of its own, reads what "
+                                       f"any user may read and writes where any user may; {tmp}")),
                 "process_isolation": (False, (f"{bwrap_problem}: the program sees other processes and their "
                                              "command lines (not their environments or memory)")),
-                "unprivileged": (True, (f"a uid of its own ({_RUN_UIDS[0]} + n, fresh each run), no groups, no "
-                                       "capabilities, no_new_privs: it cannot read root's files, signal or "
-                                       "inspect other processes, or raise its limits")),
-                "environment": (True, f"{environment}; its uid cannot read other processes' /proc/<pid>/environ"),
+                "unprivileged": (True, (f"a uid of its own ({_RUN_UIDS[0]} + n, fresh each run), no groups, "
+                                        "no capabilities, no_new_privs: it cannot read root's files, signal "
+                                        "or inspect other processes, or raise its limits")),
+                "environment": (True, (f"{environment}; its uid cannot read other processes' "
+                                      "/proc/<pid>/environ")),
                 "cleanup": (True, "every process of the run's own uid is killed, daemons included"
                                   + (", and its cgroup is emptied" if pids else "")),
             }
@@ -548,17 +554,16 @@ class Sandbox:
             user = "root" if self._root else f"this user (uid {uid})"
             found = {
                 "filesystem": (False, f"{bwrap_problem}: the program reads and writes whatever {user} can"),
-                "process_isolation": (False, (f"{bwrap_problem}: the program sees other processes and can signal "
-                                             f"and inspect those of {user}, the host included")),
-                "unprivileged": (False, f"no uid of its own for the program ({user_problem})" if self._root else
-                                 f"runs as {user}, who can signal and inspect the host; run as root for a uid "
-                                 "per run, or install bubblewrap"),
+                "process_isolation": (False, (f"{bwrap_problem}: the program sees other processes and can "
+                                              f"signal and inspect those of {user}, the host included")),
+                "unprivileged": (False, f"no uid of its own for the program ({user_problem})" if self._root
+                                 else f"runs as {user}, who can signal and inspect the host; run as root "
+                                      "for a uid per run, or install bubblewrap"),
                 "environment": (False, (f"{environment}, but the program can read the environments of the "
                                        f"processes of {user} in /proc/<pid>/environ, the host's included")),
                 "cleanup": (pids, "every process in the run's cgroup is killed" if pids else
                             "process group only: a process that starts its own session outlives the run"),
             }
-            found["unprivileged"] = (False, found["unprivileged"][1])
         found.setdefault("network", (False, f"{bwrap_problem}: the program has this machine's network"))
         if pids:
             process_limit = f"cgroup pids.max: {limits.max_processes} processes and threads"
@@ -583,8 +588,8 @@ class Sandbox:
             message = self.unavailable + "\n" + "\n".join(f"{p.name}: {p.detail}" for p in off
                                                           if p.name in self.missing)
         elif off:
-            message = (f"sandbox runs model-written code without {', '.join(p.name for p in off)} (opted in with "
-                       f"require={self.require!r}):\n" + "\n".join(f"{p.name}: {p.detail}" for p in off))
+            message = (f"sandbox runs model-written code without {', '.join(p.name for p in off)} (opted in "
+                       f"with require={self.require!r}):\n" + "\n".join(f"{p.name}: {p.detail}" for p in off))
         else:
             return
         if message not in _WARNED:
@@ -608,7 +613,7 @@ class Sandbox:
             where ``cleanup`` is on.
 
         Raises:
-            SandboxUnavailable: the sandbox lacks a required protection (see :attr:`unavailable`); nothing ran.
+            SandboxUnavailable: the sandbox lacks a required protection (:attr:`unavailable`); nothing ran.
             OSError: the run's cgroups or files could not be created.
         """
         if self.unavailable:
@@ -621,7 +626,8 @@ class Sandbox:
         if uid is not None:
             if not private:
                 os.chown(workdir, uid, uid)
-            user = _user_config(uid, self._user["mounts"], self.readable, self.limits.memory_mb * 2**20, workdir)
+            user = _user_config(uid, self._user["mounts"], self.readable, self.limits.memory_mb * 2**20,
+                                workdir)
         cgroups = {c: _make_cgroup(parent, c, self.limits, 2 if bwrap else 0)  # + bwrap's monitor and init
                    for c, parent in self._cgroups.items()}
         status_r, status_w = os.pipe() if bwrap else (-1, -1)  # bwrap writes the pid of its init here
