@@ -6,7 +6,7 @@ edges close loops; one executor unrolls any topology for R rounds.
 
 from .agent import DEFAULT_SYSTEM_PROMPT, Agent
 from .decode import ToolCall
-from .errors import CheckpointError, GraphError, InputError, LatentGraphError
+from .errors import CheckpointError, GraphError, InputError, LatentGraphError, SandboxUnavailable
 from .evaluation import evaluate
 from .executor import AgentStep, RunOutput
 from .links import Link, LinkConfig, link_types, register_link
@@ -31,6 +31,7 @@ __all__ = [
     "Link",
     "LinkConfig",
     "RunOutput",
+    "SandboxUnavailable",
     "System",
     "Tool",
     "ToolCall",

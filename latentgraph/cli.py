@@ -18,6 +18,8 @@ app = typer.Typer(help="Multi-agent LLM systems that talk in latent space.", no_
                   add_completion=False, pretty_exceptions_enable=False)
 console = Console(stderr=True)  # progress and errors; results go to stdout
 DEFAULT = "default"
+UNSANDBOXED_HELP = ("Run model-written code (the Python tool, code scoring) even where the sandbox lacks protections "
+                    "(no bubblewrap, say), with whatever this machine has. Off: such code does not run.")
 
 
 @app.callback()
@@ -25,20 +27,27 @@ def _commands() -> None:
     """Multi-agent LLM systems that talk in latent space."""
 
 
-def load(style: str, *, task: str = "math", weights: bool = True, device: str | None = None):
-    """A system by name: ``default`` (the embedded default), a published style, or a saved directory."""
+def load(style: str, *, task: str = "math", weights: bool = True, device: str | None = None,
+         allow_unsandboxed_tools: bool = False):
+    """A system by name: ``default`` (the embedded default), a published style, or a saved directory.
+
+    ``allow_unsandboxed_tools`` gives a published style's tool agent a Python tool that runs code with
+    whatever protections this machine has (``PythonTool(require=())``) instead of failing closed."""
     from transformers.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # per-tensor "Loading weights" bars; the command shows its own status
     from .checkpoint import CONFIG_NAME
     from .default import default_system
-    from .published import list_styles, load_style
+    from .published import list_styles, load_style, style_module
     from .system import System
+    from .tools import PythonTool
 
     if style == DEFAULT:
         return default_system(device=device)
     if style in list_styles():
-        return load_style(style, task=task, device=device, load_weights=weights)
+        opt_in = allow_unsandboxed_tools and hasattr(style_module(style), "TOOL_AGENT")
+        return load_style(style, task=task, device=device, load_weights=weights,
+                          **({"tools": [PythonTool(require=())]} if opt_in else {}))
     if (Path(style) / CONFIG_NAME).exists():
         return System.from_pretrained(style, device=device)
     raise CheckpointError(f"{style!r} is not '{DEFAULT}', a published style ({', '.join(list_styles())}) or a "
@@ -63,10 +72,11 @@ def run(
     task: str = typer.Option("math", help="For published styles: math or code links and answer format."),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (see the docs' CLI page)."),
+    allow_unsandboxed_tools: bool = typer.Option(False, "--allow-unsandboxed-tools", help=UNSANDBOXED_HELP),
 ) -> None:
     """Answer a question with a system, and show what each agent did in each round."""
     with console.status(f"loading {style} (the first run converts and caches the models)"):
-        system = load(style, task=task, device=device)
+        system = load(style, task=task, device=device, allow_unsandboxed_tools=allow_unsandboxed_tools)
         for agent in system.agents.values():
             agent.model, agent.tokenizer  # load now, under the spinner, not during the first round
             if latent_steps is not None:
@@ -192,10 +202,11 @@ def eval_command(
     task: str | None = typer.Option(None, help="For published styles: math or code (default: from the data)."),
     seed: int = typer.Option(0, help="Seeds sampling and the order of multiple-choice options."),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
+    allow_unsandboxed_tools: bool = typer.Option(False, "--allow-unsandboxed-tools", help=UNSANDBOXED_HELP),
 ) -> None:
     """Evaluate a system (and its baselines) on a dataset: accuracy, tokens and time per method and round."""
     from .datasets import load_dataset
-    from .evaluation import PLOT, RESULTS, SUMMARY, evaluate
+    from .evaluation import PLOT, RESULTS, SUMMARY, SandboxRunner, evaluate
 
     try:
         mapping = json.loads(columns) if columns is not None else None
@@ -214,13 +225,16 @@ def eval_command(
                             seed=seed)
     task = task or ("code" if any(e.kind == "code" for e in examples) else "math")
     with console.status(f"loading {style} (the first run converts and caches the models)"):
-        system = load(style, task=task, device=device)
+        system = load(style, task=task, device=device, allow_unsandboxed_tools=allow_unsandboxed_tools)
         for agent in system.agents.values():
             agent.model, agent.tokenizer  # load now, not inside the first batch's timing
+    code = allow_unsandboxed_tools and any(e.kind == "code" for e in examples)
+    code_runner = SandboxRunner(require=()) if code else None  # None: the default, which fails closed
     report = evaluate(system, examples, methods=[m.strip() for m in compare.split(",") if m.strip()],
                       rounds=counts, output=output, batch_size=batch_size, max_new_tokens=max_new_tokens,
                       samples=samples, do_sample=sampling, temperature=0.6 if temperature is None else temperature,
-                      top_p=0.95 if top_p is None else top_p, seed=seed, upstream=upstream)
+                      top_p=0.95 if top_p is None else top_p, seed=seed, upstream=upstream,
+                      code_runner=code_runner)
     stdout = Console()
     stdout.print(report.table(), width=None if stdout.is_terminal else 120)  # a file gets the whole table
     written = [output / name for name in (RESULTS, SUMMARY, PLOT) if (output / name).exists()]

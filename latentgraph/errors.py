@@ -21,6 +21,11 @@ class CheckpointError(LatentGraphError):
     training output or result file cannot be written (a full disk, a read-only folder), its old version kept."""
 
 
+class SandboxUnavailable(LatentGraphError, RuntimeError):
+    """A sandbox lacks protections it requires, so it runs no code (fail closed). The message names what is
+    missing, the fix, and the explicit opt-in to run with what is available (``require=()``)."""
+
+
 def unpickling_problem(error: Exception) -> str:
     """What is wrong with a file ``torch.load(weights_only=True)`` failed on: a refused object, naming the
     global it would have imported (torch's own message goes on to suggest turning ``weights_only`` off, which

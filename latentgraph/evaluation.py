@@ -21,7 +21,7 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,12 +32,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import scoring, scoring_upstream
 from .atomic import atomic_write_text
 from .datasets import Example, load_dataset
-from .errors import InputError
 from .decode import Sampling
+from .errors import InputError, SandboxUnavailable
 from .executor import MODES, RunOutput
 from .report import EvalReport, plot, summarize
 from .textfiles import read_json
-from .tools.sandbox import Limits, Sandbox
+from .tools.sandbox import PROTECTIONS, Limits, Sandbox
 
 if TYPE_CHECKING:
     from .system import System
@@ -76,7 +76,7 @@ def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods
         seed: seeds the sampling; unused when greedy.
         upstream: also report the published lenient accuracy, in its own field (never mixed with strict).
         code_runner: runs code answers, ``run(program, timeout) -> (passed, output)``; default a
-            :class:`SandboxRunner`.
+            :class:`SandboxRunner` with every protection required.
         code_timeout: seconds each code answer's tests may run.
         progress: show progress bars on stderr.
 
@@ -88,6 +88,8 @@ def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods
             whose results were made by another system, other settings or other questions.
         CheckpointError: ``settings.json``, ``summary.json`` or ``plot.png`` cannot be written (a full disk,
             a read-only folder); the file keeps its old version.
+        SandboxUnavailable: code questions, the default :class:`SandboxRunner`, and a sandbox that lacks a
+            required protection: nothing is generated (opt in with ``code_runner=SandboxRunner(require=())``).
     """
     examples = load_dataset(dataset) if isinstance(dataset, (str, Path)) else list(dataset)
     configs = _configs(system, methods, rounds)
@@ -110,6 +112,8 @@ def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods
     rows = _resume(directory, settings, examples) if directory else {}
     if code_runner is None and any(e.kind == "code" for e in examples):
         code_runner = SandboxRunner()
+    if isinstance(code_runner, SandboxRunner) and any(e.kind == "code" for e in examples):
+        code_runner.check()  # fail closed before any answer is generated, not at the first code answer
     bars = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=Console(stderr=True), disable=not progress)
     with bars:
@@ -274,15 +278,37 @@ class SandboxRunner:
 
     Args:
         limits: resource limits; the wall time of each run is the ``timeout`` it is called with.
+        require: sandbox protections without which no program runs (default: all of
+            :data:`~latentgraph.tools.PROTECTIONS`); ``require=()`` opts in to run with whatever this machine
+            provides.
+
+    Raises:
+        InputError: an unknown protection in ``require``.
     """
 
-    def __init__(self, limits: Limits | None = None):
+    def __init__(self, limits: Limits | None = None, *, require: Iterable[str] = PROTECTIONS):
         self.limits = limits or Limits()
+        self.require = tuple(require)
         self._sandboxes: dict[float, Sandbox] = {}
+        self._sandbox(self.limits.wall_seconds)  # checks require= and warns now, not at the first answer
 
-    def __call__(self, program: str, timeout: float) -> tuple[bool, str]:
+    def _sandbox(self, timeout: float) -> Sandbox:
         if timeout not in self._sandboxes:
             self._sandboxes[timeout] = Sandbox(replace(self.limits, wall_seconds=timeout,
-                                                       cpu_seconds=max(1, math.ceil(timeout))))
-        result = self._sandboxes[timeout].run([sys.executable, "-I", "-B", "-"], stdin=program.encode())
+                                                       cpu_seconds=max(1, math.ceil(timeout))),
+                                               require=self.require)
+        return self._sandboxes[timeout]
+
+    def check(self) -> None:
+        """Raises :class:`~latentgraph.errors.SandboxUnavailable` when no program would run."""
+        if self._sandbox(self.limits.wall_seconds).unavailable:
+            raise SandboxUnavailable(self._sandbox(self.limits.wall_seconds).unavailable)
+
+    def __call__(self, program: str, timeout: float) -> tuple[bool, str]:
+        """Runs ``program`` with ``timeout`` seconds of wall time: ``(passed, output)``.
+
+        Raises:
+            SandboxUnavailable: the sandbox lacks a required protection; nothing ran.
+        """
+        result = self._sandbox(timeout).run([sys.executable, "-I", "-B", "-"], stdin=program.encode())
         return result.returncode == 0 and result.limit is None, result.output

@@ -1,4 +1,4 @@
-"""The command line on tiny systems: run (text and JSON), render, styles, errors."""
+"""The command line on tiny systems: run (text and JSON), render, styles, errors, opting in to tools."""
 
 import json
 import os
@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from typer.main import get_command
 from typer.testing import CliRunner
 
 import latentgraph as lg
@@ -66,3 +67,41 @@ def test_uncached_style_fails_fast_naming_the_repo_and_the_fix(tmp_path):
 
 def test_version_is_exposed():
     assert lg.__version__
+
+
+def test_allow_unsandboxed_tools_opts_the_tool_agent_in(published_hub):
+    from latentgraph.cli import load
+    from latentgraph.tools import PROTECTIONS
+
+    def python_tool(system):
+        (tool,) = system.agents["toolcaller"].tools
+        return tool.sandbox.require
+
+    assert python_tool(load("deliberation", weights=False)) == PROTECTIONS  # fails closed
+    assert python_tool(load("deliberation", weights=False, allow_unsandboxed_tools=True)) == ()
+    commands = get_command(app).commands
+    for name in ("run", "eval"):
+        assert "--allow-unsandboxed-tools" in [opt for param in commands[name].params for opt in param.opts]
+
+
+def test_allow_unsandboxed_tools_opts_code_scoring_in(monkeypatch, tmp_path):
+    import types
+
+    from latentgraph import cli, datasets, evaluation
+    from latentgraph.datasets import Example
+
+    code = [Example("k1", "Write add(a, b).", "", "code", tests="assert add(2, 3) == 5")]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: code)
+    monkeypatch.setattr(cli, "load", lambda style, **kwargs: types.SimpleNamespace(agents={}))
+    runners = []
+
+    def evaluate(system, examples, *, code_runner, **kwargs):
+        runners.append(code_runner)
+        raise lg.InputError("stop here")
+
+    monkeypatch.setattr(evaluation, "evaluate", evaluate)
+    for flags in ([], ["--allow-unsandboxed-tools"]):
+        result = CliRunner().invoke(app, ["eval", "--dataset", "code.jsonl", "--output", str(tmp_path), *flags])
+        assert isinstance(result.exception, lg.InputError)
+    assert runners[0] is None  # evaluate's default: every protection required
+    assert isinstance(runners[1], evaluation.SandboxRunner) and runners[1].require == ()

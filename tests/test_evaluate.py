@@ -7,6 +7,7 @@ known texts and records its calls; the end-to-end runs check the plumbing with g
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 import latentgraph as lg
 from latentgraph.cli import app
 from latentgraph.datasets import Example
-from latentgraph.errors import InputError
+from latentgraph.errors import InputError, SandboxUnavailable
 from latentgraph.evaluation import SandboxRunner
 from latentgraph.executor import AgentStep, RunOutput
 from latentgraph.report import plot, wilson
@@ -86,7 +87,8 @@ def test_each_kind_is_scored_strictly_and_upstream_apart(system, script):
     fake = script(lambda q, *_: answers[q.split("\n")[0]])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a sandbox missing a protection on this machine
-        report = lg.evaluate(system, examples, rounds=2, upstream=True, progress=False)
+        report = lg.evaluate(system, examples, rounds=2, upstream=True, progress=False,
+                             code_runner=SandboxRunner(require=()))  # runs wherever a protection is missing
     assert fake.calls[0]["questions"][3].endswith("A) 3\nB) 4\nC) 5\nD) 7")  # options go into {question}
     rows = {row["id"]: row for row in report.rows}
     assert {i: rows[i]["correct"] for i in rows} == {"m1": True, "m2": False, "m3": False, "c1": True,
@@ -208,10 +210,24 @@ def test_bad_arguments_fail_before_running(system, script, examples, kwargs, mes
     assert fake.calls == []
 
 
+def test_code_scoring_fails_closed_before_anything_is_generated(system, script, monkeypatch):
+    import latentgraph.tools.sandbox as sandbox_module
+
+    which = shutil.which  # as on a machine without bubblewrap
+    monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: None if name == "bwrap" else which(name))
+    fake = script(lambda *_: GOOD_ADD)
+    examples = [Example("k1", "Write add(a, b).", "", "code", tests="assert add(2, 3) == 5")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(SandboxUnavailable, match=r"apt-get install bubblewrap.*SandboxRunner\(require=\(\)\)"):
+            lg.evaluate(system, examples, progress=False)
+    assert fake.calls == []
+
+
 def test_sandbox_runner_runs_tests_and_stops_runaway_code():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        run = SandboxRunner()
+        run = SandboxRunner(require=())  # runs the code with whatever protections this machine has
         assert run("assert sum(range(4)) == 6\nprint('ok')", 5.0) == (True, "ok\n")
         passed, output = run("assert 1 == 2", 5.0)
         assert not passed and "AssertionError" in output

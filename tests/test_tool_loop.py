@@ -1,5 +1,7 @@
 """The per-row tool loop inside decoding, driven by a tiny llama that follows a script (see scripted.py)."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -150,7 +152,7 @@ def test_deliberation_runs_with_the_python_and_search_tools(published_hub):
     search = BM25Search(["Paris is the capital of France.", "The Nile is a river in Africa."], k=1)
     with pytest.warns(UserWarning, match="backbones replaced"):
         system = lg.load_style("deliberation", backbones={"toolcaller": (model, tokenizer)},
-                               tools=[PythonTool(), search])
+                               tools=[PythonTool(require=()), search])  # runs code wherever it is
     toolcaller = system.agents["toolcaller"]
     toolcaller.max_tool_calls = 2
     for agent in system.agents.values():
@@ -167,6 +169,30 @@ def test_deliberation_runs_with_the_python_and_search_tools(published_hub):
         assert "Paris is the capital of France." in calls[1].output
         assert calls[2].output.startswith("error: the limit of 2 tool calls")
     assert out.texts[0].startswith("<python> print(6*7) </python> <result>")
+
+
+def test_deliberation_answers_without_the_python_tool_when_its_sandbox_is_unavailable(published_hub, monkeypatch):
+    import shutil
+
+    import latentgraph.tools.sandbox as sandbox_module
+
+    which = shutil.which  # as on a machine without bubblewrap
+    monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: None if name == "bwrap" else which(name))
+    monkeypatch.setattr(sandbox_module, "_WARNED", set(), raising=False)
+    model, tokenizer = scripted_backbone(DELIBERATION_SCRIPT, ["<result>"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        system = lg.load_style("deliberation", backbones={"toolcaller": (model, tokenizer)})
+    (warning,) = [str(w.message) for w in caught if w.category is RuntimeWarning]  # and "backbones replaced"
+    assert "apt-get install bubblewrap" in warning and "PythonTool(require=())" in warning
+    for agent in system.agents.values():
+        agent.latent_steps = 4
+
+    out = system.run(["What is 6 * 7?"], rounds=2, do_sample=False, max_new_tokens=8)
+    (calls,) = out.trace[-1]["toolcaller"].tool_calls
+    assert calls[0].tool == "python" and calls[0].input == "print(6*7)"
+    assert calls[0].output.startswith("error: the python tool is unavailable here (its sandbox lacks filesystem")
+    assert calls[0].output.endswith("answer without it") and "42" not in out.texts[0]
 
 
 def test_tools_go_only_to_styles_with_a_tool_agent(published_hub):

@@ -1,8 +1,10 @@
 """The tool interface, the sandbox and the Python tool.
 
 Each protection is tested by a program that tries to break it. The tests run twice: with the strongest sandbox
-this machine gives, and with bubblewrap disabled (the fallback). A test whose protection is unavailable skips
-with the sandbox's own reason; fork and memory bombs only ever run inside a cap the sandbox reports active.
+this machine gives, and with bubblewrap disabled (the fallback), both opted in with ``require=()`` so that they
+run code whatever is missing. A test whose protection is unavailable skips with the sandbox's own reason; fork
+and memory bombs only ever run inside a cap the sandbox reports active. The default, which runs no code when a
+protection is missing, has tests of its own.
 """
 
 import os
@@ -13,7 +15,8 @@ from pathlib import Path
 import pytest
 
 import latentgraph.tools.sandbox as sandbox_module
-from latentgraph.errors import GraphError
+from latentgraph.errors import InputError, LatentGraphError, SandboxUnavailable
+from latentgraph.evaluation import SandboxRunner
 from latentgraph.tools import PROTECTIONS, Limits, PythonTool, Sandbox, Tool, escape_result, truncate
 
 FAST = Limits(wall_seconds=3, cpu_seconds=3, memory_mb=256, max_processes=16)
@@ -21,14 +24,15 @@ FAST = Limits(wall_seconds=3, cpu_seconds=3, memory_mb=256, max_processes=16)
 
 @pytest.fixture(params=["strongest", "without bwrap"], scope="module")
 def make(request):
-    """``make(limits=FAST, **kwargs) -> PythonTool``: the strongest sandbox here, or one without bwrap."""
+    """``make(limits=FAST, **kwargs) -> PythonTool``: the strongest sandbox here, or one without bwrap; both
+    opted in (``require=()``) to run code with whatever protections they have."""
 
     def build(limits: Limits = FAST, **kwargs) -> PythonTool:
         with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # the warning has a test of its own
             if request.param == "without bwrap":
                 patch.setattr(sandbox_module, "_probe_bwrap", lambda args: "disabled by the test")
-            return PythonTool(limits, **kwargs)
+            return PythonTool(limits, **{"require": (), **kwargs})
 
     return build
 
@@ -44,6 +48,23 @@ def need(tool: PythonTool, *names: str) -> None:
         protection = tool.protections[name]
         if not protection.active:
             pytest.skip(f"protection {name!r} unavailable here: {protection.detail}")
+
+
+def without_bwrap(monkeypatch, cgroups: bool = True) -> None:
+    """Makes the sandboxes built next find no bwrap installed (and no cgroups), and warn afresh."""
+    which = shutil.which
+    monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: None if name == "bwrap" else which(name))
+    monkeypatch.setattr(sandbox_module, "_WARNED", set(), raising=False)
+    if not cgroups:
+        monkeypatch.setattr(sandbox_module, "_probe_cgroup", lambda controller: "disabled by the test")
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False
 
 
 def processes_with(marker: str) -> list[int]:
@@ -102,23 +123,140 @@ def test_truncate_keeps_head_and_tail_within_budget():
 def test_report_lists_every_protection(python):
     report = python.sandbox.report().splitlines()
     assert [line.split()[1].rstrip(":") for line in report] == list(PROTECTIONS)
-    for name in ("wall_time", "cpu_time", "memory_limit", "environment"):  # provided on every Linux machine
+    for name in ("wall_time", "cpu_time", "memory_limit"):  # provided on every Linux machine
         assert python.protections[name].active
 
 
-def test_missing_protections_warn_and_required_ones_fail(monkeypatch):
-    monkeypatch.setattr(sandbox_module, "_probe_bwrap", lambda args: "disabled by the test")
-    with pytest.warns(RuntimeWarning, match="sandbox runs without filesystem, network, process_isolation"):
-        sandbox = Sandbox(FAST)
-    assert not sandbox.protections["network"].active
-    with pytest.raises(GraphError, match="'filesystem' is required but unavailable here: "):
-        Sandbox(FAST, require=["filesystem"])
-    with pytest.raises(GraphError, match="unknown protections"):
+def test_bad_arguments_are_input_errors():
+    with pytest.raises(InputError, match="unknown protections"):
         Sandbox(FAST, require=["telepathy"])
-    with pytest.raises(GraphError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         Sandbox(FAST, readable=["/no/such/path"])
-    with pytest.raises(GraphError, match="memory_mb must be > 0"):
+    with pytest.raises(InputError, match="memory_mb must be > 0"):
         Limits(memory_mb=0)
+
+
+UNAVAILABLE = "error: the python tool is unavailable here (its sandbox lacks filesystem, network, process_isolation"
+
+
+def test_without_bwrap_the_default_tool_runs_no_code_and_warns_once(monkeypatch, tmp_path):
+    without_bwrap(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tool = PythonTool(FAST)
+        PythonTool(FAST)  # the same reason is not repeated
+    (warning,) = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    message = str(warning.message)
+    assert "apt-get install bubblewrap" in message and "PythonTool(require=())" in message
+    assert "--allow-unsandboxed-tools" in message
+    monkeypatch.setattr(sandbox_module.subprocess, "Popen", None)  # starting any process would fail loudly
+    marker = tmp_path / "ran"
+    out = tool(f"open({str(marker)!r}, 'w').write('x')")
+    assert out.startswith(UNAVAILABLE) and out.endswith("); answer without it") and "\n" not in out
+    assert not marker.exists()
+    with pytest.raises(SandboxUnavailable):
+        tool.execute("print(1)")
+
+
+def test_without_bwrap_the_default_sandbox_and_code_runner_raise(monkeypatch, tmp_path):
+    without_bwrap(monkeypatch)
+    marker = tmp_path / "ran"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sandbox, runner = Sandbox(FAST), SandboxRunner(FAST)
+    assert "filesystem" in sandbox.missing and "apt-get install bubblewrap" in sandbox.unavailable
+    with pytest.raises(SandboxUnavailable, match=r"lacks filesystem, network.*require=\(\)") as raised:
+        sandbox.run(["/bin/touch", str(marker)])
+    assert isinstance(raised.value, LatentGraphError)
+    with pytest.raises(SandboxUnavailable):
+        runner.check()
+    with pytest.raises(SandboxUnavailable):
+        runner(f"open({str(marker)!r}, 'w')", 5.0)
+    assert not marker.exists()
+
+
+def test_report_without_bwrap_as_a_plain_user_says_what_is_off(monkeypatch):
+    without_bwrap(monkeypatch, cgroups=False)
+    monkeypatch.setattr(sandbox_module.os, "geteuid", lambda: 1000)  # only the report: no code runs here
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sandbox = Sandbox(FAST, require=())
+    off = [name for name, p in sandbox.protections.items() if not p.active]
+    assert off == ["filesystem", "network", "process_isolation", "unprivileged", "process_limit",
+                   "environment", "cleanup"]
+    assert "/proc/<pid>/environ" in sandbox.protections["environment"].detail
+    assert "outlives the run" in sandbox.protections["cleanup"].detail
+    assert sandbox.unavailable is None  # opted in: it runs code, as this user
+
+
+@pytest.fixture(scope="module")
+def bare():
+    """The weakest sandbox root can opt into: no bwrap and no cgroups."""
+    if os.geteuid() != 0:
+        pytest.skip("a uid per run needs root")
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        without_bwrap(patch, cgroups=False)
+        return PythonTool(FAST, require=())
+
+
+def test_opted_in_without_bwrap_root_code_runs_unprivileged_and_cannot_touch_the_host(bare, monkeypatch,
+                                                                                      tmp_path):
+    monkeypatch.setenv("LATENTGRAPH_TEST_API_KEY", "sk-secret-value")
+    secret = tmp_path / "secret"
+    secret.write_text("sk-secret-value")
+    secret.chmod(0o600)
+    out = bare(f"""
+import os
+print(os.getuid(), os.getgid(), os.getgroups(), os.getsid(0) == os.getpid() == os.getpgid(0))
+for path in ["/etc/shadow", f"/proc/{{os.getppid()}}/environ", "/proc/1/environ", {str(secret)!r}]:
+    try:
+        print("read", open(path).read())
+    except (PermissionError, FileNotFoundError):  # root's files are unreadable, or hidden
+        print("refused")
+for pid, signal in ((os.getppid(), 9), (1, 0)):  # the test process itself; init, only asked if it may
+    try:
+        os.kill(pid, signal)
+        print("signalled", pid)
+    except PermissionError:
+        print("refused")
+""")
+    lines = out.splitlines()
+    uid, gid, groups, own_session = lines[0].split(" ", 3)
+    assert int(uid) >= 2_000_000_000 and gid == uid and groups == "[]" and own_session == "True", out
+    assert lines[1:] == ["refused"] * 6, out
+    assert "sk-secret-value" not in out
+    protections = bare.protections
+    assert [n for n, p in protections.items() if not p.active] == ["filesystem", "network", "process_isolation"]
+    assert "own uid" in protections["cleanup"].detail and "RLIMIT_NPROC" in protections["process_limit"].detail
+    assert bare("import os\nos.getuid()") != uid  # a fresh uid each run
+
+
+def test_opted_in_without_bwrap_root_code_leaves_no_daemon(bare):
+    out = bare("""
+import os
+r, w = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.write(w, str(os.getpid()).encode())
+        os.execvp("sleep", ["sleep", "765.432"])
+    os._exit(0)
+print(os.read(r, 20).decode())
+""")
+    assert not alive(int(out)) and processes_with("765.432") == []
+
+
+def test_opted_in_without_bwrap_root_processes_are_capped(bare):
+    check_process_cap(bare)
+
+
+def test_opted_in_without_bwrap_root_files_go_to_a_private_tmp(bare):
+    if "own tmpfs" not in bare.protections["filesystem"].detail:
+        pytest.skip("no mount namespace here: the run writes to the host's /tmp")
+    name = f"/tmp/latentgraph-test-{os.getpid()}"
+    out = bare(f"import os\nopen({name!r}, 'w').write('x'), os.getcwd(), os.listdir('/tmp')")
+    assert out == f"(1, '/tmp', ['latentgraph-test-{os.getpid()}'])" and not os.path.exists(name)
 
 
 # --- running code -------------------------------------------------------------------------------------------
@@ -161,6 +299,14 @@ def test_long_output_is_cut(make):
     tool = make(max_chars=500)
     out = tool("print('a' * 50_000)\nprint('END')")
     assert len(out) <= 500 and out.endswith("END") and "characters cut" in out
+
+
+def test_output_flood_says_which_limit_stopped_it(make):
+    tool = make(Limits(wall_seconds=5, cpu_seconds=5, memory_mb=256, max_processes=16, max_file_mb=1))
+    flood = "for _ in range(100):\n    print('x' * 2**20)"  # 100 MiB
+    result = tool.execute(flood)
+    assert result.limit == "output" and result.returncode != 0 and result.output.startswith("xxx")
+    assert tool(flood).endswith("\n[stopped: output limit of 1 MiB reached]")
 
 
 def test_infinite_loop_is_killed_at_the_wall_time_limit(make):
@@ -311,7 +457,7 @@ def test_bubblewrap_without_disable_userns_still_isolates_and_says_so(tmp_path, 
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        sandbox = Sandbox(FAST)
+        sandbox = Sandbox(FAST, require=())
     if not sandbox.protections["filesystem"].active:
         pytest.skip(f"bwrap unusable here: {sandbox.protections['filesystem'].detail}")
     detail = sandbox.protections["process_isolation"].detail

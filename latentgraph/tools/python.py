@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .base import Tool
-from .sandbox import Limits, Protection, Sandbox, SandboxResult
+from .sandbox import PROTECTIONS, Limits, Protection, Sandbox, SandboxResult
 
 PRELUDE = '''\
 import bisect, cmath, collections, decimal, fractions, functools, heapq, itertools, json, math, random, re
@@ -88,12 +88,14 @@ class PythonTool(Tool):
         limits: resource limits of each call (wall time, CPU time, memory, processes, file size).
         prelude: Python source run before the model's code, in the same namespace.
         readable: files or folders the code may read besides the system and Python directories.
-        require: sandbox protections without which building the tool fails (see
-            :data:`~latentgraph.tools.sandbox.PROTECTIONS`), e.g. ``("filesystem", "network")``.
+        require: sandbox protections without which the tool runs no code (see
+            :data:`~latentgraph.tools.sandbox.PROTECTIONS`); by default all of them. Where one is missing the
+            tool is still built, warns once, and answers every call with a line saying it is unavailable.
+            ``require=()`` is the explicit opt-in to run code with whatever protections this machine has.
         max_chars: longest answer handed back to the model.
 
     Raises:
-        GraphError: a required protection is unavailable on this machine, or a readable path does not exist.
+        InputError: an unknown protection in ``require``, or a readable path that does not exist.
 
     Example:
         >>> python = PythonTool()
@@ -108,7 +110,8 @@ class PythonTool(Tool):
                    "and the value of a final bare expression is printed")
 
     def __init__(self, limits: Limits | None = None, *, prelude: str = PRELUDE,
-                 readable: Iterable[str | Path] = (), require: Iterable[str] = (), max_chars: int = 4000):
+                 readable: Iterable[str | Path] = (), require: Iterable[str] = PROTECTIONS,
+                 max_chars: int = 4000):
         self.sandbox = Sandbox(limits, readable=readable, require=require)
         self.prelude = prelude
         self.max_chars = max_chars
@@ -125,8 +128,13 @@ class PythonTool(Tool):
             text: Python source.
 
         Returns:
-            What the code printed, followed by a line in brackets when it failed or was stopped by a limit.
+            What the code printed, followed by a line in brackets when it failed or was stopped by a limit;
+            or, when the sandbox lacks a required protection, one line saying the tool is unavailable (no
+            code runs).
         """
+        if self.sandbox.unavailable:
+            return (f"error: the python tool is unavailable here (its sandbox lacks "
+                    f"{', '.join(self.sandbox.missing)}); answer without it")
         fenced = _FENCE.match(text)
         code = textwrap.dedent(fenced.group(1) if fenced else text).strip("\n")
         if not code.strip():
@@ -141,6 +149,9 @@ class PythonTool(Tool):
 
         Returns:
             The sandbox's raw result: output, exit status, the limit that stopped the code and the wall time.
+
+        Raises:
+            SandboxUnavailable: the sandbox lacks a required protection; no code ran.
         """
         job = json.dumps({"prelude": self.prelude, "code": code}).encode()
         return self.sandbox.run([sys.executable, "-I", "-B", "-u", "-c", _RUNNER], stdin=job)
@@ -149,7 +160,7 @@ class PythonTool(Tool):
         limits = self.sandbox.limits
         if result.limit is not None:
             bound = {"wall time": f"{limits.wall_seconds:g} s", "CPU time": f"{limits.cpu_seconds} s",
-                     "memory": f"{limits.memory_mb} MiB"}[result.limit]
+                     "memory": f"{limits.memory_mb} MiB", "output": f"{limits.max_file_mb} MiB"}[result.limit]
             status = f"[stopped: {result.limit} limit of {bound} reached]"
         elif result.returncode < 0:
             status = f"[killed by signal {-result.returncode}: {signal.strsignal(-result.returncode)}]"

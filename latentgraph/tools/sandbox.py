@@ -15,9 +15,19 @@ is used where the machine allows it:
   memory of the whole process tree, tmpfs files included. Unlike rlimits these hold for root too. Every
   process of the run is killed through its cgroup before the cgroup is removed.
 
-Without them the sandbox still runs, with what it can give. :attr:`Sandbox.protections` says which
-protections are active and how; a missing one is logged and warned about when the sandbox is built, and
-``require=`` turns it into an error.
+Without bubblewrap, a program started by root runs as a user of its own: a fresh unprivileged uid per run,
+with no groups and ``no_new_privs``, so it cannot read root's files, signal or inspect other processes, or
+raise its limits; ``RLIMIT_NPROC`` caps its processes and, when the run ends, every process of that uid is
+killed, daemons included. Where root may create a mount namespace, ``/tmp``, ``/var/tmp`` and ``/dev/shm``
+are private tmpfs too, and folders others cannot search (such as a Python installed under ``/root``) are
+made reachable read-only, the rest of them hidden.
+
+The sandbox fails closed. ``require=`` names the protections without which it runs no code; by default all
+of :data:`PROTECTIONS`. A sandbox that lacks one is still built (so that styles load) but is *unavailable*:
+:meth:`Sandbox.run` raises :class:`~latentgraph.errors.SandboxUnavailable`, and one warning says what is
+missing, the fix, and the opt-in, ``require=()``, which runs code with whatever this machine provides. As
+root, ``unprivileged`` is always required: model-written code never runs as root outside bubblewrap.
+:attr:`Sandbox.protections` and :meth:`Sandbox.report` say exactly which protections are on and how.
 
 Not isolated even with both mechanisms: the kernel is shared (there is no seccomp filter, so a kernel bug is
 an escape); the system directories and the Python installation are readable; CPU time is limited per process,
@@ -31,6 +41,7 @@ import functools
 import json
 import logging
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -45,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
-from ..errors import GraphError
+from ..errors import InputError, SandboxUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +64,12 @@ PROTECTIONS = (
     "filesystem",  # only system, Python and `readable` paths are visible, read-only; writes go to a tmpfs
     "network",  # no network interface but loopback
     "process_isolation",  # other processes (and their environments in /proc) are invisible and out of reach
+    "unprivileged",  # the program is not root and holds no capability; it cannot signal or inspect the host
     "process_limit",  # processes and threads of the run are capped, root included
     "memory_limit",  # memory of the run is capped
     "cpu_time",  # CPU seconds per process are capped
     "wall_time",  # the run is killed after a number of seconds
-    "environment",  # the environment is built from scratch: no inherited secrets
+    "environment",  # the environment is built from scratch, and no other process's environment is readable
     "cleanup",  # no process of the run is alive when run() returns
 )
 
@@ -85,7 +97,7 @@ class Limits:
     def __post_init__(self) -> None:
         for field, value in vars(self).items():
             if not value > 0:
-                raise GraphError(f"sandbox Limits.{field} must be > 0, got {value!r}")
+                raise InputError(f"sandbox Limits.{field} must be > 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -104,13 +116,14 @@ class SandboxResult:
     Attributes:
         output: stdout and stderr interleaved, with the middle cut out past ``Limits.max_output_bytes``.
         returncode: the exit status, or ``-N`` when signal N ended the program.
-        limit: the limit that ended the run, if one did.
+        limit: the limit that ended the run, if one did; ``"output"`` when the output reached
+            ``Limits.max_file_mb``.
         seconds: wall time of the run.
     """
 
     output: str
     returncode: int
-    limit: Literal["wall time", "CPU time", "memory"] | None
+    limit: Literal["wall time", "CPU time", "memory", "output"] | None
     seconds: float
 
 
@@ -244,10 +257,11 @@ def _probe_bwrap(args: tuple[str, ...]) -> str | None:
 
 # -----------------------------------------------------------------------------------------------------------
 # The launcher runs outside the sandbox, in the child process: it joins the run's cgroups before anything else
-# exists, sets the rlimits (soft and hard, so the program cannot raise them) and becomes bwrap or the program.
-# Doing this in a child rather than in Popen(preexec_fn=...) keeps it safe in a multi-threaded parent.
+# exists, sets the rlimits (soft and hard, so the program cannot raise them), and, for a run with a uid of its
+# own, makes its private mounts and drops root's privileges; then it becomes bwrap or the program. Doing this
+# in a child rather than in Popen(preexec_fn=...) keeps it safe in a multi-threaded parent.
 
-_LAUNCHER = """
+_LAUNCHER = r"""
 import json, os, resource, sys
 config = json.loads(sys.argv[1])
 for procs in config["cgroups"]:
@@ -255,29 +269,205 @@ for procs in config["cgroups"]:
         f.write(str(os.getpid()))
 for name, (soft, hard) in config["rlimits"].items():
     resource.setrlimit(getattr(resource, name), (soft, hard))
+user = config["user"]
+if user is not None:
+    import ctypes, stat
+    libc = ctypes.CDLL(None, use_errno=True)
+    uid = user["uid"]
+
+    def check(result, what):
+        if result != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    def mount(source, target, fstype, flags, data):
+        check(libc.mount(source, target.encode(), fstype, ctypes.c_ulong(flags), data), f"mount {target}")
+
+    def searchable(path):
+        st = os.stat(path)
+        return stat.S_ISDIR(st.st_mode) and bool(st.st_mode & stat.S_IXOTH or st.st_uid == uid
+                                                 and st.st_mode & stat.S_IXUSR)
+
+    def reachable(path):
+        parts = path.split("/")[1:-1]
+        try:
+            return all(searchable("/" + "/".join(parts[:i + 1])) for i in range(len(parts))) and \
+                os.path.lexists(path)
+        except OSError:
+            return False
+
+    if user["mounts"]:
+        RDONLY, NOSUID, NODEV, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+        check(libc.unshare(0x20000), "unshare(CLONE_NEWNS)")
+        mount(None, "/", None, REC | PRIVATE, None)  # nothing mounted below reaches the host
+        fds = {path: os.open(path, os.O_PATH) for path in user["reach"]}  # before anything is covered
+        for path in ("/tmp", "/var/tmp", "/dev/shm"):
+            if os.path.isdir(path) and not os.path.islink(path):
+                mount(b"tmpfs", path, b"tmpfs", NOSUID | NODEV,
+                      f"mode=0700,uid={uid},gid={uid},size={user['tmp_bytes']}".encode())
+        for path, fd in sorted(fds.items()):  # make what the program needs reachable, read-only
+            if reachable(path):
+                continue
+            current = ""
+            for part in path.split("/")[1:-1]:
+                current += "/" + part
+                if not os.path.lexists(current):
+                    os.mkdir(current, 0o755)
+                elif not searchable(current):  # cover a folder the program cannot search with an empty one
+                    mount(b"tmpfs", current, b"tmpfs", NOSUID | NODEV, b"mode=0755,size=1m")
+            if not os.path.lexists(path):
+                if stat.S_ISDIR(os.fstat(fd).st_mode):
+                    os.mkdir(path, 0o755)
+                else:
+                    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+            mount(f"/proc/self/fd/{fd}".encode(), path, None, BIND | REC, None)
+            mount(None, path, None, REMOUNT | BIND | RDONLY | NOSUID | NODEV, None)
+            os.close(fd)
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    check(libc.prctl(38, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")  # setuid programs cannot raise it
+    os.chdir(user["workdir"])
 os.execv(sys.argv[2], sys.argv[2:])
 """
 
+# Kills every process of a run's own uid, daemons included: with that uid, kill(-1) reaches exactly those.
+_REAPER = r"""
+import os, signal, sys, time
+uid, deadline = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+os.setgroups([])
+os.setresgid(uid, uid, uid)
+os.setresuid(uid, uid, uid)
+
+def alive():
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or pid == str(os.getpid()):
+            continue
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                status = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+        except (OSError, ValueError):
+            continue
+        if status["Uid"].split()[0] == str(uid) and status["State"].split()[0] not in "ZX":
+            return True
+    return False
+
+while time.monotonic() < deadline:
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except ProcessLookupError:
+        sys.exit(0)
+    if not alive():  # only zombies left, which their parent reaps
+        sys.exit(0)
+    time.sleep(0.002)
+sys.exit(1)
+"""
+
+_RUN_UIDS = (2_000_000_000, 2_100_000_000)  # a fresh uid per run, unlikely to be any user's or container's
+
+
+def _fresh_uid() -> int:
+    """An unused uid for one run: random in :data:`_RUN_UIDS`, owning no process on this machine."""
+    while True:
+        uid = _RUN_UIDS[0] + secrets.randbelow(_RUN_UIDS[1] - _RUN_UIDS[0])
+        try:
+            if all(entry.stat().st_uid != uid for entry in Path("/proc").iterdir() if entry.name.isdigit()):
+                return uid
+        except OSError:  # a process ended while we looked
+            continue
+
+
+def _reap(uid: int) -> bool:
+    """Kills every process of a run's uid. Returns whether none was left within 5 s."""
+    try:
+        reaper = subprocess.run([sys.executable, "-I", "-S", "-B", "-c", _REAPER, str(uid), "5"], timeout=30,
+                                env={"PATH": os.defpath}, capture_output=True, check=False)
+    except subprocess.TimeoutExpired:
+        return False
+    return reaper.returncode == 0
+
+
+def _reach(readable: Sequence[str]) -> list[str]:
+    """What a run with its own uid must be able to read: the Python installation and the readable paths."""
+    return sorted({os.path.realpath(path) for path in [*_python_dirs(), *readable]})
+
+
+_PROBE = ("import os, sys\n"  # reads every path it is given
+          "for p in sys.argv[1:]:\n    os.listdir(p) if os.path.isdir(p) else open(p, 'rb').close()")
+
+
+@functools.cache
+def _probe_user(readable: tuple[str, ...], tmp_bytes: int) -> tuple[dict | None, str | None]:
+    """How runs get a uid of their own here: ``({"mounts": bool}, None)``, or ``(None, why they cannot)``.
+
+    Tries private mounts first, then the uid alone, each with a run like the real ones that reads the Python
+    installation and every readable path.
+    """
+    problems = []
+    for mounts in (True, False):
+        uid, workdir = _fresh_uid(), None if mounts else tempfile.mkdtemp(prefix="latentgraph-sandbox-")
+        try:
+            if workdir is not None:
+                os.chown(workdir, uid, uid)
+            user = _user_config(uid, mounts, readable, tmp_bytes, workdir)
+            config = {"cgroups": [], "rlimits": {}, "user": user}
+            probe = subprocess.run([sys.executable, "-I", "-S", "-B", "-c", _LAUNCHER, json.dumps(config),
+                                    sys.executable, "-I", "-S", "-c", _PROBE, *_reach(readable)],
+                                   capture_output=True, text=True, timeout=30, env={"PATH": os.defpath},
+                                   cwd="/", check=False, start_new_session=True)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            problems.append(str(err))
+            continue
+        finally:
+            _reap(uid)
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
+        if probe.returncode == 0:
+            return {"mounts": mounts}, None
+        lines = probe.stderr.strip().splitlines()
+        problems.append(lines[-1] if lines else f"exit status {probe.returncode}")
+    return None, f"with private mounts: {problems[0]}; without: {problems[-1]}"
+
+
+def _user_config(uid: int, mounts: bool, readable: Sequence[str], tmp_bytes: int,
+                 workdir: str | None) -> dict:
+    """The launcher's settings for a run with its own uid; ``workdir`` is used without mounts only."""
+    return {"uid": uid, "mounts": mounts, "reach": _reach(readable) if mounts else [], "tmp_bytes": tmp_bytes,
+            "workdir": "/tmp" if mounts else workdir}
+
+
+_WARNED: set[str] = set()  # each warning once per process
+
 
 class Sandbox:
-    """Runs commands with the strongest isolation this machine allows, and says which that is.
+    """Runs commands with the strongest isolation this machine allows, says which that is, and fails closed.
 
     Args:
         limits: resource limits of each run.
         readable: extra files or folders the program may read (read-only), e.g. a data set.
-        require: protections (names from :data:`PROTECTIONS`) without which building the sandbox fails.
+        require: protections (names from :data:`PROTECTIONS`) without which the sandbox runs no code; by
+            default all of them. ``require=()`` is the explicit opt-in to run code with whatever this machine
+            provides. As root, ``unprivileged`` is always required.
+
+    Building never fails for want of a protection: the sandbox is then unavailable (:attr:`unavailable` says
+    why), warns once, and :meth:`run` raises :class:`~latentgraph.errors.SandboxUnavailable`.
 
     Raises:
-        GraphError: a required protection is unavailable here, or a readable path does not exist.
+        InputError: an unknown protection in ``require``, or a readable path that does not exist.
     """
 
     def __init__(self, limits: Limits | None = None, *, readable: Iterable[str | Path] = (),
-                 require: Iterable[str] = ()):
+                 require: Iterable[str] = PROTECTIONS):
         self.limits = limits or Limits()
         self.readable = [str(Path(path).resolve()) for path in readable]
+        self.require = tuple(require)
+        unknown = sorted(set(self.require) - set(PROTECTIONS))
+        if unknown:
+            raise InputError(f"sandbox: unknown protections {unknown} in require=; "
+                             f"choose from {list(PROTECTIONS)}")
         for path in self.readable:
             if not os.path.exists(path):
-                raise GraphError(f"sandbox: readable path {path} does not exist; pass existing paths only")
+                raise InputError(f"sandbox: readable path {path} does not exist; pass existing paths only")
         bwrap = shutil.which("bwrap")
         self._bwrap_args, bwrap_problem = None, "bwrap is not installed (Debian: apt-get install bubblewrap)"
         for nested_userns in (False, True) if bwrap else ():  # bwrap before 0.8 has no --disable-userns
@@ -286,60 +476,125 @@ class Sandbox:
             if bwrap_problem is None:
                 self._bwrap_args = args
                 break
+        self._bwrap_problem = bwrap_problem
         self._cgroups = {c: p for c in _CONTROLLERS if isinstance(p := _probe_cgroup(c), Path)}
-        self.protections = self._assess(bwrap_problem)
-        self._announce(list(require))
+        self._root = os.geteuid() == 0
+        self._user, user_problem = None, None  # how runs get a uid of their own (root without bwrap)
+        if self._root and self._bwrap_args is None:
+            self._user, user_problem = _probe_user(tuple(self.readable), self.limits.memory_mb * 2**20)
+        self.protections = self._assess(bwrap_problem, user_problem)
+        required = set(self.require) | ({"unprivileged"} if self._root else set())
+        self.missing = [n for n in PROTECTIONS if n in required and not self.protections[n].active]
+        self._announce()
 
-    def _assess(self, bwrap_problem: str | None) -> dict[str, Protection]:
-        limits, bwrap = self.limits, self._bwrap_args is not None
-        pids, memory = "pids" in self._cgroups, "memory" in self._cgroups
-        # without bubblewrap to drop its capabilities, a program running as root can raise its own rlimits
-        raisable = "; a root program can raise it" if not bwrap and os.geteuid() == 0 else ""
-        if bwrap:
-            cleanup = "the PID namespace ends with the run" + (" and its cgroup is emptied" if pids else "")
-        elif pids:
-            cleanup = "every process in the run's cgroup is killed"
+    @property
+    def unavailable(self) -> str | None:
+        """Why this sandbox runs no code (one line with the fix and the opt-in), or None when it runs code."""
+        if not self.missing:
+            return None
+        fixes = []
+        if self._bwrap_args is None:
+            fixes.append("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap)"
+                         if "not installed" in self._bwrap_problem
+                         else f"make bubblewrap work: {self._bwrap_problem}")
+        if "process_limit" in self.missing:
+            fixes.append("run as root on a cgroup v1 machine (a pids cgroup caps the processes)")
+        if self._root and "unprivileged" in self.missing:
+            opt_in = (f"running as root, code never runs outside bubblewrap without a uid of its own, so "
+                      f"require=() does not help: {self.protections['unprivileged'].detail}")
         else:
-            cleanup = "process group only: a process that starts its own session outlives the run"
+            opt_in = ("or opt in to run code with only the protections available here: "
+                      "PythonTool(require=()), SandboxRunner(require=()), Sandbox(require=()), or "
+                      "--allow-unsandboxed-tools on the command line")
+        return (f"the sandbox lacks {', '.join(self.missing)}, so it runs no model-written code. "
+                f"Fix: {'; '.join(fixes)}; {opt_in}")
+
+    def _assess(self, bwrap_problem: str | None, user_problem: str | None) -> dict[str, Protection]:
+        """Each protection: on or off, and how, for this machine's mix of bwrap, root, cgroups and mounts."""
+        limits, bwrap, own_uid = self.limits, self._bwrap_args is not None, self._user is not None
+        pids, memory = "pids" in self._cgroups, "memory" in self._cgroups
+        mounts = own_uid and self._user["mounts"]
+        uid = os.geteuid()
+        # a root program outside bubblewrap, had it no uid of its own, could raise its own rlimits
+        raisable = "; a root program can raise it" if self._root and not bwrap and not own_uid else ""
         nested = "nested userns " + ("disabled" if bwrap and "--disable-userns" in self._bwrap_args
                                      else "allowed (bwrap < 0.8)")
-        by_bwrap = {  # name: (how bubblewrap provides it, what happens without it)
-            "filesystem": (("mount namespace: system dirs, Python and readable paths read-only; "
-                            "/tmp (working dir) and /dev/shm private tmpfs"),
-                           "the program reads and writes whatever this user can"),
-            "network": ("network namespace with loopback only", "the program has this machine's network"),
-            "process_isolation": (f"PID, IPC, UTS and user namespaces; capabilities dropped; {nested}",
-                                  "the program sees other processes and their environments"),
-        }
-        found = {name: (bwrap, on if bwrap else f"{bwrap_problem}: {off}")
-                 for name, (on, off) in by_bwrap.items()}
+        environment = "built from scratch: PATH, HOME, TMPDIR, LANG and thread counts only"
+        if bwrap:
+            found = {
+                "filesystem": (True, ("mount namespace: system dirs, Python and readable paths read-only; "
+                                     "/tmp (working dir) and /dev/shm private tmpfs")),
+                "network": (True, "network namespace with loopback only"),
+                "process_isolation": (True, (f"PID, IPC, UTS and user namespaces; capabilities dropped; "
+                                            f"{nested}")),
+                "unprivileged": (True, "user namespace with every capability dropped; " + (
+                    "its uid is root's outside the namespace, where it sees only read-only system files and "
+                    "its own processes" if self._root else f"runs as uid {uid}")),
+                "environment": (True, f"{environment}; other processes' environments are out of sight"),
+                "cleanup": (True, "the PID namespace ends with the run"
+                                  + (" and its cgroup is emptied" if pids else "")),
+            }
+        elif own_uid:
+            tmp = ("/tmp, /var/tmp and /dev/shm are its own tmpfs" if mounts else
+                   "files it writes outside its working directory (in the host's /tmp, say) stay")
+            found = {
+                "filesystem": (False, (f"{bwrap_problem}: the program runs as a uid of its own, reads what "
+                                       f"any user may read and writes where any user may; {tmp}")),
+                "process_isolation": (False, (f"{bwrap_problem}: the program sees other processes and their "
+                                             "command lines (not their environments or memory)")),
+                "unprivileged": (True, (f"a uid of its own ({_RUN_UIDS[0]} + n, fresh each run), no groups, "
+                                        "no capabilities, no_new_privs: it cannot read root's files, signal "
+                                        "or inspect other processes, or raise its limits")),
+                "environment": (True, (f"{environment}; its uid cannot read other processes' "
+                                      "/proc/<pid>/environ")),
+                "cleanup": (True, "every process of the run's own uid is killed, daemons included"
+                                  + (", and its cgroup is emptied" if pids else "")),
+            }
+        else:
+            user = "root" if self._root else f"this user (uid {uid})"
+            found = {
+                "filesystem": (False, f"{bwrap_problem}: the program reads and writes whatever {user} can"),
+                "process_isolation": (False, (f"{bwrap_problem}: the program sees other processes and can "
+                                              f"signal and inspect those of {user}, the host included")),
+                "unprivileged": (False, f"no uid of its own for the program ({user_problem})" if self._root
+                                 else f"runs as {user}, who can signal and inspect the host; run as root "
+                                      "for a uid per run, or install bubblewrap"),
+                "environment": (False, (f"{environment}, but the program can read the environments of the "
+                                       f"processes of {user} in /proc/<pid>/environ, the host's included")),
+                "cleanup": (pids, "every process in the run's cgroup is killed" if pids else
+                            "process group only: a process that starts its own session outlives the run"),
+            }
+        found.setdefault("network", (False, f"{bwrap_problem}: the program has this machine's network"))
+        if pids:
+            process_limit = f"cgroup pids.max: {limits.max_processes} processes and threads"
+        elif own_uid and not bwrap:
+            process_limit = f"RLIMIT_NPROC of the run's own uid: {limits.max_processes} processes and threads"
+        else:
+            process_limit = str(_probe_cgroup("pids"))
         found |= {
-            "process_limit": (pids, f"cgroup pids.max: {limits.max_processes} processes and threads" if pids
-                              else str(_probe_cgroup("pids"))),
+            "process_limit": (pids or (own_uid and not bwrap), process_limit),
             "memory_limit": (True, f"cgroup: {limits.memory_mb} MiB for the whole run" if memory
                              else f"RLIMIT_AS: {limits.memory_mb} MiB per process, not for the whole run "
                                   f"({_probe_cgroup('memory')}){raisable}"),
             "cpu_time": (True, f"RLIMIT_CPU: {limits.cpu_seconds} s per process{raisable}"),
             "wall_time": (True, f"killed after {limits.wall_seconds:g} s"),
-            "environment": (True, "built from scratch: PATH, HOME, TMPDIR, LANG and thread counts only"),
-            "cleanup": (bwrap or pids, cleanup),
         }
         return {name: Protection(name, *found[name]) for name in PROTECTIONS}
 
-    def _announce(self, require: list[str]) -> None:
-        unknown = sorted(set(require) - set(PROTECTIONS))
-        if unknown:
-            raise GraphError(f"sandbox: unknown protections {unknown} in require=; "
-                             f"choose from {list(PROTECTIONS)}")
+    def _announce(self) -> None:
         logger.info("sandbox protections:\n%s", self.report())
-        for name in require:
-            if not self.protections[name].active:
-                raise GraphError(f"sandbox: protection '{name}' is required but unavailable here: "
-                                 f"{self.protections[name].detail} (or drop '{name}' from require=)")
-        missing = [p for p in self.protections.values() if not p.active]
-        if missing:
-            warnings.warn(f"sandbox runs without {', '.join(p.name for p in missing)}:\n"
-                          + "\n".join(f"{p.name}: {p.detail}" for p in missing), RuntimeWarning, stacklevel=3)
+        off = [p for p in self.protections.values() if not p.active]
+        if self.unavailable:
+            message = self.unavailable + "\n" + "\n".join(f"{p.name}: {p.detail}" for p in off
+                                                          if p.name in self.missing)
+        elif off:
+            message = (f"sandbox runs model-written code without {', '.join(p.name for p in off)} (opted in "
+                       f"with require={self.require!r}):\n" + "\n".join(f"{p.name}: {p.detail}" for p in off))
+        else:
+            return
+        if message not in _WARNED:
+            _WARNED.add(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def report(self) -> str:
         """One line per protection: ``on`` or ``OFF``, and how it is provided or why it is missing."""
@@ -354,14 +609,25 @@ class Sandbox:
             stdin: bytes the program reads on its standard input.
 
         Returns:
-            The output, exit status and the limit that stopped it, if any. No process of the run is left.
+            The output, exit status and the limit that stopped it, if any. No process of the run is left
+            where ``cleanup`` is on.
 
         Raises:
+            SandboxUnavailable: the sandbox lacks a required protection (:attr:`unavailable`); nothing ran.
             OSError: the run's cgroups or files could not be created.
         """
+        if self.unavailable:
+            raise SandboxUnavailable(self.unavailable)
         start = time.monotonic()
-        bwrap = self._bwrap_args is not None
-        workdir = "/tmp" if bwrap else tempfile.mkdtemp(prefix="latentgraph-sandbox-")
+        bwrap, uid = self._bwrap_args is not None, _fresh_uid() if self._user is not None else None
+        private = bwrap or (uid is not None and self._user["mounts"])  # working dir: a private /tmp
+        workdir = "/tmp" if private else tempfile.mkdtemp(prefix="latentgraph-sandbox-")
+        user = None
+        if uid is not None:
+            if not private:
+                os.chown(workdir, uid, uid)
+            user = _user_config(uid, self._user["mounts"], self.readable, self.limits.memory_mb * 2**20,
+                                workdir)
         cgroups = {c: _make_cgroup(parent, c, self.limits, 2 if bwrap else 0)  # + bwrap's monitor and init
                    for c, parent in self._cgroups.items()}
         status_r, status_w = os.pipe() if bwrap else (-1, -1)  # bwrap writes the pid of its init here
@@ -370,14 +636,15 @@ class Sandbox:
                 job.write(stdin)
                 job.seek(0)
                 proc = subprocess.Popen(
-                    self._command(argv, cgroups, status_w), stdin=job, stdout=out, stderr=subprocess.STDOUT,
-                    env=self._environment(workdir), cwd="/" if bwrap else workdir, start_new_session=True,
-                    pass_fds=(status_w,) if bwrap else ())
+                    self._command(argv, cgroups, status_w, user), stdin=job, stdout=out,
+                    stderr=subprocess.STDOUT, env=self._environment(workdir), cwd="/" if private else workdir,
+                    start_new_session=True, pass_fds=(status_w,) if bwrap else ())
                 if bwrap:
                     os.close(status_w)
                     status_w = -1
                 timed_out = _wait(proc, status_r if bwrap else None, start + self.limits.wall_seconds)
                 oom = "memory" in cgroups and _oom_kills(cgroups["memory"]) > 0
+                flooded = out.seek(0, os.SEEK_END) >= self.limits.max_file_mb * 2**20
                 output = _read_head_and_tail(out, self.limits.max_output_bytes)
         finally:
             for fd in (status_r, status_w):
@@ -386,22 +653,29 @@ class Sandbox:
             for path in cgroups.values():
                 if not _kill_cgroup(path, time.monotonic() + 5):
                     logger.error("sandbox: processes of cgroup %s survived SIGKILL for 5 s", path)
-            if not bwrap:
+            if uid is not None and not _reap(uid):
+                logger.error("sandbox: processes of uid %d survived SIGKILL for 5 s", uid)
+            if not private:
                 shutil.rmtree(workdir, ignore_errors=True)
         returncode = proc.returncode
         if bwrap and returncode > 128:  # bwrap reports a program killed by signal N as exit status 128 + N
             returncode = 128 - returncode
         limit = ("wall time" if timed_out else "memory" if oom else
-                 "CPU time" if returncode == -signal.SIGXCPU else None)
+                 "CPU time" if returncode == -signal.SIGXCPU else
+                 "output" if flooded or returncode == -signal.SIGXFSZ else None)
         return SandboxResult(output, returncode, limit, time.monotonic() - start)
 
-    def _command(self, argv: Sequence[str], cgroups: dict[str, Path], status_fd: int) -> list[str]:
+    def _command(self, argv: Sequence[str], cgroups: dict[str, Path], status_fd: int,
+                 user: dict | None) -> list[str]:
         limits = self.limits
         rlimits = {"RLIMIT_CPU": (limits.cpu_seconds, limits.cpu_seconds + 1),
                    "RLIMIT_FSIZE": (limits.max_file_mb * 2**20,) * 2, "RLIMIT_CORE": (0, 0)}
         if "memory" not in cgroups:
             rlimits["RLIMIT_AS"] = (limits.memory_mb * 2**20,) * 2
-        config = {"cgroups": [str(path / "cgroup.procs") for path in cgroups.values()], "rlimits": rlimits}
+        if user is not None:  # counts the processes and threads of the run's own uid: exactly the run's
+            rlimits["RLIMIT_NPROC"] = (limits.max_processes,) * 2
+        config = {"cgroups": [str(path / "cgroup.procs") for path in cgroups.values()], "rlimits": rlimits,
+                  "user": user}
         launcher = [sys.executable, "-I", "-S", "-B", "-c", _LAUNCHER, json.dumps(config)]
         if self._bwrap_args is None:
             return [*launcher, *argv]
