@@ -123,9 +123,48 @@ class Backbone:
         # Through the embedding module, never weight[ids]: Gemma scales inside it.
         return self.model.get_input_embeddings()(input_ids)
 
-    def new_cache(self) -> DynamicCache:
-        # Built from the config so hybrid models (Qwen3.5 linear attention) get their recurrent layers.
-        return DynamicCache(config=self.model.config)
+    def new_cache(self, *, autograd: bool = False) -> DynamicCache:
+        """A KV cache for this backbone, built from the config so hybrid models (Qwen3.5 linear attention)
+        get their recurrent layers. ``autograd=True`` gives an :class:`AutogradCache`, for forwards whose
+        gradients will be taken; the default cache updates states in place, which is faster."""
+        return (AutogradCache if autograd else DynamicCache)(config=self.model.config)
+
+
+class AutogradCache(DynamicCache):
+    """A ``DynamicCache`` that never overwrites a state tensor autograd may have saved.
+
+    Linear-attention layers (Qwen3.5's Gated DeltaNet) keep a conv and a recurrent state per layer and
+    update them in place: ``copy_`` into the cached tensor, in the cache's ``update_*_state`` and in the
+    fused single-token conv update, which writes the tensor ``get_conv_state`` returned. Under autograd
+    the step that read a state saved it for its backward pass, so the in-place write makes ``backward()``
+    fail ("modified by an inplace operation"). Here every read and every update of a state first swaps
+    the cached tensor for a copy of itself, so the in-place write lands on a tensor no earlier operation
+    saved; the values, and so the gradients, are those of the plain cache. Key/value layers already grow
+    out of place (``torch.cat``) and are left alone. The copies are per layer state (small: no sequence
+    axis), made only by this class, which rollouts use only when gradients are on.
+    """
+
+    def _fresh(self, kind: str, layer_idx: int, state_idx: int) -> None:
+        states = getattr(self.layers[layer_idx], kind, None)  # absent on attention layers: the base raises
+        if isinstance(states, dict) and isinstance(states.get(state_idx), torch.Tensor):
+            states[state_idx] = states[state_idx].clone()
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        self._fresh("conv_states", layer_idx, state_idx)
+        return super().get_conv_state(layer_idx, state_idx)
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        self._fresh("recurrent_states", layer_idx, state_idx)
+        return super().get_recurrent_state(layer_idx, state_idx)
+
+    def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0, **kwargs) -> torch.Tensor:
+        self._fresh("conv_states", layer_idx, state_idx)
+        return super().update_conv_state(conv_states, layer_idx, state_idx, **kwargs)
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                               **kwargs) -> torch.Tensor:
+        self._fresh("recurrent_states", layer_idx, state_idx)
+        return super().update_recurrent_state(recurrent_states, layer_idx, state_idx, **kwargs)
 
 
 def cache_kwargs(module: torch.nn.Module, cache: DynamicCache | None) -> dict[str, DynamicCache | None]:

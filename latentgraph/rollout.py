@@ -46,7 +46,9 @@ def latent_rollout(backbone: Backbone, inner: nn.Module, embeds: torch.Tensor, m
         return Thoughts(hidden=empty, embeds=empty.to(link_dtype))
     decoder = backbone.decoder
     positions = positions_from_mask(mask)
-    cache = backbone.new_cache() if use_cache else None
+    # Under autograd a cache whose in-place state updates cannot clobber saved tensors (hybrid models);
+    # it stays that way through steps past grad_steps, which would otherwise overwrite states saved before.
+    cache = backbone.new_cache(autograd=torch.is_grad_enabled()) if use_cache else None
     new_input, hidden, thoughts = embeds, [], []
     for step in range(steps):
         with torch.set_grad_enabled(torch.is_grad_enabled() and (grad_steps is None or step < grad_steps)):
