@@ -227,3 +227,18 @@ def test_non_finite_thoughts_blame_the_inner_link_or_the_backbone(make):
     system = lg.System([c, lg.Agent("d", model, tokenizer=tokenizer, prompt="{c}")], answer="d").connect("c", "d")
     with pytest.raises(lg.InputError, match="agent 'c' produced non-finite latents .*: its backbone's hidden state"):
         system.run("hi", max_new_tokens=2)
+
+
+def test_cli_run_shows_each_agent_step_live_on_stderr(saved):
+    from typer.testing import CliRunner
+
+    from latentgraph.cli import app
+
+    result = CliRunner().invoke(app, ["run", "What is 2 + 2?", "--style", str(saved), "--greedy", "--rounds", "2",
+                                      "--max-new-tokens", "3", "--latent-steps", "3", "--stop-tol", "0"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("round ")]
+    assert [line.split(" · ")[1].split()[0] for line in lines] == ["planner", "critic", "solver"] * 2
+    assert lines[0].startswith("round 1 · planner thought 3 latents (norm ") and lines[0].endswith(" s")
+    assert lines[-1].startswith("round 2 · solver spoke ") and " tokens · " in lines[-1]
+    assert result.stdout.strip() and "round 1 ·" not in result.stdout  # stdout keeps only the answer and table
