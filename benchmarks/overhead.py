@@ -1,11 +1,11 @@
-"""Executor overhead: a full system run against the bare backbone forwards it performs.
+"""Engine overhead: a full system run against the bare backbone forwards it performs.
 
 A 3-agent, 3-round sequential system (planner -> critic -> solver, solver -> planner feedback) on random
 ~100M-parameter backbones of two architectures runs once with hooks that record every top-level backbone
 call (its module and inputs). The benchmark then times, interleaved, (a) ``system.run`` and (b) a replay
 of exactly those recorded forwards on fresh caches, with nothing else: no prompt assembly, no links, no
-sampling, no trace. The ratio (a) / (b) is the executor's overhead. Since (a) and (b) run at different
-moments of a shared machine, it also prints a measure that drift cannot touch: the share of each
+sampling, no trace, no events. The ratio (a) / (b) is the engine's overhead. Since (a) and (b) run at
+different moments of a shared machine, it also prints a measure that drift cannot touch: the share of each
 ``system.run`` spent outside the backbone forwards (timed by the same hooks).
 
     python benchmarks/overhead.py [--repeats 5] [--latent-steps 16] [--max-new-tokens 32] [--batch 4]

@@ -1,14 +1,14 @@
 """latentgraph: multi-agent LLM systems whose agents talk in latent space (RecursiveMAS) as typed graphs.
 
 Agents wrap frozen Hugging Face causal LMs; edges carry small learned links over hidden states; feedback
-edges close loops; one executor unrolls any topology for R rounds.
+edges close loops; one engine unrolls any topology for R rounds, for inference and training alike.
 """
 
 from .agent import DEFAULT_SYSTEM_PROMPT, Agent
 from .decode import ToolCall
 from .errors import CheckpointError, GraphError, InputError, LatentGraphError, SandboxUnavailable
 from .evaluation import evaluate
-from .executor import AgentStep, RunOutput
+from .events import AgentStep, RunOutput
 from .links import Link, LinkConfig, link_types, register_link
 from .published import list_styles, load_style
 from .render import render

@@ -73,22 +73,50 @@ def run(
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (see the docs' CLI page)."),
     allow_unsandboxed_tools: bool = typer.Option(False, "--allow-unsandboxed-tools", help=UNSANDBOXED_HELP),
+    stop_tol: float | None = typer.Option(None, help="Stop early once the answer agent's mean thought changes by "
+                                                     "less than this (relative) between rounds, e.g. 0.05."),
 ) -> None:
-    """Answer a question with a system, and show what each agent did in each round."""
+    """Answer a question with a system, and show what each agent did in each round, live."""
+    from .engine import ThoughtsConverged
+    from .events import AgentFinished, AgentStarted
+
     with console.status(f"loading {style} (the first run converts and caches the models)"):
         system = load(style, task=task, device=device, allow_unsandboxed_tools=allow_unsandboxed_tools)
         for agent in system.agents.values():
             agent.model, agent.tokenizer  # load now, under the spinner, not during the first round
             if latent_steps is not None:
                 agent.latent_steps = latent_steps
-    with console.status(f"running {mode} mode"):
-        out = system.run([question], rounds=rounds, mode=mode, do_sample=not greedy, temperature=temperature,
-                         top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    stop = ThoughtsConverged(tol=stop_tol) if stop_tol is not None else None
+    with console.status(f"running {mode} mode") as status:
+        for event in system.stream([question], rounds=rounds, mode=mode, do_sample=not greedy,
+                                   temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                   seed=seed, stop=stop):
+            if isinstance(event, AgentStarted):
+                status.update(f"round {event.round} · {event.agent} is working")
+            elif isinstance(event, AgentFinished):
+                console.print(step_line(event.step), highlight=False, soft_wrap=True)
+        out = event.output
+    if out.stopped_early:
+        console.print(f"stopped early after round {out.rounds_run}: the answer agent's thoughts settled",
+                      highlight=False)
     if as_json:
         print(json.dumps(run_record(question, style, out), ensure_ascii=False))
         return
     print(out.texts[0])
     console.print(trace_table(out))
+
+
+def step_line(s: Any) -> str:
+    """One agent's step as a live line, e.g. ``round 1 · planner thought 8 latents (norm 12.3) · 0.41 s``."""
+    did = []
+    if s.latent_shape:
+        did.append(f"thought {s.latent_shape[1]} latents (norm {s.latent_norm:.1f})")
+    if s.tokens_out is not None:
+        did.append(f"spoke {sum(s.tokens_out)} tokens")
+    calls = sum(map(len, s.tool_calls or []))
+    if calls:
+        did.append(f"{calls} tool call{'s' * (calls != 1)}")
+    return f"round {s.round} · {s.agent} {' and '.join(did) or 'ran'} · {s.seconds:.2f} s"
 
 
 def run_record(question: str, style: str, out: Any) -> dict:

@@ -34,7 +34,7 @@ from .atomic import atomic_write_text
 from .datasets import Example, load_dataset
 from .decode import Sampling
 from .errors import InputError, SandboxUnavailable
-from .executor import MODES, RunOutput
+from .events import RUN_MODES, RunOutput
 from .report import EvalReport, plot, summarize
 from .textfiles import read_json
 from .tools.sandbox import PROTECTIONS, Limits, Sandbox
@@ -145,9 +145,9 @@ def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods
 def _configs(system: System, methods: Sequence[str], rounds: int | Sequence[int] | None) -> list[tuple]:
     """The (method, rounds) pairs to run, in the order given; ``"single"`` has rounds None."""
     methods = [methods] if isinstance(methods, str) else list(methods)
-    unknown = [m for m in methods if m not in MODES]
+    unknown = [m for m in methods if m not in RUN_MODES]
     if unknown or not methods or len(set(methods)) != len(methods):
-        raise InputError(f"methods must be distinct names among {MODES}, got {methods}")
+        raise InputError(f"methods must be distinct names among {RUN_MODES}, got {methods}")
     counts = [system.rounds] if rounds is None else [rounds] if isinstance(rounds, int) else list(rounds)
     if not counts or not all(isinstance(r, int) and r >= 1 for r in counts):
         raise InputError(f"rounds must be integers >= 1, got {rounds!r}")

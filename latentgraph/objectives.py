@@ -3,9 +3,10 @@
 ``inner_loss``: an agent is teacher-forced on its target text, and its inner link learns to map the hidden
 state at each target position to the input embedding of the next token (cosine loss, as published).
 
-``unrolled_loss``: the system is unrolled for R rounds exactly as the executor runs it, and the answer
-node's cross-entropy on its target text is back-propagated through every round, every link and every
-frozen backbone. What the other agents send comes from one of two regimes:
+``unrolled_loss``: the system is unrolled for R rounds by the same engine and plan as at inference
+(:func:`~latentgraph.engine.unroll` with a :class:`TrainingStep`), and the answer node's cross-entropy on
+its target text is back-propagated through every round, every link and every frozen backbone. What the
+other agents send comes from one of two regimes:
 
 - ``"teacher"`` (published): a sender is teacher-forced on its role target; its message is built from the
   hidden states at the last prompt position and the first target positions (``latent_steps`` of them);
@@ -15,7 +16,6 @@ frozen backbone. What the other agents send comes from one of two regimes:
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from .agent import Agent, Encoded, Message
-from .errors import GraphError
-from .executor import schedule
+from .engine import Spoken, Step, unroll
+from .errors import GraphError, InputError
+from .events import AgentThought, MessageDelivered
 from .links import placement
-from .rollout import positions_from_mask
+from .plan import Turn
+from .rollout import Thoughts, positions_from_mask
 from .train_data import TrainExample
 
 if TYPE_CHECKING:
@@ -107,51 +109,76 @@ def inner_loss(system: System, agent: Agent, batch: list[TrainExample]) -> torch
     return ((1 - cosine) * mask).sum() / mask.sum()
 
 
+class TrainingStep(Step):
+    """Training: what a turn computes when :func:`~latentgraph.engine.unroll` runs a plan for
+    :func:`unrolled_loss`, with autograd on.
+
+    A sender thinks by a latent rollout with gradients (``regime="rollout"``, ``grad_steps`` forwards kept
+    in the graph) or is teacher-forced on its role target (``"teacher"``), its message then built from the
+    hidden states at the last prompt position and the first ``latent_steps`` target positions. The answer
+    node "speaks" by being teacher-forced on its answer, which gives its cross-entropy; with
+    ``intermediate_weight > 0`` the same is scored in the earlier rounds where it thinks.
+    ``losses`` holds each scored round's cross-entropy after the unroll.
+    """
+
+    differentiable = True
+
+    def __init__(self, batch: list[TrainExample], *, regime: Regime = "rollout", intermediate_weight: float = 0.0,
+                 grad_steps: int | None = None):
+        if regime not in ("teacher", "rollout"):
+            raise InputError(f"regime must be 'teacher' or 'rollout', got {regime!r}")
+        self.batch, self.regime = batch, regime
+        self.intermediate_weight, self.grad_steps = intermediate_weight, grad_steps
+        self.losses: dict[int, torch.Tensor] = {}
+
+    def _targets(self, turn: Turn) -> list[list[int]]:
+        texts = [ex.answer if turn.is_answer else ex.target_for(turn.name) for ex in self.batch]
+        return target_ids(turn.agent, texts)
+
+    def think(self, turn: Turn, prompt: Encoded) -> Thoughts:
+        agent = turn.agent
+        forced = None
+        if turn.is_answer and self.intermediate_weight > 0 and not turn.speaks:  # an earlier round's answer
+            forced = teacher_forced(agent, prompt, self._targets(turn), logits=True)
+            self.losses[turn.round] = cross_entropy(forced)
+        if self.regime == "rollout":
+            return agent.think(prompt, grad_steps=self.grad_steps)
+        if forced is None:  # a message uses only the first latent_steps states: skip the rest of the text
+            forced = teacher_forced(agent, prompt, [t[:agent.latent_steps] for t in self._targets(turn)])
+        hidden = _first_steps(forced.hidden, agent.latent_steps)  # (B, m, H)
+        return Thoughts(hidden=hidden, embeds=agent.inner_link(hidden.to(**placement(agent.inner_link))))
+
+    def speak(self, turn: Turn, prompt: Encoded) -> Spoken:
+        if not turn.is_answer:
+            raise GraphError(f"agent '{turn.name}' speaks on a text edge; training through text edges is not "
+                             "supported: their messages are not differentiable")
+        self.losses[turn.round] = cross_entropy(teacher_forced(turn.agent, prompt, self._targets(turn), logits=True))
+        return Spoken(texts=[ex.answer for ex in self.batch])
+
+
 def unrolled_loss(system: System, batch: list[TrainExample], *, regime: Regime = "rollout", rounds: int | None = None,
                   intermediate_weight: float = 0.0, grad_steps: int | None = None) -> Unrolled:
     """The answer node's cross-entropy after unrolling ``system`` for ``rounds`` rounds on ``batch``.
 
-    The loss is the last round's cross-entropy, plus ``intermediate_weight`` times the mean of the answer
-    node's cross-entropy in earlier rounds (computed only when the weight is positive).
+    The rounds run on the same plan and engine as :meth:`System.run <latentgraph.System.run>`, with a
+    :class:`TrainingStep`. The loss is the last round's cross-entropy, plus ``intermediate_weight`` times the
+    mean of the answer node's cross-entropy in earlier rounds (computed only when the weight is positive).
     """
-    rounds = rounds or system.rounds
-    if any(e.mode == "text" for e in system.edges.values()):
-        raise GraphError("training through text edges is not supported: their messages are not differentiable")
-    questions = [ex.question for ex in batch]
-    inbox: dict[str, dict[str, Message]] = defaultdict(dict)
-    losses: dict[int, torch.Tensor] = {}
+    plan = system.plan(rounds)
+    text_edges = sorted({e.name for turn in plan.turns_in_order() for e in turn.outgoing if e.mode == "text"})
+    if text_edges:
+        raise GraphError(f"training through text edges ({', '.join(text_edges)}) is not supported: their messages "
+                         "are not differentiable")
+    step = TrainingStep(batch, regime=regime, intermediate_weight=intermediate_weight, grad_steps=grad_steps)
     outputs: dict[tuple[int, str], torch.Tensor] = {}  # what each link produced in each round
-    for r, turns in enumerate(schedule(system, rounds), start=1):
-        next_inbox: dict[str, dict[str, Message]] = defaultdict(dict)
-        for turn in turns:
-            agent = turn.agent
-            answers = agent.name == system.answer
-            scored = answers and (r == rounds or intermediate_weight > 0)
-            prompt = agent.encode(questions, agent.template(turn.reads_feedback), inbox[agent.name])
-            forced = None
-            if scored or (turn.thinks and regime == "teacher"):
-                texts = [ex.answer if answers else ex.target_for(agent.name) for ex in batch]
-                ids = target_ids(agent, texts)
-                if not scored:  # a message uses only the first latent_steps states: skip the rest of the text
-                    ids = [t[:agent.latent_steps] for t in ids]
-                forced = teacher_forced(agent, prompt, ids, logits=scored)
-                if scored:
-                    losses[r] = cross_entropy(forced)
-            if turn.thinks:
-                if regime == "teacher":
-                    hidden = _first_steps(forced.hidden, agent.latent_steps)  # (B, m, H)
-                    sent = agent.inner_link(hidden.to(**placement(agent.inner_link)))
-                else:
-                    sent = agent.think(prompt, grad_steps=grad_steps).embeds  # (B, m, H), inner link applied
-                outputs[(r, agent.name)] = sent
-                for edge in turn.outgoing:
-                    link = system.links[edge.name]
-                    message = link(sent.to(**placement(link)))  # (B, m, d_dst)
-                    outputs[(r, edge.name)] = message
-                    (next_inbox if edge.feedback else inbox)[edge.dst][edge.slot] = Message(latent=message)
-        inbox = next_inbox
-    earlier = [loss for r, loss in losses.items() if r < rounds]
-    total = losses[rounds] + (intermediate_weight * torch.stack(earlier).mean() if earlier else 0.0)
+    for event in unroll(plan, [ex.question for ex in batch], step):
+        if isinstance(event, AgentThought):
+            outputs[(event.round, event.agent)] = event.thoughts.embeds  # (B, m, H), inner link applied
+        elif isinstance(event, MessageDelivered) and event.latent is not None:
+            outputs[(event.round, event.edge)] = event.latent  # (B, m, d_dst)
+    losses, last = step.losses, plan.rounds
+    earlier = [loss for r, loss in losses.items() if r < last]
+    total = losses[last] + (intermediate_weight * torch.stack(earlier).mean() if earlier else 0.0)
     return Unrolled(loss=total, round_losses={r: loss.item() for r, loss in losses.items()}, outputs=outputs)
 
 

@@ -1,4 +1,5 @@
-"""Systems: agents connected by edges. Build with ``connect``, check with ``validate``, execute with ``run``.
+"""Systems: agents connected by edges. Build with ``connect``, check with ``validate``, compile with ``plan``,
+execute with ``run`` (or ``stream``, which yields the run's events as they happen).
 
 A forward edge delivers in the same round, so forward edges must form a DAG; a feedback edge delivers in
 the next round and may close a loop. Latent edges carry an outer link; text edges carry the sender's
@@ -9,19 +10,23 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import networkx as nx
 from torch import nn
 
 from . import checkpoint
 from .agent import Agent, check_name
-from .errors import GraphError
-from .executor import RunOutput, execute
+from .decode import Sampling
+from .engine import InferenceStep, Stop, question_list, unroll
+from .errors import GraphError, InputError
+from .events import Event, RunMode, RunOutput
 from .hub import fetch
 from .links import check_link, make_link
+from .plan import Plan, build_plan
 from .prompt import QUESTION
 
 Mode = Literal["latent", "text"]
@@ -214,9 +219,35 @@ class System(nn.Module):
                           stacklevel=3)
         return problems
 
-    def run(self, questions: str | list[str], *, rounds: int | None = None, mode: str = "latent",
+    def plan(self, rounds: int | None = None, mode: RunMode = "latent") -> Plan:
+        """Validate the graph and compile it into a :class:`~latentgraph.plan.Plan` for ``rounds`` rounds
+        (default ``system.rounds``) in run mode ``mode`` (see :meth:`run`): the turns of each round, who reads
+        what and sends where. ``print(system.plan())`` shows it as a table."""
+        return build_plan(self, self.rounds if rounds is None else rounds, mode)
+
+    def stream(self, questions: str | list[str], *, rounds: int | None = None, mode: RunMode = "latent",
+               do_sample: bool = True, temperature: float = 0.6, top_p: float = 0.95, top_k: int | None = None,
+               max_new_tokens: int = 256, seed: int | None = None, return_latents: bool = False,
+               stop: Stop | None = None) -> Iterator[Event]:
+        """Run the system like :meth:`run`, yielding its :mod:`~latentgraph.events` as they happen.
+
+        Inputs are checked at once (before the first event); the last event is a
+        :class:`~latentgraph.events.RunFinished` whose ``output`` is what :meth:`run` returns.
+        """
+        questions = question_list(questions)
+        if stop is not None and not callable(stop):
+            raise InputError(f"stop must be a callable on a round's events or a criterion such as "
+                             f"latentgraph.engine.ThoughtsConverged(tol=0.05), got {stop!r}")
+        sampling = Sampling(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                            max_new_tokens=max_new_tokens)
+        plan = self.plan(rounds, mode)
+        plan.check_lengths(questions, sampling.max_new_tokens)
+        return unroll(plan, questions, InferenceStep(sampling, seed=seed, return_latents=return_latents), stop=stop)
+
+    def run(self, questions: str | list[str], *, rounds: int | None = None, mode: RunMode = "latent",
             do_sample: bool = True, temperature: float = 0.6, top_p: float = 0.95, top_k: int | None = None,
-            max_new_tokens: int = 256, seed: int | None = None, return_latents: bool = False) -> RunOutput:
+            max_new_tokens: int = 256, seed: int | None = None, return_latents: bool = False,
+            stop: Stop | None = None) -> RunOutput:
         """Run the system on a batch of questions.
 
         All questions run together as one left-padded batch. ``rounds`` overrides ``system.rounds``.
@@ -226,10 +257,17 @@ class System(nn.Module):
         default; ``do_sample=False`` is greedy; ``max_new_tokens`` also bounds each text message. ``seed``
         makes sampling reproducible. ``return_latents`` keeps every agent's raw hidden states (on CPU) in
         ``RunOutput.latents``.
+
+        ``stop`` ends the run early: after each round but the last it is called on the round's events (a
+        list of :mod:`~latentgraph.events`); when it returns True, the answer node speaks in that round,
+        from the prompt it read in that round, and the run ends (``RunOutput.stopped_early``). A built-in
+        criterion: :class:`latentgraph.engine.ThoughtsConverged`. This is :meth:`stream`, drained.
         """
-        return execute(self, questions, rounds=rounds, mode=mode, do_sample=do_sample, temperature=temperature,
-                       top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
-                       return_latents=return_latents)
+        for event in self.stream(questions, rounds=rounds, mode=mode, do_sample=do_sample, temperature=temperature,
+                                 top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
+                                 return_latents=return_latents, stop=stop):
+            pass
+        return event.output
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the graph (``latentgraph_config.json``) and the link weights (``links.safetensors``).

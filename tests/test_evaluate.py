@@ -23,7 +23,7 @@ from latentgraph.cli import app
 from latentgraph.datasets import Example
 from latentgraph.errors import InputError, SandboxUnavailable
 from latentgraph.evaluation import SandboxRunner
-from latentgraph.executor import AgentStep, RunOutput
+from latentgraph.events import AgentStep, RunOutput
 from latentgraph.report import plot, wilson
 
 from systems import sequential
