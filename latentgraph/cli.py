@@ -24,8 +24,11 @@ def _commands() -> None:
 
 
 def load(style: str, *, task: str = "math", weights: bool = True, device: str | None = None):
-    """A system by name: ``default`` (the embedded default), a published style, or a saved directory."""
-    from .checkpoint import CONFIG_NAME
+    """A system by name: ``default`` (the embedded default), a published style, a saved directory, or a
+    system declared in a ``.json``/``.yaml`` file (with the links of a ``links.safetensors`` beside it, else
+    fresh untrained links)."""
+    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_weights
+    from .config import CONFIG_SUFFIXES
     from .default import default_system
     from .published import list_styles, load_style
     from .system import System
@@ -36,8 +39,17 @@ def load(style: str, *, task: str = "math", weights: bool = True, device: str | 
         return load_style(style, task=task, device=device, load_weights=weights)
     if (Path(style) / CONFIG_NAME).exists():
         return System.from_pretrained(style, device=device)
-    raise CheckpointError(f"{style!r} is not '{DEFAULT}', a published style ({', '.join(list_styles())}) or a "
-                          f"directory with a {CONFIG_NAME}")
+    path = Path(style)
+    if path.suffix.lower() in CONFIG_SUFFIXES and path.is_file():
+        system = System.from_config(path, device=device)
+        if (path.parent / WEIGHTS_NAME).exists():
+            load_weights(path.parent, system.link_modules())
+        else:
+            console.print(f"[yellow]warning:[/] no {WEIGHTS_NAME} beside {path}: the links are freshly "
+                          "initialised, not trained")
+        return system
+    raise CheckpointError(f"{style!r} is not '{DEFAULT}', a published style ({', '.join(list_styles())}), a "
+                          f"directory with a {CONFIG_NAME} or a system file ({', '.join(CONFIG_SUFFIXES)})")
 
 
 @app.command()

@@ -152,7 +152,7 @@ def _step(system: System, examples: list[TrainExample], config: TrainConfig, ste
                         key, output_norms[key] + g.float().pow(2).sum().item()))
         (loss / config.accumulate).backward()
         total += loss.item() / config.accumulate
-    link_norms = {name: _norm(module.parameters()) for name, module in _links(system).items()}
+    link_norms = {name: _norm(module.parameters()) for name, module in system.link_modules().items()}
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip).item()
     optimizer.step()
     record = {"step": step + 1, "loss": total, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
@@ -162,10 +162,6 @@ def _step(system: System, examples: list[TrainExample], config: TrainConfig, ste
         record["rounds"] = {str(r): {link: math.sqrt(v) for (rr, link), v in output_norms.items() if rr == r}
                             for r in rounds}
     return record
-
-
-def _links(system: System) -> dict[str, torch.nn.Module]:
-    return {**{name: agent.inner_link for name, agent in system.agents.items()}, **dict(system.links)}
 
 
 def _norm(parameters) -> float:
@@ -185,7 +181,7 @@ def _load_checkpoint(directory: Path, system: System, optimizer, schedule) -> tu
 
     if not (directory / STATE_NAME).exists():
         raise CheckpointError(f"{directory} is not a training checkpoint: it has no {STATE_NAME}")
-    assign(system, load_file(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
+    assign(system.link_modules(), load_file(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
     state = torch.load(directory / STATE_NAME, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
