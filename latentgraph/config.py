@@ -222,7 +222,7 @@ class EdgeConfig(ConfigModel):
 
 
 class SystemConfig(ConfigModel):
-    """A whole system: what ``latentgraph_config.json`` holds (see :doc:`the format page <../format>`)."""
+    """A whole system: what ``latentgraph_config.json`` holds (keys and defaults: the Checkpoint formats page)."""
 
     format_version: int = Field(FORMAT_VERSION, ge=1)
     latentgraph_version: str | None = None

@@ -28,3 +28,15 @@ def test_format_page_example_is_a_valid_config():
     assert json.loads(config.to_json()) == json.loads(blocks[0])  # every key documented, none missing
     manifests = [json.loads(block) for block in blocks[1:]]
     assert "adapters" in manifests[0] and "tasks" in manifests[1]
+
+
+def test_format_page_schema_lists_exactly_the_config_fields():
+    from latentgraph.config import AgentConfig, EdgeConfig
+
+    page = (DOCS / "format.md").read_text()
+    table = page[page.index("### Schema"):page.index("A link is")]
+    listed = {name for row in re.findall(r"^\| (`[^|]+) \|", table, flags=re.MULTILINE)
+              for name in re.findall(r"`([^`]+)`", row)}
+    expected = ({*SystemConfig.model_fields} | {f"agents[].{f}" for f in AgentConfig.model_fields}
+                | {f"edges[].{f}" for f in EdgeConfig.model_fields})
+    assert listed == expected
