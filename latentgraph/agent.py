@@ -144,8 +144,10 @@ class Agent(nn.Module):
             raise GraphError(f"Agent.from_config takes an AgentConfig, got {config!r}")
         if backbone is None:
             source, tokenizer, revision = config.backbone.name_or_path, None, config.backbone.revision
+        elif isinstance(backbone, tuple):
+            (source, tokenizer), revision = backbone, None
         else:
-            (source, tokenizer), revision = backbone if isinstance(backbone, tuple) else (backbone, None), None
+            source, tokenizer, revision = backbone, None, None
         return cls(config.name, source, config.prompt, feedback_prompt=config.feedback_prompt,
                    system_prompt=config.system_prompt, latent_steps=config.latent_steps,
                    inner_link=config.inner_link, tokenizer=tokenizer, revision=revision, **kwargs)
