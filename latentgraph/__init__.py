@@ -5,6 +5,7 @@ edges close loops; one engine unrolls any topology for R rounds, for inference a
 """
 
 from .agent import DEFAULT_SYSTEM_PROMPT, Agent
+from .config import AgentConfig, BackboneConfig, EdgeConfig, SystemConfig
 from .decode import ToolCall
 from .errors import CheckpointError, GraphError, InputError, LatentGraphError, SandboxUnavailable
 from .evaluation import evaluate
@@ -21,10 +22,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Agent",
+    "AgentConfig",
+    "BackboneConfig",
     "AgentStep",
     "CheckpointError",
     "DEFAULT_SYSTEM_PROMPT",
     "Edge",
+    "EdgeConfig",
     "GraphError",
     "InputError",
     "LatentGraphError",
@@ -33,6 +37,7 @@ __all__ = [
     "RunOutput",
     "SandboxUnavailable",
     "System",
+    "SystemConfig",
     "Tool",
     "ToolCall",
     "TrainConfig",

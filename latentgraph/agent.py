@@ -15,14 +15,13 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .backbone import Backbone, get_backbone
+from .config import DEFAULT_SYSTEM_PROMPT, AgentConfig, BackboneConfig
 from .decode import Generation, Sampling, generate
 from .errors import CheckpointError, GraphError
-from .links import make_link
+from .links import config_of, make_link
 from .prompt import PromptTemplate, marker, render_chat, scrub, split_at_markers
 from .rollout import Thoughts, latent_rollout
 from .tools.base import Tool
-
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 @dataclass
@@ -40,6 +39,11 @@ class Encoded:
     embeds: torch.Tensor  # (B, L, H)
     mask: torch.Tensor  # (B, L), 1 for real positions
     text_tokens: list[int]  # per row: prompt positions that are tokens (the rest are latents or padding)
+
+
+def _is_int(value: Any) -> bool:
+    """An integer, and not a bool (``True`` is an ``int`` to Python, never a count to us)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_name(name: Any, what: str) -> str:
@@ -99,7 +103,7 @@ class Agent(nn.Module):
         self.name = check_name(name, "agent")
         self.latent_steps = latent_steps
         self.tools = tools
-        if not (isinstance(max_tool_calls, int) and max_tool_calls >= 0):
+        if not (_is_int(max_tool_calls) and max_tool_calls >= 0):
             raise GraphError(f"agent '{name}': max_tool_calls must be an integer >= 0, got {max_tool_calls!r}")
         self.max_tool_calls = max_tool_calls
         self.system_prompt = system_prompt
@@ -115,12 +119,46 @@ class Agent(nn.Module):
                                     where=f"agent '{name}' inner link")
 
     @property
+    def config(self) -> AgentConfig:
+        """The agent as data: what ``latentgraph_config.json`` stores for it (tools are code and are not
+        part of it)."""
+        return AgentConfig(name=self.name, backbone=BackboneConfig(name_or_path=str(self.backbone.name_or_path),
+                                                                   revision=self.backbone.revision),
+                           prompt=self.prompt, feedback_prompt=self.feedback_prompt, system_prompt=self.system_prompt,
+                           latent_steps=self.latent_steps,
+                           inner_link=config_of(self.inner_link, f"agent '{self.name}' inner link"))
+
+    @classmethod
+    def from_config(cls, config: AgentConfig, backbone: Any = None, **kwargs: Any) -> Agent:
+        """Build the agent ``config`` describes.
+
+        Args:
+            config: an :class:`~latentgraph.AgentConfig` (or a dict of its fields).
+            backbone: instead of the config's backbone: a hub id, a directory, a loaded model, a
+                ``(model, tokenizer)`` pair or a ``Backbone``.
+            kwargs: further :class:`Agent` arguments (``device``, ``dtype``, ``tools``, ...).
+        """
+        if isinstance(config, dict):
+            config = AgentConfig(**config)
+        if not isinstance(config, AgentConfig):
+            raise GraphError(f"Agent.from_config takes an AgentConfig, got {config!r}")
+        if backbone is None:
+            source, tokenizer, revision = config.backbone.name_or_path, None, config.backbone.revision
+        elif isinstance(backbone, tuple):
+            (source, tokenizer), revision = backbone, None
+        else:
+            source, tokenizer, revision = backbone, None, None
+        return cls(config.name, source, config.prompt, feedback_prompt=config.feedback_prompt,
+                   system_prompt=config.system_prompt, latent_steps=config.latent_steps,
+                   inner_link=config.inner_link, tokenizer=tokenizer, revision=revision, **kwargs)
+
+    @property
     def latent_steps(self) -> int:
         return self._latent_steps
 
     @latent_steps.setter
     def latent_steps(self, value: int) -> None:
-        if isinstance(value, bool) or not (isinstance(value, int) and value >= 0):
+        if not (_is_int(value) and value >= 0):
             raise GraphError(f"agent '{self.name}': latent_steps must be an integer >= 0, got {value!r}")
         self._latent_steps = value
 

@@ -7,8 +7,9 @@
 - ``links.safetensors``: link parameters only, keys ``"<agent>.<param>"`` for inner links and
   ``"<src>-><dst>.<param>"`` for outer links.
 
-Backbones are referenced, never copied. Loading tolerates unknown config keys (with a warning) and fails
-clearly on missing files, missing keys, wrong shapes and corrupt files.
+Backbones are referenced, never copied. The config is ``System.to_config()`` as JSON (see
+:mod:`latentgraph.config`, which also reads it); this module is the file I/O around it and the link
+weights. Loading fails clearly on missing files, missing keys, wrong shapes or dtypes and corrupt files.
 
 Saving is crash-safe (:mod:`latentgraph.atomic`): both files are built in memory, written into a hidden
 sibling folder and committed with one atomic exchange, so a kill or a full disk at any moment leaves the
@@ -18,148 +19,47 @@ in the folder are kept. A failed save raises :class:`~latentgraph.errors.Checkpo
 
 from __future__ import annotations
 
-import json
 import pickle
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .atomic import recover, write_directory
+from .config import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, SystemConfig, read_config
 from .errors import CheckpointError, unpickling_problem
-from .links import Link, LinkConfig
-from .textfiles import read_json
 
-if TYPE_CHECKING:
-    from .system import System
-
-CONFIG_NAME = "latentgraph_config.json"
-WEIGHTS_NAME = "links.safetensors"
-FORMAT_VERSION = 1
+__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "WEIGHTS_NAME", "assign", "check_shape", "files", "link_state_dict",
+           "load_pickled_state_dict", "load_weights", "read_config", "read_weights", "recover", "save"]
 
 
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown keys are kept, then reported by _warn_unknown
-
-    def unknown(self, where: str) -> list[str]:
-        found = [f"{where}.{key}" for key in (self.model_extra or {})]
-        for name, value in self:
-            items = value if isinstance(value, list) else [value]
-            for i, item in enumerate(items):
-                if isinstance(item, _Spec):
-                    found += item.unknown(f"{where}.{name}[{i}]" if isinstance(value, list) else f"{where}.{name}")
-        return found
-
-
-class BackboneSpec(_Spec):
-    name_or_path: str
-    revision: str | None = None
-
-
-class AgentSpec(_Spec):
-    name: str
-    backbone: BackboneSpec
-    prompt: str
-    feedback_prompt: str | None = None
-    system_prompt: str | None = None
-    latent_steps: int
-    inner_link: dict[str, Any]
-
-
-class EdgeSpec(_Spec):
-    src: str
-    dst: str
-    slot: str
-    mode: Literal["latent", "text"] = "latent"
-    feedback: bool = False
-    link: dict[str, Any] | None = None
-
-
-class SystemSpec(_Spec):
-    format_version: int
-    latentgraph_version: str | None = None
-    rounds: int
-    answer: str | None
-    agents: list[AgentSpec]
-    edges: list[EdgeSpec]
-
-
-def link_state_dict(system: System) -> dict[str, torch.Tensor]:
-    """Every link parameter, keyed ``"<agent>.<param>"`` (inner) or ``"<src>-><dst>.<param>"`` (outer)."""
-    modules = {**{name: agent.inner_link for name, agent in system.agents.items()}, **dict(system.links)}
+def link_state_dict(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Every link parameter of ``modules`` (``System.link_modules()``), keyed ``"<owner>.<param>"``."""
     return {f"{owner}.{key}": value for owner, module in modules.items() for key, value in module.state_dict().items()}
 
 
-def _link_config(module: nn.Module, where: str) -> dict[str, Any]:
-    if not isinstance(module, Link):
-        raise CheckpointError(f"{where} is a plain {type(module).__name__}, which cannot be saved as a config; "
-                              "make it a Link subclass registered with @latentgraph.register_link")
-    return module.config.model_dump(exclude={"role", "in_dim", "out_dim"}, exclude_none=True)
-
-
-def save(system: System, directory: str | Path) -> Path:
-    """Write ``system`` in latentgraph's format, crash-safely; see the module docstring."""
-    write_directory(directory, files(system))
+def save(directory: str | Path, config: SystemConfig, modules: dict[str, nn.Module]) -> Path:
+    """Write ``config`` and the parameters of ``modules`` in latentgraph's format, crash-safely; see the
+    module docstring."""
+    write_directory(directory, files(config, modules))
     return Path(directory)
 
 
-def files(system: System) -> dict[str, bytes]:
-    """The checkpoint of ``system`` as ``{file name: content}``, built (and the system validated) in memory."""
-    from . import __version__
-
-    system.validate()
-    spec = SystemSpec(
-        format_version=FORMAT_VERSION, latentgraph_version=__version__, rounds=system.rounds, answer=system.answer,
-        agents=[AgentSpec(name=name, backbone=BackboneSpec(name_or_path=agent.backbone.name_or_path,
-                                                             revision=agent.backbone.revision),
-                          prompt=agent.prompt, feedback_prompt=agent.feedback_prompt,
-                          system_prompt=agent.system_prompt, latent_steps=agent.latent_steps,
-                          inner_link=_link_config(agent.inner_link, f"agent '{name}' inner link"))
-                for name, agent in system.agents.items()],
-        edges=[EdgeSpec(src=e.src, dst=e.dst, slot=e.slot, mode=e.mode, feedback=e.feedback,
-                        link=_link_config(system.links[e.name], f"edge '{e.name}' link") if e.mode == "latent" else None)
-               for e in system.edges.values()],
-    )
+def files(config: SystemConfig, modules: dict[str, nn.Module]) -> dict[str, bytes]:
+    """The checkpoint as ``{file name: content}``, built in memory."""
     # clone: safetensors refuses tensors that share memory; contiguous: it stores dense buffers
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in link_state_dict(system).items()}
-    return {CONFIG_NAME: (json.dumps(spec.model_dump(), indent=2) + "\n").encode(),
-            WEIGHTS_NAME: safetensors_bytes(tensors, metadata={"format": "pt"})}
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in link_state_dict(modules).items()}
+    return {CONFIG_NAME: config.to_json().encode(), WEIGHTS_NAME: safetensors_bytes(tensors, metadata={"format": "pt"})}
 
 
-def load(directory: str | Path, *, backbones: dict[str, Any] | None = None, device: Any = None,
-         dtype: Any = None) -> System:
-    """Read a system written by :func:`save`. ``backbones={agent: source}`` replaces saved backbones: a hub
-    id, a directory, a ``(model, tokenizer)`` pair or a :class:`~latentgraph.backbone.Backbone`."""
-    from .agent import Agent
-    from .backbone import get_backbone
-    from .system import System
-
-    directory = recover(Path(directory))
-    spec = read_spec(directory / CONFIG_NAME)
-    names = [a.name for a in spec.agents]
-    for name in backbones or {}:
-        if name not in names:
-            raise CheckpointError(f"backbones= names agent '{name}', which {directory} does not have; agents: {names}")
-    injected, agents = backbones or {}, []
-    for a in spec.agents:
-        source = injected.get(a.name, a.backbone.name_or_path)
-        model, tokenizer = source if isinstance(source, tuple) else (source, None)
-        revision = None if a.name in injected else a.backbone.revision
-        backbone = get_backbone(model, tokenizer=tokenizer, revision=revision, device=device, dtype=dtype)
-        agents.append(Agent(a.name, backbone, a.prompt, feedback_prompt=a.feedback_prompt,
-                            system_prompt=a.system_prompt, latent_steps=a.latent_steps, inner_link=a.inner_link))
-    system = System(agents, rounds=spec.rounds, answer=spec.answer)
-    for e in spec.edges:
-        system.connect(e.src, e.dst, slot=e.slot, mode=e.mode, feedback=e.feedback, link=e.link)
-    weights = directory / WEIGHTS_NAME
-    assign(system, read_weights(weights), source=str(weights))
-    return system.validate()
+def load_weights(directory: str | Path, modules: dict[str, nn.Module]) -> None:
+    """Copy ``directory``'s ``links.safetensors`` into ``modules``; every tensor they need is required."""
+    weights = Path(directory) / WEIGHTS_NAME
+    assign(modules, read_weights(weights), source=str(weights))
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -172,26 +72,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}); save the system again") from None
 
 
-def read_spec(path: Path) -> SystemSpec:
-    if not path.exists():
-        raise CheckpointError(f"{path} is missing: is {path.parent} a latentgraph checkpoint (save_pretrained)?")
-    raw = read_json(path, error=CheckpointError)
-    try:
-        spec = SystemSpec.model_validate(raw)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise CheckpointError(f"{path} does not describe a system: {problems}") from None
-    if spec.format_version > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {spec.format_version}; this latentgraph reads up to "
-                              f"{FORMAT_VERSION}: upgrade latentgraph")
-    if unknown := spec.unknown("config"):
-        warnings.warn(f"{path}: ignoring unknown keys {unknown} (written by a newer latentgraph?)", stacklevel=3)
-    return spec
-
-
-def assign(system: System, state: dict[str, torch.Tensor], *, source: str) -> None:
-    """Copy ``state`` (keys as in :func:`link_state_dict`) into the system's links; every key is required."""
-    expected = link_state_dict(system)
+def assign(modules: dict[str, nn.Module], state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Copy ``state`` (keys as in :func:`link_state_dict`) into ``modules``; every key is required."""
+    expected = link_state_dict(modules)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"{source} lacks {len(missing)} link tensors: {missing[:8]}"
@@ -201,13 +84,16 @@ def assign(system: System, state: dict[str, torch.Tensor], *, source: str) -> No
         warnings.warn(f"{source}: ignoring {len(unknown)} tensors that match no link: {unknown[:8]}", stacklevel=3)
     for key, target in expected.items():
         check_shape(state[key], target, key, source)
-    modules = {**{name: agent.inner_link for name, agent in system.agents.items()}, **dict(system.links)}
     for owner, module in modules.items():
         prefix = f"{owner}."
         module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=False)
 
 
 def check_shape(tensor: torch.Tensor, target: torch.Tensor, key: str, source: str) -> None:
+    """A link tensor must be floating point and have the shape of the parameter it fills."""
+    if not tensor.is_floating_point():
+        raise CheckpointError(f"{source}: tensor '{key}' has dtype {tensor.dtype}; link parameters are floating "
+                              "point: the file is not a link checkpoint, or was corrupted")
     if tuple(tensor.shape) != tuple(target.shape):
         raise CheckpointError(f"{source}: tensor '{key}' has shape {tuple(tensor.shape)}, the link expects "
                               f"{tuple(target.shape)}: the checkpoint was made for other backbones or link types")

@@ -29,14 +29,17 @@ def _commands() -> None:
 
 def load(style: str, *, task: str = "math", weights: bool = True, device: str | None = None,
          allow_unsandboxed_tools: bool = False):
-    """A system by name: ``default`` (the embedded default), a published style, or a saved directory.
+    """A system by name: ``default`` (the embedded default), a published style, a saved directory, or a
+    system declared in a ``.json``/``.yaml`` file (with the links of a ``links.safetensors`` beside it, else
+    fresh untrained links).
 
     ``allow_unsandboxed_tools`` gives a published style's tool agent a Python tool that runs code with
     whatever protections this machine has (``PythonTool(require=())``) instead of failing closed."""
     from transformers.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # per-tensor "Loading weights" bars; the command shows its own status
-    from .checkpoint import CONFIG_NAME
+    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_weights
+    from .config import CONFIG_SUFFIXES
     from .default import default_system
     from .published import list_styles, load_style, style_module
     from .system import System
@@ -50,8 +53,17 @@ def load(style: str, *, task: str = "math", weights: bool = True, device: str | 
                           **({"tools": [PythonTool(require=())]} if opt_in else {}))
     if (Path(style) / CONFIG_NAME).exists():
         return System.from_pretrained(style, device=device)
-    raise CheckpointError(f"{style!r} is not '{DEFAULT}', a published style ({', '.join(list_styles())}) or a "
-                          f"directory with a {CONFIG_NAME}")
+    path = Path(style)
+    if path.suffix.lower() in CONFIG_SUFFIXES and path.is_file():
+        system = System.from_config(path, device=device)
+        if (path.parent / WEIGHTS_NAME).exists():
+            load_weights(path.parent, system.link_modules())
+        else:
+            console.print(f"[yellow]warning:[/] no {WEIGHTS_NAME} beside {path}: the links are freshly "
+                          "initialised, not trained")
+        return system
+    raise CheckpointError(f"{style!r} is not '{DEFAULT}', a published style ({', '.join(list_styles())}), a "
+                          f"directory with a {CONFIG_NAME} or a system file ({', '.join(CONFIG_SUFFIXES)})")
 
 
 @app.command()

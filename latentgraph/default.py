@@ -81,5 +81,5 @@ def default_system(*, device: Any = None, dtype: Any = None) -> System:
             os.rename(scratch, cached)  # atomic: a folder that exists is complete
         except OSError:  # another process finished first; its links are the same
             shutil.rmtree(scratch, ignore_errors=True)
-    assign(system, load_file(cached / WEIGHTS_NAME), source=str(cached / WEIGHTS_NAME))
+    assign(system.link_modules(), load_file(cached / WEIGHTS_NAME), source=str(cached / WEIGHTS_NAME))
     return system

@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
 
 from . import scoring, scoring_upstream
 from .atomic import atomic_write_text
 from .datasets import Example, load_dataset
 from .decode import Sampling
-from .errors import InputError, SandboxUnavailable
+from .errors import GraphError, InputError, SandboxUnavailable
 from .events import RUN_MODES, RunOutput
 from .report import EvalReport, plot, summarize
 from .textfiles import read_json
@@ -165,14 +166,19 @@ def _key(row: dict) -> tuple:
 
 
 def fingerprint(system: System) -> str:
-    """A digest of what decides a system's answers: agents (backbone, prompts, latent steps), edges, answer
-    node and link weights. Backbone weights are identified by their source only."""
-    graph = {"agents": [[a.name, str(a.backbone.name_or_path), a.backbone.revision, a.prompt,
-                         a.feedback_prompt, a.system_prompt, a.latent_steps] for a in system.agents.values()],
-             "edges": [[e.name, e.slot, e.mode, e.feedback] for e in system.edges.values()],
-             "answer": system.answer}
-    digest = hashlib.sha256(json.dumps(graph).encode())
-    for name, tensor in sorted(system.state_dict().items()):
+    """A digest of what decides a system's answers: its config (:meth:`~latentgraph.System.to_config`: agents
+    with backbone source, prompts and latent steps; edges with their link configs; answer node) and its link
+    weights. Backbone weights are identified by their source only. The latentgraph version and the default
+    rounds are left out (evaluation records the rounds of every row)."""
+    from .checkpoint import link_state_dict
+
+    try:
+        described: Any = system.to_config().model_dump(mode="json", exclude={"latentgraph_version", "rounds"})
+    except GraphError:  # a plain nn.Module link has no config: the module tree and the prompts stand in for it
+        described = [nn.Module.__repr__(system), repr(system),
+                     [[a.prompt, a.feedback_prompt, a.system_prompt, a.backbone.revision] for a in system.agents.values()]]
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
+    for name, tensor in sorted(link_state_dict(system.link_modules()).items()):
         digest.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 

@@ -13,11 +13,12 @@ states of real text have the mean norm of real input embeddings.
 inner link applied to its hidden states) to what the receiver would read for the same text: the receiver's
 input embedding of the token the sender predicts next (re-tokenized with the receiver's tokenizer).
 
-Both write the fitted map into the link. ``linear`` and ``res_linear`` links represent it exactly. The
-``ln_res`` links end in a LayerNorm, so their fit is approximate: the MLP branch is zeroed (training then
-starts from the fitted map, as LoRA starts from zero), the map goes into the residual branch
-(``residual_proj``; the identity for inner links) and the final LayerNorm's scale and shift are fitted
-per dimension to the targets.
+Both write the fitted map into the link through its type's :meth:`~latentgraph.Link.fit_affine`, so a
+user-registered type that implements it can be initialised too. ``linear`` and ``res_linear`` links
+represent the map exactly. The ``ln_res`` links end in a LayerNorm, so their fit is approximate: the MLP
+branch is zeroed (training then starts from the fitted map, as LoRA starts from zero), the map goes into
+the residual branch (``residual_proj``; the identity for inner links) and the final LayerNorm's scale and
+shift are fitted per dimension to the targets.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import GraphError
@@ -144,43 +144,11 @@ def hidden_states(agent: Agent, texts: list[str], max_tokens: int) -> tuple[torc
 
 def _write(link: nn.Module, weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, where: str,
            targets: torch.Tensor | None = None) -> None:
-    """Write ``y = x @ weight + bias`` into ``link`` (``targets``, when given, fit ln_res's final norm)."""
-    kind = link.config.type if isinstance(link, Link) else type(link).__name__
-    weight, bias = weight.float(), bias.float()
-    if kind == "linear":
-        link.proj.weight.copy_(weight.T)
-        link.proj.bias.copy_(bias)
-    elif kind == "res_linear":
-        skip = link.residual_proj
-        if isinstance(skip, nn.Linear):
-            skip.weight.copy_(weight.T)
-            skip.bias.copy_(bias)
-            link.proj.weight.zero_()
-            link.proj.bias.zero_()
-        else:
-            link.proj.weight.copy_(weight.T - torch.eye(len(weight)))
-            link.proj.bias.copy_(bias)
-    elif kind == "ln_res":
-        link.proj2.weight.zero_()
-        link.proj2.bias.zero_()
-        if link.config.role == "outer":
-            link.residual_proj.weight.copy_(weight.T)
-            link.residual_proj.bias.copy_(bias)
-            final, before = link.ln_target, x.float() @ weight + bias  # the pre-norm output, (N, d_out)
-        else:
-            final, before = link.post_ln, x.float()  # the residual is the identity: the pre-norm output is x
-        goal = targets.float() if targets is not None else x.float() @ weight + bias
-        normed = F.layer_norm(before, before.shape[-1:], eps=final.eps)
-        scale, shift = _per_dimension_fit(normed, goal)
-        final.weight.copy_(scale)
-        final.bias.copy_(shift)
-    else:
-        raise GraphError(f"{where}: closed-form initialisation writes linear, res_linear and ln_res links, "
-                         f"not {kind!r}; train it instead")
-
-
-def _per_dimension_fit(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares ``y[:, j] ~ scale[j] * x[:, j] + shift[j]`` for every dimension ``j``."""
-    xc, yc = x - x.mean(0), y - y.mean(0)
-    scale = (xc * yc).sum(0) / (xc * xc).sum(0).clamp_min(1e-8)
-    return scale, y.mean(0) - scale * x.mean(0)
+    """Write ``y = x @ weight + bias`` into ``link`` through its type's :meth:`~latentgraph.Link.fit_affine`."""
+    if not isinstance(link, Link):
+        raise GraphError(f"{where} is a plain {type(link).__name__}; closed-form initialisation writes Link "
+                         "types that implement Link.fit_affine; train it instead")
+    try:
+        link.fit_affine(weight.float(), bias.float(), x.float(), None if targets is None else targets.float())
+    except GraphError as e:
+        raise GraphError(f"{where}: {e}") from None

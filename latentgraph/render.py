@@ -1,6 +1,7 @@
 """Draw a system as a Graphviz diagram.
 
-Agents show their backbone, hidden size and latent steps; the answer node has a double border. Edges show
+Drawn from :meth:`System.to_networkx <latentgraph.System.to_networkx>`. Agents show their backbone, hidden
+size and latent steps; the answer node has a double border. Edges show
 their link type, dims and parameter count (text edges say ``text``); feedback edges are dashed. Building
 the DOT source needs no Graphviz binary; writing SVG or PNG does (Debian package ``graphviz``).
 """
@@ -13,7 +14,6 @@ from typing import TYPE_CHECKING
 import graphviz
 
 from .errors import InputError
-from .links import Link
 
 if TYPE_CHECKING:
     from .system import System
@@ -34,26 +34,24 @@ def render(system: System, path: str | Path | None = None, *, sizes: bool = True
         node_attr={"shape": "box", "style": "rounded", "fontname": "Helvetica"},
         edge_attr={"fontname": "Helvetica", "fontsize": "10"},
     )
-    for name, agent in system.agents.items():
-        title = f"{name} (answer)" if name == system.answer else name
-        steps = f"{agent.latent_steps} latent steps"
-        tools = [f"tools: {', '.join(f'<{tool.tag}>' for tool in agent.tools)}"] if agent.tools else []
-        label = _lines(title, agent.backbone.name_or_path,
-                       f"hidden {agent.hidden_size}, {steps}" if sizes else steps, *tools)
-        graph.node(name, label, **({"peripheries": "2"} if name == system.answer else {}))
-    for edge in system.edges.values():
-        if edge.mode == "text":
+    network = system.to_networkx()
+    for name, node in network.nodes(data=True):
+        title = f"{name} (answer)" if node["answer"] else name
+        steps = f"{node['latent_steps']} latent steps"
+        tools = [f"tools: {', '.join(f'<{tag}>' for tag in node['tools'])}"] if node["tools"] else []
+        label = _lines(title, node["backbone"], f"hidden {node['hidden_size']}, {steps}" if sizes else steps, *tools)
+        graph.node(name, label, **({"peripheries": "2"} if node["answer"] else {}))
+    for src, dst, edge in network.edges(data=True):
+        if edge["mode"] == "text":
             lines = ["text"]
+        elif sizes:
+            lines = [f"{edge['link_type']} {edge['in_dim']}\u2192{edge['out_dim']}", f"{_count(edge['params'])} params"]
         else:
-            link = system.links[edge.name]
-            kind = link.config.type if isinstance(link, Link) else type(link).__name__
-            d_in, d_out = system.agents[edge.src].hidden_size, system.agents[edge.dst].hidden_size
-            params = sum(p.numel() for p in link.parameters())
-            lines = [f"{kind} {d_in}\u2192{d_out}", f"{_count(params)} params"] if sizes else [kind]
-        if edge.slot != edge.src:
-            lines.append(f"slot {edge.slot}")
-        style = {"style": "dashed", "constraint": "false"} if edge.feedback else {}
-        graph.edge(edge.src, edge.dst, _lines(*lines), **style)
+            lines = [edge["link_type"]]
+        if edge["slot"] != src:
+            lines.append(f"slot {edge['slot']}")
+        style = {"style": "dashed", "constraint": "false"} if edge["feedback"] else {}
+        graph.edge(src, dst, _lines(*lines), **style)
     if path is not None:
         _write(graph, Path(path))
     return graph

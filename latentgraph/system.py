@@ -19,13 +19,14 @@ import networkx as nx
 from torch import nn
 
 from . import checkpoint
-from .agent import Agent, check_name
+from .agent import Agent, _is_int, check_name
+from .config import CONFIG_NAME, CONFIG_SUFFIXES, FORMAT_VERSION, EdgeConfig, SystemConfig, read_config
 from .decode import Sampling
 from .engine import InferenceStep, Stop, question_list, unroll
-from .errors import GraphError, InputError
+from .errors import CheckpointError, GraphError, InputError
 from .events import Event, RunMode, RunOutput
 from .hub import fetch
-from .links import check_link, make_link
+from .links import Link, check_link, config_of, make_link
 from .plan import Plan, build_plan
 from .prompt import QUESTION
 
@@ -76,7 +77,7 @@ class System(nn.Module):
 
     @rounds.setter
     def rounds(self, value: int) -> None:
-        if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
+        if not (_is_int(value) and value >= 1):
             raise GraphError(f"rounds must be an integer >= 1, got {value!r}")
         self._rounds = value
 
@@ -147,10 +148,33 @@ class System(nn.Module):
                 "connect the edge that goes back with feedback=True"
             )
 
+    def to_networkx(self) -> nx.DiGraph:
+        """The whole graph, feedback edges included, as a ``networkx.DiGraph``.
+
+        Nodes are agent names with attributes ``backbone``, ``revision``, ``hidden_size``, ``latent_steps``,
+        ``answer`` (bool) and ``tools`` (tags). Edges carry ``name``, ``slot``, ``mode``, ``feedback``,
+        ``link_type``, ``in_dim``, ``out_dim`` and ``params`` (link attributes are ``None`` on text edges).
+        The graph attributes are ``rounds`` and ``answer``.
+        """
+        graph = nx.DiGraph(rounds=self.rounds, answer=self.answer)
+        for name, agent in self.agents.items():
+            graph.add_node(name, backbone=str(agent.backbone.name_or_path), revision=agent.backbone.revision,
+                           hidden_size=agent.hidden_size, latent_steps=agent.latent_steps,
+                           answer=name == self.answer, tools=[tool.tag for tool in agent.tools])
+        for edge in self.edges.values():
+            link = self.links[edge.name] if edge.mode == "latent" else None
+            graph.add_edge(
+                edge.src, edge.dst, name=edge.name, slot=edge.slot, mode=edge.mode, feedback=edge.feedback,
+                link_type=None if link is None else link.config.type if isinstance(link, Link) else type(link).__name__,
+                in_dim=None if link is None else self.agents[edge.src].hidden_size,
+                out_dim=None if link is None else self.agents[edge.dst].hidden_size,
+                params=None if link is None else sum(p.numel() for p in link.parameters()))
+        return graph
+
     def forward_graph(self) -> nx.DiGraph:
-        graph = nx.DiGraph()
-        graph.add_nodes_from(self.agents)
-        graph.add_edges_from((e.src, e.dst) for e in self.edges.values() if not e.feedback)
+        """:meth:`to_networkx` without the feedback edges: the DAG a round runs in."""
+        graph = self.to_networkx()
+        graph.remove_edges_from([(src, dst) for src, dst, feedback in graph.edges(data="feedback") if feedback])
         return graph
 
     def order(self) -> list[str]:
@@ -269,15 +293,64 @@ class System(nn.Module):
             pass
         return event.output
 
+    def link_modules(self) -> dict[str, nn.Module]:
+        """Every link: inner links by agent name, then outer links by edge name (``"planner->critic"``)."""
+        return {**{name: agent.inner_link for name, agent in self.agents.items()}, **dict(self.links)}
+
+    def to_config(self) -> SystemConfig:
+        """The system as data (a :class:`~latentgraph.SystemConfig`): exactly what ``latentgraph_config.json``
+        holds. Link weights and tools are not part of it."""
+        from . import __version__
+
+        return SystemConfig(
+            format_version=FORMAT_VERSION, latentgraph_version=__version__, rounds=self.rounds, answer=self.answer,
+            agents=[agent.config for agent in self.agents.values()],
+            edges=[EdgeConfig(src=e.src, dst=e.dst, slot=e.slot, mode=e.mode, feedback=e.feedback,
+                              link=config_of(self.links[e.name], f"edge '{e.name}' link") if e.mode == "latent" else None)
+                   for e in self.edges.values()])
+
+    @classmethod
+    def from_config(cls, config: SystemConfig | dict | str | Path, *, backbones: dict[str, Any] | None = None,
+                    device: Any = None, dtype: Any = None) -> System:
+        """Build the system a config describes, with freshly initialised links.
+
+        Args:
+            config: a :class:`~latentgraph.SystemConfig`, a dict of its fields, or a ``.json``/``.yaml``/``.yml``
+                file holding one (a system declared in a file).
+            backbones: ``{agent: backbone}`` to use instead of the config's: a hub id, a directory, a
+                ``(model, tokenizer)`` pair or a ``Backbone``.
+            device: where the backbones run; dtype: their dtype.
+        """
+        if isinstance(config, (str, Path)):
+            if Path(config).suffix.lower() not in CONFIG_SUFFIXES:
+                raise GraphError(f"{config} is not a system config file ({', '.join(CONFIG_SUFFIXES)}); to load a "
+                                 "directory written by save_pretrained, use System.from_pretrained")
+            config = read_config(Path(config))
+        elif isinstance(config, dict):
+            config = SystemConfig(**config)
+        elif not isinstance(config, SystemConfig):
+            raise GraphError(f"System.from_config takes a SystemConfig, a dict or a file path, got {config!r}")
+        backbones = backbones or {}
+        names = [a.name for a in config.agents]
+        for name in backbones:
+            if name not in names:
+                raise GraphError(f"backbones= names agent '{name}', which the config does not have; agents: {names}")
+        system = cls([Agent.from_config(a, backbones.get(a.name), device=device, dtype=dtype) for a in config.agents],
+                     rounds=config.rounds, answer=config.answer)
+        for e in config.edges:
+            system.connect(e.src, e.dst, slot=e.slot, mode=e.mode, feedback=e.feedback, link=e.link)
+        return system.validate()
+
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the graph (``latentgraph_config.json``) and the link weights (``links.safetensors``).
+        """Write the graph (``latentgraph_config.json``, which is :meth:`to_config` as JSON) and the link weights
+        (``links.safetensors``).
 
         Backbones are referenced by ``name_or_path`` and revision, never copied. The save is crash-safe: a
         kill or a full disk leaves the complete old checkpoint or the complete new one, other files in the
         folder are kept, and a failed save raises :class:`~latentgraph.errors.CheckpointError` with the old
         one intact. See :mod:`latentgraph.checkpoint`.
         """
-        return checkpoint.save(self, directory)
+        return checkpoint.save(directory, self.validate().to_config(), self.link_modules())
 
     @classmethod
     def from_pretrained(cls, source: str | Path, *, revision: str | None = None, backbones: dict[str, Any] | None = None,
@@ -291,7 +364,16 @@ class System(nn.Module):
                 a ``(model, tokenizer)`` pair or a ``Backbone``.
             device: where the backbones run; dtype: their dtype.
         """
-        return checkpoint.load(fetch(source, revision=revision), backbones=backbones, device=device, dtype=dtype)
+        directory = checkpoint.recover(fetch(source, revision=revision))  # a save killed midway: its old version
+        config = read_config(directory / CONFIG_NAME)
+        names = [a.name for a in config.agents]
+        for name in backbones or {}:
+            if name not in names:
+                raise CheckpointError(f"backbones= names agent '{name}', which {directory} does not have; "
+                                      f"agents: {names}")
+        system = cls.from_config(config, backbones=backbones, device=device, dtype=dtype)
+        checkpoint.load_weights(directory, system.link_modules())
+        return system
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload latentgraph system") -> str:

@@ -115,7 +115,7 @@ def train(system: System, examples: list[TrainExample], config: TrainConfig | No
         if config.save_every and (step + 1) % config.save_every == 0:
             _save_checkpoint(output / f"checkpoint-{step + 1}", system, optimizer, schedule, step + 1, log)
     if output is not None:  # the system and the log in one commit, beside the checkpoint-N folders there
-        write_directory(output, {**checkpoint.files(system), LOG_NAME: _log_bytes(log)})
+        write_directory(output, {**checkpoint.files(system.validate().to_config(), system.link_modules()), LOG_NAME: _log_bytes(log)})
     for p in system.parameters():
         p.requires_grad_(True)
     return log
@@ -166,7 +166,7 @@ def _step(system: System, examples: list[TrainExample], config: TrainConfig, ste
                         key, output_norms[key] + g.float().pow(2).sum().item()))
         (loss / config.accumulate).backward()
         total += loss.item() / config.accumulate
-    link_norms = {name: _norm(module.parameters()) for name, module in _links(system).items()}
+    link_norms = {name: _norm(module.parameters()) for name, module in system.link_modules().items()}
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip).item()
     optimizer.step()
     record = {"step": step + 1, "loss": total, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
@@ -178,10 +178,6 @@ def _step(system: System, examples: list[TrainExample], config: TrainConfig, ste
     return record
 
 
-def _links(system: System) -> dict[str, torch.nn.Module]:
-    return {**{name: agent.inner_link for name, agent in system.agents.items()}, **dict(system.links)}
-
-
 def _norm(parameters) -> float:
     grads = [p.grad.float().pow(2).sum() for p in parameters if p.grad is not None]
     return math.sqrt(sum(g.item() for g in grads)) if grads else 0.0
@@ -191,7 +187,7 @@ def _save_checkpoint(directory: Path, system: System, optimizer, schedule, step:
     """Write ``checkpoint-N/``: the system, the optimizer and schedule state, and the log, in one commit."""
     state = io.BytesIO()
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, state)
-    write_directory(directory, {**checkpoint.files(system), STATE_NAME: state.getvalue(), LOG_NAME: _log_bytes(log)})
+    write_directory(directory, {**checkpoint.files(system.validate().to_config(), system.link_modules()), STATE_NAME: state.getvalue(), LOG_NAME: _log_bytes(log)})
 
 
 def _log_bytes(log: list[dict]) -> bytes:
@@ -218,7 +214,7 @@ def _trainer_state(directory: Path) -> dict:
 
 def _load_checkpoint(directory: Path, state: dict, system: System, optimizer, schedule) -> list[dict]:
     """Restore the links, optimizer and schedule of a checkpoint; returns its log."""
-    assign(system, read_weights(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
+    assign(system.link_modules(), read_weights(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
     try:
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])

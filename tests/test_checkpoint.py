@@ -72,16 +72,84 @@ def assert_same_links(loaded, system):
     assert all(torch.equal(tensor, expected[key]) for key, tensor in loaded.state_dict().items())
 
 
-def test_unknown_keys_are_tolerated_with_a_warning(system, backbones, tmp_path):
+def test_unknown_keys_from_a_newer_latentgraph_are_tolerated_with_a_warning(system, backbones, tmp_path):
     system.save_pretrained(tmp_path)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    config["latentgraph_version"] = "99.0.0"
     config["future_option"] = 1
     config["agents"][1]["backbone"]["quantization"] = "int4"
+    config["edges"][0]["link"]["dropout"] = 0.1
     (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.warns(UserWarning, match=r"ignoring unknown keys \['config.future_option', "
-                                         r"'config.agents\[1\].backbone.quantization'\]"):
+                                         r"'config.agents\[1\].backbone.quantization', 'config.edges\[0\].link.dropout'\] "
+                                         r"\(written by latentgraph 99.0.0"):
         loaded = lg.System.from_pretrained(tmp_path, backbones=backbones)
     assert_same_links(loaded, system)
+
+
+def test_unknown_keys_from_this_version_are_an_error_naming_them(system, backbones, tmp_path):
+    system.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    config["edges"][0]["link"]["hiden_dim"] = 20
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(lg.CheckpointError, match=r"unknown keys \['config.edges\[0\].link.hiden_dim'\]: a typo\?"):
+        lg.System.from_pretrained(tmp_path, backbones=backbones)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("rounds", "3", "rounds: Input should be a valid integer"),
+    ("rounds", True, "rounds: Input should be a valid integer"),
+    ("rounds", 0, "rounds: Input should be greater than or equal to 1"),
+    ("format_version", 0, "format_version: Input should be greater than or equal to 1"),
+    ("format_version", -5, "format_version: Input should be greater than or equal to 1"),
+    ("format_version", "1", "format_version: Input should be a valid integer"),
+    ("latent_steps", True, "agents.0.latent_steps: Input should be a valid integer"),
+    ("latent_steps", -1, "agents.0.latent_steps: Input should be greater than or equal to 0"),
+    ("feedback", "yes", "edges.1.feedback: Input should be a valid boolean"),
+])
+def test_config_values_of_the_wrong_type_are_not_coerced(system, backbones, tmp_path, key, value, message):
+    system.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    if key == "latent_steps":
+        config["agents"][0][key] = value
+    elif key == "feedback":
+        config["edges"][1][key] = value
+    else:
+        config[key] = value
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(lg.CheckpointError, match=f"does not describe a system: {message}"):
+        lg.System.from_pretrained(tmp_path, backbones=backbones)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_link_tensors_that_are_not_floating_point_are_refused(system, backbones, tmp_path, dtype):
+    system.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
+    tensors["a->b.proj2.bias"] = tensors["a->b.proj2.bias"].to(dtype)
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(lg.CheckpointError, match=f"tensor 'a->b.proj2.bias' has dtype {dtype}; link parameters "
+                                                 "are floating point"):
+        lg.System.from_pretrained(tmp_path, backbones=backbones)
+
+
+def test_the_config_file_is_exactly_to_config(system, backbones, tmp_path):
+    system.save_pretrained(tmp_path)
+    assert (tmp_path / CONFIG_NAME).read_text() == system.to_config().to_json()
+    assert lg.SystemConfig.from_file(tmp_path / CONFIG_NAME) == system.to_config()
+
+
+def test_to_config_from_config_round_trip_gives_identical_greedy_texts(system, backbones):
+    config = system.to_config()
+    rebuilt = lg.System.from_config(config, backbones=backbones)
+    assert rebuilt.to_config() == config and rebuilt.edges == system.edges
+    with torch.no_grad():  # from_config gives fresh links; copy the weights to compare the runs
+        for name, module in rebuilt.link_modules().items():
+            module.load_state_dict(system.link_modules()[name].state_dict())
+    run = dict(do_sample=False, max_new_tokens=6)
+    questions = ["What is 2 + 2?", "Name a prime."]
+    assert rebuilt.run(questions, **run).texts == system.run(questions, **run).texts
+    from_json = lg.System.from_config(json.loads(config.to_json()), backbones=backbones)
+    assert from_json.to_config() == config
 
 
 def test_extra_tensors_are_tolerated_with_a_warning(system, backbones, tmp_path):
@@ -105,9 +173,9 @@ def test_missing_files(system, backbones, tmp_path):
 def test_missing_required_config_key(system, backbones, tmp_path):
     system.save_pretrained(tmp_path)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
-    del config["agents"][0]["latent_steps"]
+    del config["agents"][0]["backbone"]
     (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
-    with pytest.raises(lg.CheckpointError, match=r"does not describe a system: agents.0.latent_steps: Field required"):
+    with pytest.raises(lg.CheckpointError, match=r"does not describe a system: agents.0.backbone: Field required"):
         lg.System.from_pretrained(tmp_path, backbones=backbones)
 
 
@@ -137,8 +205,9 @@ def test_newer_format_and_unknown_agent_injection(system, backbones, tmp_path):
 
 def test_a_plain_module_link_cannot_be_saved(system, tmp_path):
     system.links["a->b"] = nn.Linear(64, 48)
-    with pytest.raises(lg.CheckpointError, match="edge 'a->b' link is a plain Linear.*register_link"):
+    with pytest.raises(lg.GraphError, match="edge 'a->b' link is a plain Linear.*register_link"):
         system.save_pretrained(tmp_path)
+    assert not (tmp_path / CONFIG_NAME).exists()
 
 
 def test_push_to_hub_uploads_the_saved_folder(system, monkeypatch):

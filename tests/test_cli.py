@@ -105,3 +105,52 @@ def test_allow_unsandboxed_tools_opts_code_scoring_in(monkeypatch, tmp_path):
         assert isinstance(result.exception, lg.InputError)
     assert runners[0] is None  # evaluate's default: every protection required
     assert isinstance(runners[1], evaluation.SandboxRunner) and runners[1].require == ()
+
+
+DECLARED = """\
+rounds: 2
+answer: solver
+agents:
+  - name: planner
+    backbone: {planner}
+    prompt: "Plan how to solve: {{question}}"
+    feedback_prompt: "Feedback: {{feedback}}\\nImprove your plan for: {{question}}"
+    latent_steps: 2
+    inner_link: {{type: mlp, hidden_dim: 16}}
+  - {{name: critic, backbone: {critic}, prompt: "Plan: {{planner}}\\nRefine it for: {{question}}", latent_steps: 2}}
+  - {{name: solver, backbone: {solver}, prompt: "Plan: {{critic}}\\n{{question}}", latent_steps: 2}}
+edges:
+  - {{src: planner, dst: critic, link: linear}}
+  - {{src: critic, dst: solver, mode: text}}
+  - {{src: solver, dst: planner, slot: feedback, feedback: true}}
+"""
+
+
+def test_a_system_declared_in_a_yaml_file_runs_with_fresh_links(saved, tmp_path):
+    backbones = {name: saved.parent / f"backbone-{name}" for name in ("planner", "critic", "solver")}
+    path = tmp_path / "my_system.yaml"
+    path.write_text(DECLARED.format(**backbones))
+    result = CliRunner().invoke(app, ["run", "What is 2 + 2?", "--style", str(path), "--json", "--greedy",
+                                      "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    assert "links are freshly initialised, not trained" in result.stderr
+    record = json.loads(result.stdout)
+    assert len(record["rounds"]) == 2 and list(record["rounds"][0]["agents"]) == ["planner", "critic", "solver"]
+    system = lg.System.from_config(path)
+    assert system.agents["planner"].inner_link.config.hidden_dim == 16 and system.edges["critic->solver"].mode == "text"
+    assert system.links["planner->critic"].config.type == "linear"
+
+
+def test_a_config_file_beside_links_runs_with_those_links(saved):
+    import yaml
+
+    config = json.loads((saved / "latentgraph_config.json").read_text())
+    (saved / "system.yaml").write_text(yaml.safe_dump(config))
+    args = ["What is 2 + 2?", "--json", "--greedy", "--max-new-tokens", "4", "--rounds", "1"]
+    from_dir = CliRunner().invoke(app, ["run", args[0], "--style", str(saved), *args[1:]])
+    from_yaml = CliRunner().invoke(app, ["run", args[0], "--style", str(saved / "system.yaml"), *args[1:]])
+    assert from_dir.exit_code == 0 and from_yaml.exit_code == 0, from_yaml.output
+    assert "freshly initialised" not in from_yaml.stderr
+    assert json.loads(from_yaml.stdout)["answer"] == json.loads(from_dir.stdout)["answer"]
+    assert lg.System.from_config(saved / "system.yaml").to_config() == lg.SystemConfig.from_file(
+        saved / "latentgraph_config.json")

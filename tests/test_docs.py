@@ -5,7 +5,7 @@ import re
 import sys
 from pathlib import Path
 
-from latentgraph.checkpoint import SystemSpec
+from latentgraph.config import SystemConfig
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -23,7 +23,20 @@ def test_styles_page_is_generated_from_the_styles():
 
 def test_format_page_example_is_a_valid_config():
     blocks = re.findall(r"```json\n(.*?)```", (DOCS / "format.md").read_text(), flags=re.DOTALL)
-    spec = SystemSpec.model_validate(json.loads(blocks[0]))
-    assert spec.unknown("config") == [] and [a.name for a in spec.agents] == ["expert", "learner"]
+    config = SystemConfig.model_validate(json.loads(blocks[0]))
+    assert [a.name for a in config.agents] == ["expert", "learner"]
+    assert json.loads(config.to_json()) == json.loads(blocks[0])  # every key documented, none missing
     manifests = [json.loads(block) for block in blocks[1:]]
     assert "adapters" in manifests[0] and "tasks" in manifests[1]
+
+
+def test_format_page_schema_lists_exactly_the_config_fields():
+    from latentgraph.config import AgentConfig, EdgeConfig
+
+    page = (DOCS / "format.md").read_text()
+    table = page[page.index("### Schema"):page.index("A link is")]
+    listed = {name for row in re.findall(r"^\| (`[^|]+) \|", table, flags=re.MULTILINE)
+              for name in re.findall(r"`([^`]+)`", row)}
+    expected = ({*SystemConfig.model_fields} | {f"agents[].{f}" for f in AgentConfig.model_fields}
+                | {f"edges[].{f}" for f in EdgeConfig.model_fields})
+    assert listed == expected

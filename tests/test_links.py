@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import latentgraph as lg
-from latentgraph.links import make_link
+from latentgraph.links import LnResConfig, MLPConfig, make_link
 
 INNER_SHAPES = {  # published inner ln_res state dict, H = 8
     "pre_ln.weight": (8,), "pre_ln.bias": (8,), "proj1.weight": (8, 8), "proj1.bias": (8,),
@@ -90,7 +90,30 @@ def test_plain_ablation_variants_compute_their_formulas():
 def test_config_fields_and_hidden_dim():
     link = make_link({"type": "ln_res", "hidden_dim": 10}, role="outer", in_dim=6, out_dim=4, where="t")
     assert link.proj1.weight.shape == (10, 6)
-    assert link.config == lg.LinkConfig(type="ln_res", role="outer", in_dim=6, out_dim=4, hidden_dim=10)
+    assert link.config == LnResConfig(role="outer", in_dim=6, out_dim=4, hidden_dim=10)
+    assert make_link(lg.LinkConfig(type="ln_res"), role="outer", in_dim=6, out_dim=4, where="t").config == \
+        LnResConfig(role="outer", in_dim=6, out_dim=4)  # the base config is read as its type's config class
+
+
+@pytest.mark.parametrize("build", [
+    lambda: make_link({"type": "mlp", "hiden_dim": 8}, role="outer", in_dim=6, out_dim=4, where="edge 'a->b'"),
+    lambda: MLPConfig(hiden_dim=8),
+    lambda: lg.AgentConfig(name="a", backbone="some/model", inner_link={"type": "mlp", "hiden_dim": 8}),
+])
+def test_a_typo_in_a_link_config_is_an_error_naming_the_field(build):
+    with pytest.raises(lg.GraphError, match=r"hiden_dim: unknown field \(a typo\?"):
+        build()
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"type": "linear", "hidden_dim": 8}, "hidden_dim: unknown field"),  # linear has no hidden layer
+    ({"type": "mlp", "hidden_dim": "8"}, "hidden_dim: Input should be a valid integer"),
+    ({"type": "mlp", "hidden_dim": True}, "hidden_dim: Input should be a valid integer"),
+    ({"type": "mlp", "hidden_dim": 0}, "hidden_dim: Input should be greater than or equal to 1"),
+])
+def test_link_config_fields_are_strict(fields, message):
+    with pytest.raises(lg.GraphError, match=f"edge 'a->b': invalid '{fields['type']}' link config: {message}"):
+        make_link(fields, role="outer", in_dim=6, out_dim=4, where="edge 'a->b'")
 
 
 def test_user_registered_type():
@@ -109,6 +132,30 @@ def test_user_registered_type():
     torch.testing.assert_close(link(x), 2 * x @ link.proj.weight.T)
     with pytest.raises(TypeError, match="Link subclasses"):
         lg.register_link("bad")(nn.Linear)
+    with pytest.raises(lg.GraphError, match=r"'test_scale' link config: factor: unknown field"):
+        make_link({"type": "test_scale", "factor": 3}, role="outer", in_dim=3, out_dim=2, where="t")
+
+
+def test_user_registered_type_with_its_own_config_class():
+    class FactorConfig(lg.LinkConfig):
+        factor: float = 2.0
+
+    @lg.register_link("test_factor", role="outer", config=FactorConfig)
+    class Factor(lg.Link):
+        def __init__(self, config):
+            super().__init__(config)
+            self.proj = nn.Linear(config.in_dim, config.out_dim, bias=False)
+
+        def forward(self, x):
+            return self.config.factor * self.proj(x)
+
+    link = make_link({"type": "test_factor", "factor": 3.0}, role="outer", in_dim=3, out_dim=2, where="t")
+    assert isinstance(link.config, FactorConfig) and link.config.factor == 3.0
+    assert link.config.stored() == {"type": "test_factor", "factor": 3.0}
+    with pytest.raises(lg.GraphError, match="factr: unknown field"):
+        make_link({"type": "test_factor", "factr": 3.0}, role="outer", in_dim=3, out_dim=2, where="t")
+    with pytest.raises(TypeError, match="takes a LinkConfig subclass"):
+        lg.register_link("bad", config=dict)
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -76,3 +76,21 @@ def test_an_unknown_suffix_is_an_input_error_naming_the_formats(system, tmp_path
     with pytest.raises(lg.InputError, match=r"'.exe' is not a Graphviz output format; use a path ending in .svg"):
         lg.render(system, path=tmp_path / "x.exe")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_to_networkx_holds_every_edge_feedback_included_with_its_attributes(system):
+    graph = system.to_networkx()
+    assert list(graph.nodes) == ["planner", "critic", "solver"] and graph.graph == {"rounds": 3, "answer": "solver"}
+    assert graph.nodes["critic"] == {"backbone": "LlamaForCausalLM", "revision": None, "hidden_size": 48,
+                                     "latent_steps": 4, "answer": False, "tools": []}
+    assert graph.nodes["solver"]["answer"] is True
+    assert graph.edges["solver", "planner"] == {
+        "name": "solver->planner", "slot": "feedback", "mode": "latent", "feedback": True, "link_type": "linear",
+        "in_dim": 64, "out_dim": 64, "params": 64 * 64 + 64}
+    assert graph.edges["planner", "critic"] | {"params": None} == {
+        "name": "planner->critic", "slot": "planner", "mode": "latent", "feedback": False, "link_type": "ln_res",
+        "in_dim": 64, "out_dim": 48, "params": None}
+    assert graph.edges["critic", "solver"] == {"name": "critic->solver", "slot": "critic", "mode": "text",
+                                               "feedback": False, "link_type": None, "in_dim": None,
+                                               "out_dim": None, "params": None}
+    assert set(system.forward_graph().edges) == {("planner", "critic"), ("critic", "solver")}

@@ -79,16 +79,25 @@ def test_link_dims_must_match_the_backbones(make):
         make("c", inner_link=lg.LinkConfig(role="inner", in_dim=32, out_dim=32))
 
 
-@pytest.mark.parametrize("rounds", [0, -1, 1.5])
+@pytest.mark.parametrize("rounds", [0, -1, 1.5, True, "3"])
 def test_rounds_must_be_positive(make, rounds):
     with pytest.raises(lg.GraphError, match="rounds must be an integer >= 1"):
         lg.System([make("a")], rounds=rounds)
+    system = lg.System([make("a")])
+    with pytest.raises(lg.GraphError, match="rounds must be an integer >= 1"):
+        system.rounds = rounds
+    assert system.rounds == 3
 
 
 def test_latent_steps_must_not_be_negative(tiny):
     model, tokenizer = tiny("llama", 64)
-    with pytest.raises(lg.GraphError, match="agent 'a': latent_steps must be an integer >= 0"):
-        lg.Agent("a", model, tokenizer=tokenizer, latent_steps=-1)
+    for bad in (-1, True, False, 2.0, "3"):
+        with pytest.raises(lg.GraphError, match="agent 'a': latent_steps must be an integer >= 0"):
+            lg.Agent("a", model, tokenizer=tokenizer, latent_steps=bad)
+    agent = lg.Agent("a", model, tokenizer=tokenizer, latent_steps=0)
+    with pytest.raises(lg.GraphError, match="agent 'a': latent_steps must be an integer >= 0, got True"):
+        agent.latent_steps = True
+    assert agent.latent_steps == 0
 
 
 def test_feedback_needs_a_feedback_prompt_with_its_slot(make):
