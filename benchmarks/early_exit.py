@@ -18,10 +18,10 @@ from pathlib import Path
 
 import transformers
 
-from latentgraph.datasets import load_dataset
-from latentgraph.default import default_system
-from latentgraph.engine import ThoughtsConverged
-from latentgraph.scoring import score_math
+from latentgraph.core.engine import ThoughtsConverged
+from latentgraph.embedded.default_system import default_system
+from latentgraph.evaluation.datasets import load_dataset
+from latentgraph.evaluation.strict import score_math
 
 transformers.logging.set_verbosity_error()
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -40,7 +40,7 @@ def main():
     examples = load_dataset(args.data, format="gsm8k", offset=args.offset, limit=args.limit)
     system = default_system(device="cpu")
     for agent in system.agents.values():
-        agent.model  # load before timing
+        agent.backbone.load()  # before timing
     settings = {"rounds": args.rounds, "do_sample": False, "max_new_tokens": args.max_new_tokens}
     system.run(examples[0].question, **{**settings, "rounds": 1, "max_new_tokens": 2})  # warm up
     print(f"{len(examples)} GSM8K problems (rows {args.offset}-{args.offset + len(examples) - 1}), one at a time, "

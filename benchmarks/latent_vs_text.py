@@ -20,9 +20,9 @@ from pathlib import Path
 
 import transformers
 
-from latentgraph.datasets import load_dataset
-from latentgraph.default import default_system
-from latentgraph.scoring import score_math
+from latentgraph.embedded.default_system import default_system
+from latentgraph.evaluation.datasets import load_dataset
+from latentgraph.evaluation.strict import score_math
 
 transformers.logging.set_verbosity_error()
 PAPER = {1: ("1.2x", "34.6%"), 2: ("1.9x", "65.5%"), 3: ("2.4x", "75.6%")}
@@ -41,7 +41,7 @@ def main():
     examples = load_dataset(args.data, format="gsm8k", offset=args.offset, limit=args.limit)
     system = default_system(device="cpu")
     for agent in system.agents.values():
-        agent.model  # load before timing
+        agent.backbone.load()  # before timing
     print(f"{len(examples)} GSM8K problems (rows {args.offset}-{args.offset + len(examples) - 1}), batches of "
           f"{args.batch}, greedy, max {args.max_new_tokens} new tokens, {system.agents['planner'].latent_steps} "
           "latent steps per agent\n")

@@ -20,7 +20,7 @@ import transformers
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2Config
 
 import latentgraph as lg
-from latentgraph.backbone import cache_kwargs
+from latentgraph.core.backbone import cache_kwargs
 from latentgraph.testing import tiny_tokenizer
 
 transformers.logging.set_verbosity_error()

@@ -18,14 +18,15 @@ the max absolute difference between the cached and re-encoded latents.
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from latentgraph.backbone import cache_kwargs, get_backbone
-from latentgraph.links import make_link
-from latentgraph.rollout import latent_rollout, positions_from_mask
+from latentgraph.core.backbone import cache_kwargs, get_backbone
+from latentgraph.core.links import make_link
+from latentgraph.core.think import latent_rollout, positions_from_mask
 from latentgraph.testing import tiny_backbone, tiny_tokenizer
 
 transformers.logging.set_verbosity_error()
@@ -84,9 +85,9 @@ def main():
             params = sum(p.numel() for p in model.parameters())
             for steps in args.steps:
                 variants = {
-                    "re-encode": lambda: latent_rollout(backbone, inner, embeds, mask, steps, use_cache=False),
-                    "cached": lambda: latent_rollout(backbone, inner, embeds, mask, steps),
-                    "floor": lambda: floor(backbone, embeds, mask, steps),
+                    "re-encode": partial(latent_rollout, backbone, inner, embeds, mask, steps, use_cache=False),
+                    "cached": partial(latent_rollout, backbone, inner, embeds, mask, steps),
+                    "floor": partial(floor, backbone, embeds, mask, steps),
                 }
                 times, results = {name: [] for name in variants}, {}
                 for repeat in range(args.repeats):

@@ -4,7 +4,7 @@ Three versions of the default system (SmolLM2-135M-Instruct and Gemma 3 270M) ar
 slice of the GSM8K training split (rows 7000 on: never used for training or for the closed-form fit):
 
 - random links: PyTorch's default initialisation, as a freshly built system has;
-- closed-form links: the default system as shipped (latentgraph.init, fitted on rows 0-255);
+- closed-form links: the default system as shipped (latentgraph.training.closed_form, fitted on rows 0-255);
 - trained links: the closed-form system after training its outer links on rows 256 on.
 
 For each: the answer node's held-out cross-entropy on "The answer is N." through the unrolled graph (the
@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 import transformers
 
-from latentgraph.datasets import load_dataset
-from latentgraph.default import default_system
-from latentgraph.objectives import unrolled_loss
-from latentgraph.scoring import score_math
-from latentgraph.train_data import load_training_data
-from latentgraph.training import TrainConfig, train
+from latentgraph.embedded.default_system import default_system
+from latentgraph.evaluation.datasets import load_dataset
+from latentgraph.evaluation.strict import score_math
+from latentgraph.training.data import load_training_data
+from latentgraph.training.loop import TrainConfig, train
+from latentgraph.training.objectives import unrolled_loss
 
 transformers.logging.set_verbosity_error()
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -52,7 +52,8 @@ def accuracy(system, examples, max_new_tokens, batch_size):
 
 def wilson(correct, n, z=1.96):
     p, denominator = correct / n, 1 + z * z / n
-    centre, half = (p + z * z / (2 * n)) / denominator, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
     return max(0.0, centre - half), min(1.0, centre + half)
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import transformers
 
 import latentgraph as lg
-from latentgraph.backbone import get_backbone
-from latentgraph.published import style_module
+from latentgraph.checkpoints.published import list_styles, style_module
+from latentgraph.core.backbone import get_backbone
 from latentgraph.testing import tiny_backbone
 
 DOCS = Path(__file__).resolve().parent
@@ -43,7 +43,7 @@ def markdown() -> str:
         "| style | agents (published repo) | edges (published link name) | answer |",
         "|---|---|---|---|",
     ]
-    for name in lg.list_styles():
+    for name in list_styles():
         module, system = style_module(name), build_standin(name)
         agents = "<br>".join(f"{role}: `{repo}`" for role, repo in module.CHECKPOINTS.items() if role != "links")
         keys = {edge: key for key, edge in module.LEGACY_KEYS.items()}
@@ -51,7 +51,7 @@ def markdown() -> str:
                             f"`{keys[(e.src, e.dst)]}`" for e in system.edges.values())
         lines.append(f"| `{name}` | {agents} | {edges}<br>links: `{module.CHECKPOINTS['links']}` | {system.answer} |")
     lines.append("")
-    for name in lg.list_styles():
+    for name in list_styles():
         doc = style_module(name).__doc__.strip().split("\n\n")
         lines += [f"## {name}", "", " ".join(doc[0].split()), ""]
         if len(doc) > 1:
@@ -68,7 +68,7 @@ def markdown() -> str:
 
 def main() -> None:
     (DOCS / "styles.md").write_text(markdown())
-    for name in lg.list_styles():
+    for name in list_styles():
         lg.render(build_standin(name), path=DOCS / "assets" / "styles" / f"{name}.svg", sizes=False)
     print("wrote docs/styles.md and docs/assets/styles/*.svg")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import CheckpointError, InputError, LatentGraphError
-from .textfiles import read_json
+from .errors import InputError, LatentGraphError
+from .files.text import read_json
 
 app = typer.Typer(help="Multi-agent LLM systems that talk in latent space.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -27,43 +28,19 @@ def _commands() -> None:
     """Multi-agent LLM systems that talk in latent space."""
 
 
-def load(style: str, *, task: str = "math", weights: bool = True, device: str | None = None,
-         allow_unsandboxed_tools: bool = False):
-    """A system by name: ``default`` (the embedded default), a published style, a saved directory, or a
-    system declared in a ``.json``/``.yaml`` file (with the links of a ``links.safetensors`` beside it, else
-    fresh untrained links).
-
-    ``allow_unsandboxed_tools`` gives a published style's tool agent a Python tool that runs code with
-    whatever protections this machine has (``PythonTool(require=())``) instead of failing closed."""
+def load(style: str, **kwargs):
+    """:func:`latentgraph.load`, with its warnings as one ``warning:`` line each and without transformers'
+    per-tensor progress bars (the command shows its own)."""
     from transformers.utils.logging import disable_progress_bar
 
-    disable_progress_bar()  # per-tensor "Loading weights" bars; the command shows its own status
-    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_weights
-    from .config import CONFIG_SUFFIXES
-    from .default import default_system
-    from .published import list_styles, load_style, style_module
-    from .system import System
-    from .tools import PythonTool
+    from .checkpoints.loading import load as load_system
 
-    if style == DEFAULT:
-        return default_system(device=device)
-    if style in list_styles():
-        opt_in = allow_unsandboxed_tools and hasattr(style_module(style), "TOOL_AGENT")
-        return load_style(style, task=task, device=device, load_weights=weights,
-                          **({"tools": [PythonTool(require=())]} if opt_in else {}))
-    if (Path(style) / CONFIG_NAME).exists():
-        return System.from_pretrained(style, device=device)
-    path = Path(style)
-    if path.suffix.lower() in CONFIG_SUFFIXES and path.is_file():
-        system = System.from_config(path, device=device)
-        if (path.parent / WEIGHTS_NAME).exists():
-            load_weights(path.parent, system.link_modules())
-        else:
-            console.print(f"[yellow]warning:[/] no {WEIGHTS_NAME} beside {path}: the links are freshly "
-                          "initialised, not trained")
-        return system
-    raise CheckpointError(f"{style!r} is not '{DEFAULT}', a published style ({', '.join(list_styles())}), a "
-                          f"directory with a {CONFIG_NAME} or a system file ({', '.join(CONFIG_SUFFIXES)})")
+    disable_progress_bar()
+    with warnings.catch_warnings(record=True) as caught:
+        system = load_system(style, **kwargs)
+    for warning in caught:
+        console.print(f"[yellow]warning:[/] {escape(str(warning.message))}", highlight=False, soft_wrap=True)
+    return system
 
 
 @app.command()
@@ -89,13 +66,13 @@ def run(
                                                      "less than this (relative) between rounds, e.g. 0.05."),
 ) -> None:
     """Answer a question with a system, and show what each agent did in each round, live."""
-    from .engine import ThoughtsConverged
-    from .events import AgentFinished, AgentStarted
+    from .core.engine import ThoughtsConverged
+    from .core.events import AgentFinished, AgentStarted
 
     with console.status(f"loading {style} (the first run converts and caches the models)"):
         system = load(style, task=task, device=device, allow_unsandboxed_tools=allow_unsandboxed_tools)
         for agent in system.agents.values():
-            agent.model, agent.tokenizer  # load now, under the spinner, not during the first round
+            agent.backbone.load()  # now, under the spinner, not during the first round
             if latent_steps is not None:
                 agent.latent_steps = latent_steps
     stop = ThoughtsConverged(tol=stop_tol) if stop_tol is not None else None
@@ -177,7 +154,7 @@ def render(
     task: str = typer.Option("math", help="For published styles: math or code."),
 ) -> None:
     """Draw a system: agents with backbone, hidden size and latent steps; links with type and size."""
-    from .render import render as draw
+    from .core.render import render as draw
 
     system = load(style, task=task, weights=False)
     draw(system, path=output)
@@ -187,7 +164,7 @@ def render(
 @app.command()
 def styles() -> None:
     """List the published styles, one line each."""
-    from .published import list_styles, style_module
+    from .checkpoints.published import list_styles, style_module
 
     for name in list_styles():
         print(f"{name:<18} {style_module(name).__doc__.strip().splitlines()[0]}")
@@ -204,7 +181,7 @@ def convert(
 
     Only configs and link files are read; backbone weights are not downloaded.
     """
-    from .published import load_style
+    from .checkpoints.published import load_style
 
     system = load_style(style, task=task, revision=revision)
     system.save_pretrained(out_dir)
@@ -245,8 +222,8 @@ def eval_command(
     allow_unsandboxed_tools: bool = typer.Option(False, "--allow-unsandboxed-tools", help=UNSANDBOXED_HELP),
 ) -> None:
     """Evaluate a system (and its baselines) on a dataset: accuracy, tokens and time per method and round."""
-    from .datasets import load_dataset
-    from .evaluation import PLOT, RESULTS, SUMMARY, SandboxRunner, evaluate
+    from .evaluation.datasets import load_dataset
+    from .evaluation.runner import PLOT, RESULTS, SUMMARY, SandboxRunner, evaluate
 
     try:
         mapping = json.loads(columns) if columns is not None else None
@@ -267,7 +244,7 @@ def eval_command(
     with console.status(f"loading {style} (the first run converts and caches the models)"):
         system = load(style, task=task, device=device, allow_unsandboxed_tools=allow_unsandboxed_tools)
         for agent in system.agents.values():
-            agent.model, agent.tokenizer  # load now, not inside the first batch's timing
+            agent.backbone.load()  # now, not inside the first batch's timing
     code = allow_unsandboxed_tools and any(e.kind == "code" for e in examples)
     code_runner = SandboxRunner(require=()) if code else None  # None: the default, which fails closed
     report = evaluate(system, examples, methods=[m.strip() for m in compare.split(",") if m.strip()],
@@ -300,8 +277,8 @@ def train_command(
     task: str = typer.Option("math", help="For published styles: math or code."),
 ) -> None:
     """Train a system's links on frozen backbones; the result loads with `latentgraph run --style OUTPUT`."""
-    from .train_data import load_training_data
-    from .training import TrainConfig, train
+    from .training.data import load_training_data
+    from .training.loop import TrainConfig, train
 
     settings = read_json(config) if config is not None else {}
     if not isinstance(settings, dict):

@@ -13,6 +13,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
+from .errors import InputError
+
 # Extra config per architecture, on top of the shared tiny sizes (2 layers, 4 heads, 2 KV heads).
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "llama": {},
@@ -74,7 +76,7 @@ def tiny_config(arch: str, hidden_size: int = 64, tokenizer: PreTrainedTokenizer
     """The config of a tiny model of ``arch`` (a key of ``ARCHITECTURES``); ``init_std`` is the weights'
     initial standard deviation (larger: sharper, more input-dependent predictions)."""
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown tiny architecture {arch!r}; choose from {list(ARCHITECTURES)}")
+        raise InputError(f"unknown tiny architecture {arch!r}; choose from {list(ARCHITECTURES)}")
     tokenizer = tokenizer or tiny_tokenizer()
     return AutoConfig.for_model(
         arch, vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,

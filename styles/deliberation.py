@@ -8,8 +8,9 @@ By default the tool-caller has the Python tool only; pass ``tools=[PythonTool(),
 both Qwen3.5-4B (RecursiveMAS, arXiv 2604.25917).
 """
 
-import latentgraph as lg
-from latentgraph.tools import PythonTool
+from latentgraph.core.agent import Agent
+from latentgraph.core.system import System
+from latentgraph.tools import PythonTool, Tool
 
 CHECKPOINTS = {
     "reflector": "RecursiveMAS/Deliberation-Reflector-Qwen3.5-4B",
@@ -33,7 +34,7 @@ TOOLCALLER = ("You are the tool-caller of a two-agent team. The reflector's note
               "\n\nTask: {{question}}\n\n{answer}")
 
 
-def system_prompt(tools: list[lg.Tool]) -> str:
+def system_prompt(tools: list[Tool]) -> str:
     """The system prompt both agents share: how to call each of the tool-caller's tools."""
     usage = "".join(f"\n- {tool.describe()}" for tool in tools)
     calls = (f" You may call these tools by writing their tags:{usage}\nEach result comes back between <result> "
@@ -41,16 +42,16 @@ def system_prompt(tools: list[lg.Tool]) -> str:
     return f"You solve problems step by step.{calls} Give the final answer in \\boxed{{}}."
 
 
-def build(backbones: dict, task: str = "math", tools: list[lg.Tool] | None = None) -> lg.System:
+def build(backbones: dict, task: str = "math", tools: list[Tool] | None = None) -> System:
     """The deliberation graph on ``backbones`` (``{"reflector": ..., "toolcaller": ...}``); ``tools`` are the
     tool-caller's (default: a sandboxed :class:`~latentgraph.tools.PythonTool`)."""
     tools = [PythonTool()] if tools is None else list(tools)
-    reflector = lg.Agent("reflector", backbones["reflector"], REFLECTOR, feedback_prompt=REFLECTOR_FEEDBACK,
+    reflector = Agent("reflector", backbones["reflector"], REFLECTOR, feedback_prompt=REFLECTOR_FEEDBACK,
                          system_prompt=system_prompt(tools), latent_steps=LATENT_STEPS)
-    toolcaller = lg.Agent("toolcaller", backbones["toolcaller"], TOOLCALLER.format(answer=ANSWER[task]),
+    toolcaller = Agent("toolcaller", backbones["toolcaller"], TOOLCALLER.format(answer=ANSWER[task]),
                           system_prompt=system_prompt(tools), latent_steps=LATENT_STEPS, tools=tools)
 
-    system = lg.System([reflector, toolcaller], rounds=3, answer="toolcaller")
+    system = System([reflector, toolcaller], rounds=3, answer="toolcaller")
     system.connect("reflector", "toolcaller", slot="reflection")
     system.connect("toolcaller", "reflector", slot="feedback", feedback=True)
     return system

@@ -1,10 +1,12 @@
 """Distillation style: a larger expert plans without giving the answer; a smaller learner follows and answers.
 
-The expert writes an executable plan but never the final answer. Before the last round the learner thinks instead, and its thoughts return to the expert as feedback.
+The expert writes an executable plan but never the final answer. Before the last round the learner thinks
+instead, and its thoughts return to the expert as feedback.
 Published agents: expert Qwen3.5-9B, learner Qwen3.5-4B (RecursiveMAS, arXiv 2604.25917).
 """
 
-import latentgraph as lg
+from latentgraph.core.agent import Agent
+from latentgraph.core.system import System
 
 CHECKPOINTS = {
     "expert": "RecursiveMAS/Distillation-Expert-Qwen3.5-9B",
@@ -28,14 +30,14 @@ LEARNER = ("You are the learner of a two-agent team. The expert's plan:\n{{plan}
            "Follow the plan, but let the task's constraints win where they disagree.\n\nTask: {{question}}\n\n{answer}")
 
 
-def build(backbones: dict, task: str = "math") -> lg.System:
+def build(backbones: dict, task: str = "math") -> System:
     """The distillation graph on ``backbones`` (``{"expert": ..., "learner": ...}``)."""
-    expert = lg.Agent("expert", backbones["expert"], EXPERT, feedback_prompt=EXPERT_FEEDBACK,
+    expert = Agent("expert", backbones["expert"], EXPERT, feedback_prompt=EXPERT_FEEDBACK,
                       latent_steps=LATENT_STEPS)
-    learner = lg.Agent("learner", backbones["learner"], LEARNER.format(answer=ANSWER[task]),
+    learner = Agent("learner", backbones["learner"], LEARNER.format(answer=ANSWER[task]),
                        latent_steps=LATENT_STEPS)
 
-    system = lg.System([expert, learner], rounds=3, answer="learner")
+    system = System([expert, learner], rounds=3, answer="learner")
     system.connect("expert", "learner", slot="plan")
     system.connect("learner", "expert", slot="feedback", feedback=True)
     return system

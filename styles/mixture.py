@@ -5,7 +5,8 @@ Published agents: math DeepSeek-R1-Distill-Qwen-1.5B, code Qwen2.5-Coder-3B, sci
 summarizer Qwen3.5-2B (RecursiveMAS, arXiv 2604.25917).
 """
 
-import latentgraph as lg
+from latentgraph.core.agent import Agent
+from latentgraph.core.system import System
 
 CHECKPOINTS = {
     "math": "RecursiveMAS/Mixture-Math-DeepSeek-R1-Distill-Qwen-1.5B",
@@ -35,15 +36,15 @@ SUMMARIZER = ("You are the summarizer of a team of agents. Notes from three expe
               "Take what helps, reason step by step and solve the task.\n\nTask: {{question}}\n\n{answer}")
 
 
-def build(backbones: dict, task: str = "math") -> lg.System:
+def build(backbones: dict, task: str = "math") -> System:
     """The mixture graph on ``backbones`` (``{"math": ..., "code": ..., "science": ..., "summarizer": ...}``)."""
-    experts = [lg.Agent(domain, backbones[domain], EXPERT.format(domain=domain),
+    experts = [Agent(domain, backbones[domain], EXPERT.format(domain=domain),
                         feedback_prompt=EXPERT_FEEDBACK.format(domain=domain), latent_steps=LATENT_STEPS)
                for domain in EXPERTS]
-    summarizer = lg.Agent("summarizer", backbones["summarizer"], SUMMARIZER.format(answer=ANSWER[task]),
+    summarizer = Agent("summarizer", backbones["summarizer"], SUMMARIZER.format(answer=ANSWER[task]),
                           latent_steps=LATENT_STEPS)
 
-    system = lg.System([*experts, summarizer], rounds=3, answer="summarizer")
+    system = System([*experts, summarizer], rounds=3, answer="summarizer")
     for domain in EXPERTS:
         system.connect(domain, "summarizer")  # slot {math}, {code} or {science}
         system.connect("summarizer", domain, slot="feedback", feedback=True)

@@ -5,7 +5,8 @@ feedback in the next round. Published agents: planner Qwen3-1.7B, critic Llama-3
 Qwen2.5-Math-1.5B-Instruct (RecursiveMAS, arXiv 2604.25917).
 """
 
-import latentgraph as lg
+from latentgraph.core.agent import Agent
+from latentgraph.core.system import System
 
 CHECKPOINTS = {
     "planner": "RecursiveMAS/Sequential-Light-Planner-Qwen3-1.7B",
@@ -32,18 +33,19 @@ CRITIC = ("You are the critic of a team of agents. A draft plan for the task bel
           "Fix its mistakes and fill in missing steps, then give only the corrected plan as numbered steps."
           "{no_code}\n\nTask: {{question}}")
 SOLVER = ("You are the solver of a team of agents. A reviewed plan:\n{{plan}}\n"
-          "Use the plan where it helps, solve the task yourself and check the result.\n\nTask: {{question}}\n\n{answer}")
+          "Use the plan where it helps, solve the task yourself and check the result.\n\nTask: {{question}}"
+          "\n\n{answer}")
 
 
-def build(backbones: dict, task: str = "math") -> lg.System:
+def build(backbones: dict, task: str = "math") -> System:
     """The sequential graph on ``backbones`` (``{"planner": ..., "critic": ..., "solver": ...}``)."""
     words = {"no_code": NO_CODE[task], "answer": ANSWER[task]}
-    planner = lg.Agent("planner", backbones["planner"], PLANNER.format(**words),
+    planner = Agent("planner", backbones["planner"], PLANNER.format(**words),
                        feedback_prompt=PLANNER_FEEDBACK.format(**words), latent_steps=LATENT_STEPS)
-    critic = lg.Agent("critic", backbones["critic"], CRITIC.format(**words), latent_steps=LATENT_STEPS)
-    solver = lg.Agent("solver", backbones["solver"], SOLVER.format(**words), latent_steps=LATENT_STEPS)
+    critic = Agent("critic", backbones["critic"], CRITIC.format(**words), latent_steps=LATENT_STEPS)
+    solver = Agent("solver", backbones["solver"], SOLVER.format(**words), latent_steps=LATENT_STEPS)
 
-    system = lg.System([planner, critic, solver], rounds=3, answer="solver")
+    system = System([planner, critic, solver], rounds=3, answer="solver")
     system.connect("planner", "critic", slot="plan")
     system.connect("critic", "solver", slot="plan")
     system.connect("solver", "planner", slot="feedback", feedback=True)

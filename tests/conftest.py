@@ -44,7 +44,7 @@ def published_hub():
     """The hub cache (``HF_HUB_CACHE``) holding every published repo of every style; see published_hub.py."""
     from published_hub import PublishedHub
 
-    from latentgraph import list_styles
+    from latentgraph.checkpoints.published import list_styles
 
     hub = PublishedHub(Path(os.environ["HF_HUB_CACHE"]))
     for style in list_styles():

@@ -1,6 +1,6 @@
 """Fault injection for the crash-safety tests: fail or kill a save at its k-th file operation.
 
-:mod:`latentgraph.atomic` makes every file operation of a save through its module-level ``os`` and
+:mod:`latentgraph.files.atomic` makes every file operation of a save through its module-level ``os`` and
 ``_exchange``; :func:`injected` swaps in stand-ins that count those operations and act at the k-th one:
 raise an ``OSError`` (a full disk, a read-only target) or end the process on the spot (a kill: no
 ``finally``, no cleanup). :func:`killed_at` runs a save in a forked child that is killed that way.
@@ -11,7 +11,7 @@ import os
 import signal
 from contextlib import contextmanager
 
-from latentgraph import atomic
+from latentgraph.files import atomic
 
 OPERATIONS = ("open", "write", "close", "fsync", "mkdir", "link", "symlink", "rename", "replace", "unlink",
               "rmdir", "chmod")
@@ -29,7 +29,7 @@ class Counter:
 
 
 class Operations:
-    """Stands in for ``os`` inside latentgraph.atomic; everything but :data:`OPERATIONS` is the real one."""
+    """Stands in for ``os`` inside latentgraph.files.atomic; everything but :data:`OPERATIONS` is the real one."""
 
     def __init__(self, counter):
         self._counter = counter
@@ -48,7 +48,7 @@ class Operations:
 
 @contextmanager
 def injected(at=None, action=None):
-    """Count latentgraph.atomic's file operations in the block (the names, in order, are in the yielded
+    """Count latentgraph.files.atomic's file operations in the block (the names, in order, are in the yielded
     list); at the ``at``-th, call ``action(name)`` before doing it."""
     counter = Counter(at, action)
     real_os, real_exchange = atomic.os, atomic._exchange

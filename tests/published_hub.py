@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from latentgraph.links import make_link
-from latentgraph.published import style_module
+from latentgraph.checkpoints.published import style_module
+from latentgraph.core.links import make_link
 from latentgraph.testing import tiny_backbone, tiny_tokenizer
 
 # role -> (architecture, hidden size); "gemma3" and "qwen3_5" are composite (vision + text) checkpoints.
@@ -42,8 +42,12 @@ OUTER_FILES["sequential_scaled"] = OUTER_FILES["sequential_light"]
 
 def composite_model(arch: str, hidden: int, tokenizer):
     """A tiny vision+text checkpoint, as the real Gemma 3 and Qwen3.5 repos are."""
-    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Qwen3_5Config,
-                              Qwen3_5ForConditionalGeneration)
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Qwen3_5Config,
+        Qwen3_5ForConditionalGeneration,
+    )
 
     text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
@@ -53,7 +57,8 @@ def composite_model(arch: str, hidden: int, tokenizer):
         text |= dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])
         vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                       image_size=28, patch_size=14)
-        return Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+        config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+        return Gemma3ForConditionalGeneration(config)
     text |= dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_num_value_heads=4,
                  linear_key_head_dim=16, linear_value_head_dim=16)
     vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden, patch_size=14,

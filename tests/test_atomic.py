@@ -7,12 +7,11 @@ import stat
 from pathlib import Path
 
 import pytest
-
-from latentgraph import atomic
-from latentgraph.atomic import atomic_directory, atomic_write_bytes, recover, write_directory
-from latentgraph.errors import CheckpointError
-
 from faults import KILLED, count, fail, hidden, injected, killed_at, no_fsync
+
+from latentgraph.errors import CheckpointError
+from latentgraph.files import atomic
+from latentgraph.files.atomic import atomic_directory, atomic_write_bytes, recover, write_directory
 
 OLD = {"config.json": b'{"prompt": "old"}', "weights.bin": b"\x01" * 1000}
 NEW = {"config.json": b'{"prompt": "new"}', "weights.bin": b"\x02" * 1500}

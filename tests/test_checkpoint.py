@@ -12,7 +12,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import latentgraph as lg
-from latentgraph.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from latentgraph.checkpoints.native import CONFIG_NAME, WEIGHTS_NAME
+from latentgraph.core.agent import DEFAULT_SYSTEM_PROMPT
+from latentgraph.core.config import SystemConfig
 
 
 @pytest.fixture
@@ -42,7 +44,7 @@ def test_files_and_keys(system, tmp_path):
     assert config["format_version"] == 1 and config["rounds"] == 2 and config["answer"] == "b"
     assert config["agents"][0] == {
         "name": "a", "backbone": {"name_or_path": "Qwen2ForCausalLM", "revision": None},
-        "prompt": "{question}", "feedback_prompt": "{fb} {question}", "system_prompt": lg.DEFAULT_SYSTEM_PROMPT,
+        "prompt": "{question}", "feedback_prompt": "{fb} {question}", "system_prompt": DEFAULT_SYSTEM_PROMPT,
         "latent_steps": 3, "inner_link": {"type": "res_mlp"}}
     assert config["edges"] == [
         {"src": "a", "dst": "b", "slot": "a", "mode": "latent", "feedback": False,
@@ -81,8 +83,8 @@ def test_unknown_keys_from_a_newer_latentgraph_are_tolerated_with_a_warning(syst
     config["edges"][0]["link"]["dropout"] = 0.1
     (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.warns(UserWarning, match=r"ignoring unknown keys \['config.future_option', "
-                                         r"'config.agents\[1\].backbone.quantization', 'config.edges\[0\].link.dropout'\] "
-                                         r"\(written by latentgraph 99.0.0"):
+                                         r"'config.agents\[1\].backbone.quantization', "
+                                         r"'config.edges\[0\].link.dropout'\] \(written by latentgraph 99.0.0"):
         loaded = lg.System.from_pretrained(tmp_path, backbones=backbones)
     assert_same_links(loaded, system)
 
@@ -135,7 +137,7 @@ def test_link_tensors_that_are_not_floating_point_are_refused(system, backbones,
 def test_the_config_file_is_exactly_to_config(system, backbones, tmp_path):
     system.save_pretrained(tmp_path)
     assert (tmp_path / CONFIG_NAME).read_text() == system.to_config().to_json()
-    assert lg.SystemConfig.from_file(tmp_path / CONFIG_NAME) == system.to_config()
+    assert SystemConfig.from_file(tmp_path / CONFIG_NAME) == system.to_config()
 
 
 def test_to_config_from_config_round_trip_gives_identical_greedy_texts(system, backbones):

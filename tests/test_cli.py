@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import latentgraph as lg
 from latentgraph.cli import app
-
+from latentgraph.core.config import SystemConfig
 
 
 def test_run_json_is_one_object_with_the_documented_keys(saved):
@@ -87,8 +87,10 @@ def test_allow_unsandboxed_tools_opts_the_tool_agent_in(published_hub):
 def test_allow_unsandboxed_tools_opts_code_scoring_in(monkeypatch, tmp_path):
     import types
 
-    from latentgraph import cli, datasets, evaluation
-    from latentgraph.datasets import Example
+    from latentgraph import cli
+    from latentgraph.evaluation import datasets
+    from latentgraph.evaluation import runner as evaluation
+    from latentgraph.evaluation.datasets import Example
 
     code = [Example("k1", "Write add(a, b).", "", "code", tests="assert add(2, 3) == 5")]
     monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: code)
@@ -152,5 +154,5 @@ def test_a_config_file_beside_links_runs_with_those_links(saved):
     assert from_dir.exit_code == 0 and from_yaml.exit_code == 0, from_yaml.output
     assert "freshly initialised" not in from_yaml.stderr
     assert json.loads(from_yaml.stdout)["answer"] == json.loads(from_dir.stdout)["answer"]
-    assert lg.System.from_config(saved / "system.yaml").to_config() == lg.SystemConfig.from_file(
+    assert lg.System.from_config(saved / "system.yaml").to_config() == SystemConfig.from_file(
         saved / "latentgraph_config.json")

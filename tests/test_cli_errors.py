@@ -142,7 +142,7 @@ CASES = {
 
 
 def test_results_row_with_missing_keys_is_one_error_line(saved, tmp_path, monkeypatch, capsys):
-    from latentgraph.evaluation import SETTINGS, fingerprint  # noqa: F401  (settings must match to reach the rows)
+    from latentgraph.evaluation.runner import SETTINGS, fingerprint  # noqa: F401  (settings must match to reach the rows)
 
     data = data_file(tmp_path)
     out = tmp_path / "out"

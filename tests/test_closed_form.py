@@ -1,4 +1,4 @@
-"""Closed-form initialisation (latentgraph.init) on tiny backbones: fits go through the link type's
+"""Closed-form initialisation (latentgraph.training.closed_form) on tiny backbones: fits go through the link type's
 ``Link.fit_affine``, so built-in and user-registered types are written the same way."""
 
 import pytest
@@ -6,14 +6,14 @@ import torch
 from torch import nn
 
 import latentgraph as lg
-from latentgraph.init import hidden_states, initialize, realignment
-from latentgraph.links import make_link
+from latentgraph.core.links import LinkConfig, make_link
 from latentgraph.testing import _CORPUS
+from latentgraph.training.closed_form import hidden_states, initialize, realignment
 
 TEXTS = [line for line in _CORPUS.splitlines() if line.strip()]
 
 
-class AffineConfig(lg.LinkConfig):
+class AffineConfig(LinkConfig):
     fits: int = 0
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from latentgraph.datasets import HUB_DATASETS, Example, load_dataset, read_rows, shuffle_choices
 from latentgraph.errors import InputError
-from latentgraph.scoring import build_program
+from latentgraph.evaluation.datasets import HUB_DATASETS, Example, load_dataset, read_rows, shuffle_choices
+from latentgraph.evaluation.strict import build_program
 
 SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 

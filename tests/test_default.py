@@ -17,7 +17,7 @@ QUESTION = "What is the capital of France? Answer in one word."
 
 @pytest.fixture(scope="module")
 def system():
-    from latentgraph.default import default_system
+    from latentgraph.embedded.default_system import default_system
 
     return default_system(device="cpu")
 
@@ -51,7 +51,7 @@ def test_links_are_fitted_not_random(system):
 
 
 def test_text_mode_puts_each_senders_text_into_its_receivers_prompt(system):
-    from latentgraph.prompt import render_chat
+    from latentgraph.core.prompt import render_chat
 
     seen = spy_on_prompts(system)
     try:
@@ -92,6 +92,6 @@ def test_trace_token_counts_add_up(system):
 
 
 def _latent(steps):
-    from latentgraph.agent import Message
+    from latentgraph.core.agent import Message
 
     return Message(latent=torch.zeros(1, steps, 576))

@@ -5,7 +5,7 @@ import re
 import sys
 from pathlib import Path
 
-from latentgraph.config import SystemConfig
+from latentgraph.core.config import SystemConfig
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -31,7 +31,7 @@ def test_format_page_example_is_a_valid_config():
 
 
 def test_format_page_schema_lists_exactly_the_config_fields():
-    from latentgraph.config import AgentConfig, EdgeConfig
+    from latentgraph.core.config import AgentConfig, EdgeConfig
 
     page = (DOCS / "format.md").read_text()
     table = page[page.index("### Schema"):page.index("A link is")]

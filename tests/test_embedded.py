@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import latentgraph as lg
-from latentgraph import embedded
-from latentgraph.embedded import EMBEDDED_BACKBONES, cache_dir, embedded_backbone
+from latentgraph.embedded import backbones as embedded
+from latentgraph.embedded.backbones import EMBEDDED_BACKBONES, cache_dir, embedded_backbone
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -74,7 +74,7 @@ def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
 
 def test_converts_once_into_a_version_keyed_folder(fake, tmp_path, caplog, capsys):
     install_fake_smollm2(fake.site)
-    with caplog.at_level(logging.INFO, logger="latentgraph.embedded"):
+    with caplog.at_level(logging.INFO, logger="latentgraph.embedded.backbones"):
         path = embedded_backbone("smollm2-135m")
     assert path == tmp_path / "cache" / "models" / "smollm2-135m-0.1.2"
     assert json.loads((path / "config.json").read_text()) == {"converted_from": SMOLLM2_GGUF}
@@ -89,7 +89,7 @@ def test_converts_once_into_a_version_keyed_folder(fake, tmp_path, caplog, capsy
     assert len(fake.calls) == 1
 
     install_fake_smollm2(fake.site, version="0.2.0")
-    with caplog.at_level(logging.WARNING, logger="latentgraph.embedded"):
+    with caplog.at_level(logging.WARNING, logger="latentgraph.embedded.backbones"):
         assert embedded_backbone("smollm2-135m") == path.with_name("smollm2-135m-0.2.0")
     assert len(fake.calls) == 2 and path.is_dir()
     assert "latentgraph: converting smollm2-135m" in capsys.readouterr().err  # logging would hide it

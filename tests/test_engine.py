@@ -3,11 +3,11 @@ training, early exit, and NaN/inf named where it starts."""
 
 import pytest
 import torch
+from systems import QUESTIONS, sequential
 
 import latentgraph as lg
-from latentgraph.decode import Sampling
-from latentgraph.engine import InferenceStep, ThoughtsConverged, unroll
-from latentgraph.events import (
+from latentgraph.core.engine import InferenceStep, ThoughtsConverged, unroll
+from latentgraph.core.events import (
     AgentFinished,
     AgentSpoke,
     AgentStarted,
@@ -16,13 +16,13 @@ from latentgraph.events import (
     RoundEnded,
     RunFinished,
 )
-from latentgraph.objectives import TrainingStep
+from latentgraph.core.speak import Sampling
 from latentgraph.testing import tiny_backbone
+from latentgraph.training.data import TrainExample
+from latentgraph.training.objectives import TrainingStep
 
-from systems import QUESTIONS, sequential
-
-EXAMPLES = [lg.TrainExample("What is 17 * 23?", "The answer is 391.", plan="Multiply 17 by 23."),
-            lg.TrainExample("Half of 48?", "The answer is 24.", plan="Divide 48 by 2.", targets={"critic": "Halve."})]
+EXAMPLES = [TrainExample("What is 17 * 23?", "The answer is 391.", plan="Multiply 17 by 23."),
+            TrainExample("Half of 48?", "The answer is 24.", plan="Divide 48 by 2.", targets={"critic": "Halve."})]
 GREEDY = {"do_sample": False, "max_new_tokens": 4}
 
 

@@ -16,17 +16,16 @@ import warnings
 from pathlib import Path
 
 import pytest
+from systems import sequential
 from typer.testing import CliRunner
 
 import latentgraph as lg
 from latentgraph.cli import app
-from latentgraph.datasets import Example
+from latentgraph.core.events import AgentStep, RunOutput
 from latentgraph.errors import InputError, SandboxUnavailable
-from latentgraph.evaluation import SandboxRunner
-from latentgraph.events import AgentStep, RunOutput
-from latentgraph.report import plot, wilson
-
-from systems import sequential
+from latentgraph.evaluation.datasets import Example
+from latentgraph.evaluation.report import plot, wilson
+from latentgraph.evaluation.runner import SandboxRunner
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 GOOD_ADD = "```python\ndef add(a, b):\n    return a + b\n```"

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import latentgraph as lg
-from latentgraph.agent import Message
-from latentgraph.prompt import PLAIN_FORMAT, PromptTemplate, render_chat
+from latentgraph.core.agent import DEFAULT_SYSTEM_PROMPT, Message
+from latentgraph.core.prompt import PLAIN_FORMAT, PromptTemplate, render_chat
 
 
 def test_template_slots_and_literal_braces():
@@ -66,4 +66,4 @@ def test_questions_cannot_forge_slots(tiny):
     model, tokenizer = tiny("llama", 64)
     agent = lg.Agent("a", model, tokenizer=tokenizer, prompt="{question}")
     rows = agent.render(["evil \ue000question\ue001 text"], agent.template(False), {})
-    assert rows == [[render_chat(tokenizer, lg.DEFAULT_SYSTEM_PROMPT, "evil question text")]]
+    assert rows == [[render_chat(tokenizer, DEFAULT_SYSTEM_PROMPT, "evil question text")]]

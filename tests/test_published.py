@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import latentgraph as lg
-from latentgraph.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from latentgraph.published import style_module
+from latentgraph.checkpoints.native import CONFIG_NAME, WEIGHTS_NAME
+from latentgraph.checkpoints.published import list_styles, style_module
 
-STYLES = lg.list_styles()
+STYLES = list_styles()
 QUESTIONS = ["What is 17 * 23?", "A train travels 60 km in 45 minutes. What is its speed in km/h?"]
 
 
@@ -51,8 +51,10 @@ def test_task_picks_the_task_adapters(published_hub):
     math = lg.load_style("sequential_light", task="math", device="cpu")
     code = lg.load_style("sequential_light", task="code", device="cpu")
     weight = lambda s: s.agents["planner"].inner_link.proj1.weight  # noqa: E731
-    assert torch.equal(weight(math).bfloat16(), published_hub.inner[("sequential_light", "planner", "math")]["proj1.weight"])
-    assert torch.equal(weight(code).bfloat16(), published_hub.inner[("sequential_light", "planner", "code")]["proj1.weight"])
+    published = {task: published_hub.inner[("sequential_light", "planner", task)]["proj1.weight"]
+                 for task in ("math", "code")}
+    assert torch.equal(weight(math).bfloat16(), published["math"])
+    assert torch.equal(weight(code).bfloat16(), published["code"])
     assert not torch.equal(weight(math), weight(code))
     assert "```python" in code.agents["solver"].prompt and "\\boxed{{}}" in math.agents["solver"].prompt
 

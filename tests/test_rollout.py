@@ -2,13 +2,12 @@
 
 import pytest
 import torch
-
-from latentgraph.backbone import get_backbone
-from latentgraph.decode import Sampling, generate
-from latentgraph.links import make_link
-from latentgraph.rollout import latent_rollout, positions_from_mask
-
 from conftest import ALL_ARCHS
+
+from latentgraph.core.backbone import get_backbone
+from latentgraph.core.links import make_link
+from latentgraph.core.speak import Sampling, generate
+from latentgraph.core.think import latent_rollout, positions_from_mask
 
 
 def _padded_batch(backbone, lengths):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from latentgraph import scoring_upstream as upstream
 from latentgraph.errors import InputError
-from latentgraph.scoring import (
+from latentgraph.evaluation import published_lenient as upstream
+from latentgraph.evaluation.strict import (
     build_program,
     extract_answer,
     extract_boxed,

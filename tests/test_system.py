@@ -1,12 +1,11 @@
 """Systems end to end on tiny random backbones: rounds, feedback, mixed architectures, text edges."""
 
 import pytest
-import torch
+from conftest import ALL_ARCHS
+from systems import QUESTIONS, sequential
 
 import latentgraph as lg
 
-from conftest import ALL_ARCHS
-from systems import QUESTIONS, sequential
 
 def test_mixed_architectures_run_three_rounds_with_feedback(tiny):
     system = sequential(tiny)
@@ -118,7 +117,7 @@ def test_text_mode_makes_every_edge_a_text_edge(tiny):
     system = sequential(tiny)
     out = system.run(QUESTIONS[:2], mode="text", do_sample=False, max_new_tokens=3)
     assert out.mode == "text" and list(system.links) == ["planner->critic", "critic->solver", "solver->planner"]
-    for r, steps in enumerate(out.trace):
+    for steps in out.trace:
         assert list(steps) == ["planner", "critic", "solver"]
         for step in steps.values():
             assert step.latent_shape is None and step.latents_in == 0  # nothing latent travels

@@ -5,12 +5,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from scripted import scripted_backbone
 
 import latentgraph as lg
-from latentgraph.backbone import get_backbone
-from latentgraph.decode import Sampling, generate
-
-from scripted import scripted_backbone
+from latentgraph.core.backbone import get_backbone
+from latentgraph.core.speak import Sampling, generate
+from latentgraph.tools import Tool
 
 # Row "alpha" calls the calculator after 4 tokens, row "beta" searches after 3, row "gamma" never calls.
 SCRIPT = {
@@ -23,14 +23,14 @@ WORDS = ["question", "about", "<result>", "42", "paris", "error:"]
 PROMPTS = ["question alpha", "a question about beta", "gamma"]  # different lengths: left padding
 
 
-class Calculator(lg.Tool):
+class Calculator(Tool):
     name, tag, description = "calculator", "calc", "evaluates arithmetic"
 
     def run(self, text: str) -> str:
         return str(eval(text, {"__builtins__": {}}))  # the scripted input is "6*7"
 
 
-class Lookup(lg.Tool):
+class Lookup(Tool):
     name, tag, description = "lookup", "search", "looks a word up"
 
     def run(self, text: str) -> str:

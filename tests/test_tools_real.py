@@ -26,7 +26,7 @@ SHOTS = _turn("What is 2 + 3?", "2 + 3", 5) + _turn("What is 10 - 4?", "10 - 4",
 
 
 def test_deliberation_calls_python_on_the_real_backbones():
-    from latentgraph.embedded import embedded_backbone
+    from latentgraph.embedded.backbones import embedded_backbone
     from latentgraph.tools import PythonTool
 
     python = PythonTool(require=())  # runs the code with whatever protections this machine has

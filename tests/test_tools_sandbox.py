@@ -16,7 +16,7 @@ import pytest
 
 import latentgraph.tools.sandbox as sandbox_module
 from latentgraph.errors import InputError, LatentGraphError, SandboxUnavailable
-from latentgraph.evaluation import SandboxRunner
+from latentgraph.evaluation.runner import SandboxRunner
 from latentgraph.tools import PROTECTIONS, Limits, PythonTool, Sandbox, Tool, escape_result, truncate
 
 FAST = Limits(wall_seconds=3, cpu_seconds=3, memory_mb=256, max_processes=16)

@@ -6,13 +6,12 @@ import shutil
 
 import pytest
 import torch
+from systems import save_with_backbone_dirs, sequential
 
 import latentgraph as lg
-import latentgraph.training
-from latentgraph.training import TrainConfig, batches_for, train
-from latentgraph.train_data import TrainExample, clean_gsm8k_solution, load_training_data
-
-from systems import save_with_backbone_dirs, sequential
+import latentgraph.training.loop
+from latentgraph.training.data import TrainExample, clean_gsm8k_solution, load_training_data
+from latentgraph.training.loop import TrainConfig, batches_for, train
 
 EXAMPLES = [
     TrainExample("What is 17 * 23?", "The answer is 391.", plan="Multiply 17 by 23."),
@@ -61,7 +60,7 @@ def test_loss_falls_on_a_fixed_batch_and_only_links_change(system, stage, regime
 
 
 def test_backbones_receive_no_gradients(system):
-    from latentgraph.objectives import unrolled_loss
+    from latentgraph.training.objectives import unrolled_loss
 
     unrolled = unrolled_loss(system, EXAMPLES[:2], regime="rollout")
     unrolled.loss.backward()
@@ -93,17 +92,17 @@ def test_resume_gives_the_same_links_as_an_uninterrupted_run(tiny, tmp_path, mon
     interrupted = sequential(tiny, steps=(2, 2, 2))  # the same backbones and starting links, killed in step 5
     interrupted.rounds = 2
     interrupted.load_state_dict(initial)
-    real_step = latentgraph.training._step
+    real_step = latentgraph.training.loop._step
 
     def dies_in_step_5(system, examples, config, step, *args):
         if step == 4:
             raise KeyboardInterrupt
         return real_step(system, examples, config, step, *args)
 
-    monkeypatch.setattr(latentgraph.training, "_step", dies_in_step_5)
+    monkeypatch.setattr(latentgraph.training.loop, "_step", dies_in_step_5)
     with pytest.raises(KeyboardInterrupt):
         train(interrupted, EXAMPLES, config, output=tmp_path / "interrupted", progress=False)
-    monkeypatch.setattr(latentgraph.training, "_step", real_step)
+    monkeypatch.setattr(latentgraph.training.loop, "_step", real_step)
     assert sorted(p.name for p in (tmp_path / "interrupted").iterdir()) == ["checkpoint-3"]
     resumed = sequential(tiny, steps=(2, 2, 2))
     resumed.rounds = 2
@@ -129,8 +128,8 @@ def test_data_order_is_a_function_of_seed_and_step():
 
 def test_gsm8k_adapter(tmp_path):
     path = tmp_path / "gsm8k.jsonl"
-    path.write_text(json.dumps({"question": "Natalia sold 48 clips...", "answer":
-                                "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nTotal 48+24 = <<48+24=72>>72.\n#### 72"})
+    solution = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nTotal 48+24 = <<48+24=72>>72.\n#### 72"
+    path.write_text(json.dumps({"question": "Natalia sold 48 clips...", "answer": solution})
                     + "\n" + json.dumps({"question": "q2", "answer": "x\n#### 1,000"}) + "\n")
     examples = load_training_data(path, format="gsm8k")
     assert examples[0] == TrainExample("Natalia sold 48 clips...", "The answer is 72.",
@@ -188,7 +187,7 @@ def cheap(tiny, monkeypatch):
         optimizer.step()
         return {"step": step + 1, "loss": loss.item()}
 
-    monkeypatch.setattr(latentgraph.training, "_step", cheap_step)
+    monkeypatch.setattr(latentgraph.training.loop, "_step", cheap_step)
     system = sequential(tiny, steps=(1, 1, 1))
     initial = {k: v.clone() for k, v in system.state_dict().items()}
 
@@ -226,8 +225,8 @@ def forget_the_dead(folder):
 
 def intercept(monkeypatch, name, body):
     """Call ``body(target, files)`` instead of the write of the folder called ``name``."""
-    real = latentgraph.training.write_directory
-    monkeypatch.setattr(latentgraph.training, "write_directory",
+    real = latentgraph.training.loop.write_directory
+    monkeypatch.setattr(latentgraph.training.loop, "write_directory",
                         lambda target, files: body(target, files) if target.name == name else real(target, files))
     return real
 
@@ -261,7 +260,7 @@ def test_a_checkpoint_failing_at_any_file_operation_is_absent_and_resume_works(c
     assert "absent" in outcomes and outcomes[-1] == "complete", outcomes
     assert sorted(p.name for p in output.iterdir()) == ["checkpoint-2"]
     assert_complete_checkpoint(output / "checkpoint-2", 2, cheap.system)
-    monkeypatch.setattr(latentgraph.training, "write_directory", write)
+    monkeypatch.setattr(latentgraph.training.loop, "write_directory", write)
     resumed = cheap(tmp_path / "resumed", resume=output / "checkpoint-2")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
@@ -292,7 +291,7 @@ def test_a_checkpoint_killed_at_any_file_operation_is_complete_or_absent_and_res
     assert outcomes[0] == "absent" and outcomes[-1] == "complete", outcomes
     assert_complete_checkpoint(output / "checkpoint-2", 2, cheap.system)
     assert_complete_checkpoint(output / "checkpoint-4", 4, cheap.system)
-    monkeypatch.setattr(latentgraph.training, "write_directory", write)
+    monkeypatch.setattr(latentgraph.training.loop, "write_directory", write)
     resumed = cheap(output, resume=output / "checkpoint-4")  # the last complete one
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert hidden(output) == []  # the resumed run's saves deleted what the killed ones left

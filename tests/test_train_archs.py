@@ -11,16 +11,16 @@ import math
 
 import pytest
 import torch
+from conftest import ALL_ARCHS
 
 import latentgraph as lg
-import latentgraph.backbone
-from latentgraph.backbone import get_backbone
-from latentgraph.links import make_link
-from latentgraph.rollout import latent_rollout
-from latentgraph.train_data import TrainExample
-from latentgraph.training import TrainConfig, train
-
-from conftest import ALL_ARCHS
+import latentgraph.core.backbone
+from latentgraph.checkpoints.published import list_styles
+from latentgraph.core.backbone import get_backbone
+from latentgraph.core.links import make_link
+from latentgraph.core.think import latent_rollout
+from latentgraph.training.data import TrainExample
+from latentgraph.training.loop import TrainConfig, train
 
 EXAMPLES = [
     TrainExample("What is 17 * 23?", "The answer is 391.", plan="Multiply 17 by 23."),
@@ -140,17 +140,17 @@ def test_only_rollouts_under_autograd_copy_states(tiny, monkeypatch):
     """Inference keeps the in-place cache: no state copies when gradients are off."""
     backbone, inner, embeds, mask, _ = _rollout_case(tiny)
     copies = []
-    fresh = latentgraph.backbone.AutogradCache._fresh
-    monkeypatch.setattr(latentgraph.backbone.AutogradCache, "_fresh",
+    fresh = latentgraph.core.backbone.AutogradCache._fresh
+    monkeypatch.setattr(latentgraph.core.backbone.AutogradCache, "_fresh",
                         lambda self, *args: copies.append(args) or fresh(self, *args))
     with torch.no_grad():
         latent_rollout(backbone, inner, embeds, mask, steps=3)
-    assert copies == [] and type(backbone.new_cache()) is latentgraph.backbone.DynamicCache
+    assert copies == [] and type(backbone.new_cache()) is latentgraph.core.backbone.DynamicCache
     latent_rollout(backbone, inner, embeds, mask, steps=3)
     assert copies  # the one linear-attention layer's states, at every step
 
 
-@pytest.mark.parametrize("style", lg.list_styles())
+@pytest.mark.parametrize("style", list_styles())
 def test_every_published_style_trains_one_step(published_hub, style):
     system = lg.load_style(style, device="cpu")
     for agent in system.agents.values():

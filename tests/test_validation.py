@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import latentgraph as lg
+from latentgraph.core.links import LinkConfig
 
 
 @pytest.fixture
@@ -36,7 +37,8 @@ def test_placeholder_without_an_edge(make):
 def test_forward_cycle_names_the_edge_and_the_cycle(make):
     system = lg.System([make("a", "{c}"), make("b", "{a}"), make("c", "{b}")], answer="c")
     system.connect("a", "b").connect("b", "c")
-    with pytest.raises(lg.GraphError, match=r"edge 'c->a' closes a cycle of forward edges \(c -> a -> b -> c\).*feedback=True"):
+    cycle = r"edge 'c->a' closes a cycle of forward edges \(c -> a -> b -> c\).*feedback=True"
+    with pytest.raises(lg.GraphError, match=cycle):
         system.connect("c", "a")
     with pytest.raises(lg.GraphError, match="edge 'a->a' closes a cycle"):
         system.connect("a", "a")
@@ -68,7 +70,7 @@ def test_names_must_be_identifiers(make, name):
 def test_link_dims_must_match_the_backbones(make):
     system = lg.System([make("a", hidden=64), make("b", "{a}", hidden=48)], answer="b")
     with pytest.raises(lg.GraphError, match=r"edge 'a->b': link dims 48 -> 64 do not match the backbones \(64 -> 48\)"):
-        system.connect("a", "b", link=lg.LinkConfig(role="outer", in_dim=48, out_dim=64))
+        system.connect("a", "b", link=LinkConfig(role="outer", in_dim=48, out_dim=64))
     with pytest.raises(lg.GraphError, match=r"edge 'a->b': the link module maps \(1, 1, 64\) to \(1, 1, 64\)"):
         system.connect("a", "b", link=nn.Linear(64, 64))
     system.connect("a", "b")
@@ -76,7 +78,7 @@ def test_link_dims_must_match_the_backbones(make):
     with pytest.raises(lg.GraphError, match=r"edge 'a->b': the link module maps \(1, 1, 64\) to \(1, 1, 32\)"):
         system.validate()
     with pytest.raises(lg.GraphError, match=r"agent 'c' inner link: link dims 32 -> 32 do not match"):
-        make("c", inner_link=lg.LinkConfig(role="inner", in_dim=32, out_dim=32))
+        make("c", inner_link=LinkConfig(role="inner", in_dim=32, out_dim=32))
 
 
 @pytest.mark.parametrize("rounds", [0, -1, 1.5, True, "3"])

@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
     import latentgraph as lg
+    from latentgraph.checkpoints.published import list_styles
     print(lg.__file__)
-    print(",".join(lg.list_styles()))
+    print(",".join(list_styles()))
     system = lg.load_style("deliberation", device="cpu")
     for agent in system.agents.values():
         agent.latent_steps = 2

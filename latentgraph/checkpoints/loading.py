@@ -1,0 +1,60 @@
+"""One entry point for every kind of system: ``latentgraph.load(name)``.
+
+A name is ``"default"`` (the embedded default system, real small backbones shipped in packages), a
+published RecursiveMAS style (``"sequential_light"``, ...), a folder written by ``save_pretrained``, or a
+system declared in a ``.json``/``.yaml`` file (with the links of a ``links.safetensors`` beside it, else
+fresh untrained links).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ..core.config import CONFIG_NAME, CONFIG_SUFFIXES, WEIGHTS_NAME
+from ..core.system import System
+from ..errors import CheckpointError
+from .native import load_weights
+from .published import list_styles, load_style, style_module
+
+DEFAULT = "default"
+
+
+def load(name: str | Path = DEFAULT, *, task: str = "math", weights: bool = True, device: Any = None,
+         dtype: Any = None, allow_unsandboxed_tools: bool = False) -> System:
+    """A system by name.
+
+    Args:
+        name: ``"default"``, a published style, a saved folder, or a ``.json``/``.yaml`` system file.
+        task: for published styles, ``"math"`` or ``"code"`` (which links and answer format).
+        weights: ``False`` gives a published style's graph with fresh links (for drawing it).
+        device, dtype: where and in what dtype the backbones run.
+        allow_unsandboxed_tools: give a published style's tool agent a Python tool that runs code with
+            whatever protections this machine has (``PythonTool(require=())``) instead of failing closed.
+    """
+    name = str(name)
+    if name == DEFAULT:
+        from ..embedded.default_system import default_system
+
+        return default_system(device=device, dtype=dtype)
+    if name in list_styles():
+        tools = {}
+        if allow_unsandboxed_tools and hasattr(style_module(name), "TOOL_AGENT"):
+            from ..tools import PythonTool
+
+            tools = {"tools": [PythonTool(require=())]}
+        return load_style(name, task=task, device=device, dtype=dtype, load_weights=weights, **tools)
+    path = Path(name)
+    if (path / CONFIG_NAME).exists():
+        return System.from_pretrained(path, device=device, dtype=dtype)
+    if path.suffix.lower() in CONFIG_SUFFIXES and path.is_file():
+        system = System.from_config(path, device=device, dtype=dtype)
+        if (path.parent / WEIGHTS_NAME).exists():
+            load_weights(path.parent, system.link_modules())
+        else:
+            warnings.warn(f"no {WEIGHTS_NAME} beside {path}: the links are freshly initialised, not trained",
+                          stacklevel=2)
+        return system
+    raise CheckpointError(f"{name!r} is not '{DEFAULT}', a published style ({', '.join(list_styles())}), a "
+                          f"directory with a {CONFIG_NAME} or a system file ({', '.join(CONFIG_SUFFIXES)})")

@@ -1,0 +1,259 @@
+"""Backbones: frozen Hugging Face causal LMs, loaded once and shared by every agent that names them.
+
+A backbone is given as a hub id, a local directory or a loaded model. Its config is read at once (so a
+graph can be validated and rendered without weights); the weights load on first use. Backbones are frozen:
+eval mode, no gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import pickle
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
+
+from ..errors import CheckpointError, GraphError, InputError, unpickling_problem
+from ..files.hub import fetch, is_local, missing_repo_message, plain_view
+
+logger = logging.getLogger(__name__)
+
+_SHARED: weakref.WeakValueDictionary[tuple, Backbone] = weakref.WeakValueDictionary()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``None`` means CUDA when available, else CPU; a device this machine lacks is an :class:`InputError`."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:1', 'mps', ...") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} was asked for, but CUDA is not available on this machine "
+                         "(no GPU, or a CPU-only torch); use device 'cpu' or leave it unset")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise InputError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device {device!r} was asked for, but MPS is not available here; use 'cpu'")
+    return resolved
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """``None`` means bf16 on a GPU that supports it and fp32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if gpu_bf16 else torch.float32
+    resolved = getattr(torch, str(dtype), None)
+    if not (isinstance(resolved, torch.dtype) and resolved.is_floating_point):
+        raise InputError(f"unknown dtype {dtype!r}; use a floating-point dtype such as 'float32' or 'bfloat16'")
+    return resolved
+
+
+class Backbone:
+    """A frozen causal LM with its tokenizer. Use :func:`get_backbone` to share loaded copies."""
+
+    def __init__(self, source: str, *, revision: str | None = None, device: torch.device,
+                 dtype: torch.dtype, model: PreTrainedModel | None = None, tokenizer: Any = None):
+        self.name_or_path = source
+        self.revision = revision
+        self.device = device
+        self.dtype = dtype
+        self._model = model
+        self._tokenizer = tokenizer
+        self.config = model.config if model is not None else AutoConfig.from_pretrained(source, revision=revision)
+
+    def __repr__(self) -> str:
+        state = "loaded" if self._model is not None else "not loaded"
+        return f"Backbone({self.name_or_path!r}, hidden={self.hidden_size}, {self.dtype}, {self.device}, {state})"
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def model(self) -> PreTrainedModel:
+        if self._model is None:
+            logger.info("loading backbone %s", self.name_or_path)
+            directory = plain_view(fetch(self.name_or_path, revision=self.revision, ignore=["*.pt", "*.pth"]))
+            kwargs = {"dtype": self.dtype}
+            if self.device.type != "cpu":
+                kwargs["device_map"] = str(self.device)
+            try:
+                self._model = _freeze(AutoModelForCausalLM.from_pretrained(directory, **kwargs))
+            except pickle.UnpicklingError as e:
+                raise CheckpointError(f"backbone {self.name_or_path!r}: {unpickling_problem(e)}; convert its "
+                                      ".bin weights to safetensors, or use a checkpoint you trust") from None
+        return self._model
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = AutoTokenizer.from_pretrained(self.name_or_path, revision=self.revision)
+        return self._tokenizer
+
+    def load(self) -> Backbone:
+        """Load the weights and the tokenizer now rather than on first use (e.g. before timing a run)."""
+        if self.model is None or self.tokenizer is None:
+            raise CheckpointError(f"backbone {self.name_or_path!r} did not load")
+        return self
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the input embeddings (composite configs such as Gemma 3 have no top-level hidden_size)."""
+        if self._model is not None:
+            return self._model.get_input_embeddings().weight.shape[1]
+        return self.config.get_text_config().hidden_size
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.config.get_text_config(), "max_position_embeddings", None)
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        """The transformer without its LM head: latent rollouts need hidden states, not logits."""
+        return self.model.get_decoder()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # Through the embedding module, never weight[ids]: Gemma scales inside it.
+        return self.model.get_input_embeddings()(input_ids)
+
+    def new_cache(self, *, autograd: bool = False) -> DynamicCache:
+        """A KV cache for this backbone, built from the config so hybrid models (Qwen3.5 linear attention)
+        get their recurrent layers. ``autograd=True`` gives an :class:`AutogradCache`, for forwards whose
+        gradients will be taken; the default cache updates states in place, which is faster."""
+        return (AutogradCache if autograd else DynamicCache)(config=self.model.config)
+
+
+class AutogradCache(DynamicCache):
+    """A ``DynamicCache`` that never overwrites a state tensor autograd may have saved.
+
+    Linear-attention layers (Qwen3.5's Gated DeltaNet) keep a conv and a recurrent state per layer and
+    update them in place: ``copy_`` into the cached tensor, in the cache's ``update_*_state`` and in the
+    fused single-token conv update, which writes the tensor ``get_conv_state`` returned. Under autograd
+    the step that read a state saved it for its backward pass, so the in-place write makes ``backward()``
+    fail ("modified by an inplace operation"). Here every read and every update of a state first swaps
+    the cached tensor for a copy of itself, so the in-place write lands on a tensor no earlier operation
+    saved; the values, and so the gradients, are those of the plain cache. Key/value layers already grow
+    out of place (``torch.cat``) and are left alone. The copies are per layer state (small: no sequence
+    axis), made only by this class, which rollouts use only when gradients are on.
+    """
+
+    def _fresh(self, kind: str, layer_idx: int, state_idx: int) -> None:
+        states = getattr(self.layers[layer_idx], kind, None)  # absent on attention layers: the base raises
+        if isinstance(states, dict) and isinstance(states.get(state_idx), torch.Tensor):
+            states[state_idx] = states[state_idx].clone()
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        self._fresh("conv_states", layer_idx, state_idx)
+        return super().get_conv_state(layer_idx, state_idx)
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        self._fresh("recurrent_states", layer_idx, state_idx)
+        return super().get_recurrent_state(layer_idx, state_idx)
+
+    def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                          **kwargs) -> torch.Tensor:
+        self._fresh("conv_states", layer_idx, state_idx)
+        return super().update_conv_state(conv_states, layer_idx, state_idx, **kwargs)
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                               **kwargs) -> torch.Tensor:
+        self._fresh("recurrent_states", layer_idx, state_idx)
+        return super().update_recurrent_state(recurrent_states, layer_idx, state_idx, **kwargs)
+
+
+def cache_kwargs(module: torch.nn.Module, cache: DynamicCache | None) -> dict[str, DynamicCache | None]:
+    """The keyword that hands ``module.forward`` its KV cache: ``cache`` from transformers 5.24 on (where
+    ``past_key_values`` warns, and goes in 5.40), ``past_key_values`` before."""
+    return {_cache_keyword(type(module)): cache}
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def _freeze(model: PreTrainedModel) -> PreTrainedModel:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def get_backbone(backbone: str | Path | PreTrainedModel | Backbone, *, tokenizer: Any = None,
+                 revision: str | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | str | None = None) -> Backbone:
+    """Return the shared :class:`Backbone` for a hub id, local directory or loaded model.
+
+    Agents that name the same source (and revision, device, dtype) get the same object, so the weights
+    are loaded once. A loaded model is used as it is (never copied): it is frozen in place and moved only
+    when ``device`` or ``dtype`` is given.
+    """
+    if isinstance(backbone, Backbone):
+        return backbone
+    if isinstance(backbone, PreTrainedModel):
+        key: tuple = ("model", id(backbone), id(tokenizer))
+        wanted_device = resolve_device(device) if device is not None else None
+        wanted_dtype = resolve_dtype(dtype, wanted_device or backbone.device) if dtype is not None else None
+        if (shared := _SHARED.get(key)) is not None:
+            _check_shared(shared, wanted_device, wanted_dtype)
+            return shared
+        if wanted_device is not None or wanted_dtype is not None:
+            backbone.to(device=wanted_device, dtype=wanted_dtype)
+        source = backbone.config.name_or_path or type(backbone).__name__
+        if tokenizer is None:
+            raise CheckpointError(f"backbone {source!r} was given as a loaded model; pass its tokenizer= too")
+        made = Backbone(source, device=backbone.device, dtype=backbone.dtype, model=_freeze(backbone),
+                        tokenizer=tokenizer)
+    elif isinstance(backbone, (str, Path)):
+        resolved_device = resolve_device(device)
+        resolved_dtype = resolve_dtype(dtype, resolved_device)
+        if looks_like_path(backbone) and not Path(backbone).expanduser().is_dir():
+            raise CheckpointError(f"backbone directory {str(backbone)!r} does not exist; check the path "
+                                  "(a hub id looks like 'org/name')")
+        key = ("source", str(backbone), revision, str(resolved_device), resolved_dtype)
+        if (shared := _SHARED.get(key)) is not None:
+            return shared
+        try:
+            made = Backbone(str(backbone), revision=revision, device=resolved_device, dtype=resolved_dtype,
+                            tokenizer=tokenizer)
+        except OSError as e:
+            if not is_local(backbone) and "/" in str(backbone):
+                raise CheckpointError(missing_repo_message(str(backbone), revision, e)) from None
+            raise CheckpointError(
+                f"backbone {str(backbone)!r} not found: {e}. Pass a hub id, a local directory with a "
+                "config.json, or a loaded model."
+            ) from None
+    else:
+        raise GraphError(f"a backbone is a hub id, a local directory or a loaded model, got {backbone!r:.80}")
+    _SHARED[key] = made
+    return made
+
+
+def looks_like_path(source: str | Path) -> bool:
+    """Whether ``source`` names a local folder rather than a hub repo (``org/name``)."""
+    text = str(source)
+    return isinstance(source, Path) or text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
+
+
+def _check_shared(shared: Backbone, device: torch.device | None, dtype: torch.dtype | None) -> None:
+    """A loaded model is one object: a second agent cannot have it on another device or in another dtype."""
+    if device is not None and device != shared.device:
+        raise GraphError(f"backbone {shared.name_or_path!r} is already placed on {shared.device} for another "
+                         f"agent, which shares its weights; it cannot also be on {device}: pass the same device, "
+                         "or load a second copy of the model")
+    if dtype is not None and dtype != shared.dtype:
+        raise GraphError(f"backbone {shared.name_or_path!r} is already in {shared.dtype} for another agent, which "
+                         f"shares its weights; it cannot also be in {dtype}: pass the same dtype, or load a "
+                         "second copy of the model")

@@ -1,0 +1,308 @@
+"""The round engine: one loop that unrolls a :class:`~latentgraph.core.plan.Plan`, for inference and training.
+
+``unroll(plan, questions, step)`` walks the plan's turns round by round. For each turn it gathers the
+agent's messages from its inbox, asks ``step`` to encode the prompt, to think and to speak, runs the
+outer link of each outgoing latent edge, and delivers the message: forward edges into this round's
+inbox, feedback edges into the next round's. It checks every thought and every link output for NaN/inf
+and names the agent or edge at fault, keeps the trace, and emits :mod:`~latentgraph.core.events` as it goes.
+
+What a turn computes is the step's business, which is how inference and training share this loop:
+
+- :class:`InferenceStep` thinks by a latent rollout and speaks by decoding, under ``torch.no_grad``;
+- :class:`~latentgraph.training.objectives.TrainingStep` thinks by a rollout with gradients or by teacher forcing,
+  and "speaks" the answer by teacher forcing it on its target to score its cross-entropy.
+
+``stop`` ends a run early: after each round but the last it is called on that round's events, and when it
+returns True the answer node speaks in that round, from the prompt it encoded in that round (or, if it did
+not run, from what it received), and the run ends. :class:`ThoughtsConverged` is a built-in criterion.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputError
+from .agent import Encoded, Message
+from .events import (
+    AgentFinished,
+    AgentSpoke,
+    AgentStarted,
+    AgentStep,
+    AgentThought,
+    Event,
+    MessageDelivered,
+    RoundEnded,
+    RunFinished,
+    RunOutput,
+)
+from .links import placement
+from .plan import Plan, Turn, answer_turn
+from .speak import Sampling, ToolCall
+from .think import Thoughts
+
+Inbox = dict[str, dict[str, Message]]  # per receiver, per slot
+
+
+@dataclass
+class Spoken:
+    """What an agent said in a turn, one entry per question."""
+
+    texts: list[str]
+    tokens_out: list[int] | None = None  # generated tokens (None when nothing was generated)
+    tool_calls: list[list[ToolCall]] | None = None
+
+
+class Step(ABC):
+    """What an agent computes in its turn; :func:`unroll` does the rest (messages, links, trace, events).
+
+    Subclasses implement :meth:`think` and :meth:`speak`. ``differentiable`` says whether the outer links
+    run with autograd (training) or under ``torch.no_grad`` (inference).
+    """
+
+    differentiable: bool = False
+
+    def encode(self, turn: Turn, questions: list[str], messages: dict[str, Message]) -> Encoded:
+        """The agent's prompt for this turn, with its incoming messages in their slots."""
+        return turn.agent.encode(questions, turn.template, messages)
+
+    @abstractmethod
+    def think(self, turn: Turn, prompt: Encoded) -> Thoughts:
+        """The agent's thoughts: raw hidden states and what its inner link made of them, (B, m, H) each."""
+
+    @abstractmethod
+    def speak(self, turn: Turn, prompt: Encoded) -> Spoken:
+        """The agent's text."""
+
+    def finish(self, output: RunOutput) -> RunOutput:
+        """Complete the run's output with what the step kept (called once, at the end)."""
+        return output
+
+
+class InferenceStep(Step):
+    """Inference: think by a KV-cached latent rollout, speak by decoding; no gradients.
+
+    Args:
+        sampling: how text is decoded.
+        seed: seeds one generator per device, so sampling is reproducible.
+        return_latents: keep every agent's raw hidden states (on CPU) for ``RunOutput.latents``.
+    """
+
+    def __init__(self, sampling: Sampling, *, seed: int | None = None, return_latents: bool = False):
+        self.sampling, self.seed = sampling, seed
+        self.generators: dict[torch.device, torch.Generator] = {}
+        self.latents: dict[int, dict[str, torch.Tensor]] | None = {} if return_latents else None
+
+    def encode(self, turn: Turn, questions: list[str], messages: dict[str, Message]) -> Encoded:
+        with torch.no_grad():
+            return super().encode(turn, questions, messages)
+
+    def think(self, turn: Turn, prompt: Encoded) -> Thoughts:
+        with torch.no_grad():
+            thoughts = turn.agent.think(prompt)
+        if self.latents is not None:
+            self.latents.setdefault(turn.round, {})[turn.name] = thoughts.hidden.cpu()
+        return thoughts
+
+    def speak(self, turn: Turn, prompt: Encoded) -> Spoken:
+        agent, device = turn.agent, turn.agent.backbone.device
+        if self.seed is not None and device not in self.generators:
+            self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        with torch.no_grad():
+            spoken = agent.speak(prompt, self.sampling, self.generators.get(device))
+        texts = [t.strip() for t in agent.tokenizer.batch_decode([g.ids for g in spoken], skip_special_tokens=True)]
+        return Spoken(texts=texts, tokens_out=[g.sampled for g in spoken],
+                      tool_calls=[g.calls for g in spoken] if agent.tools else None)
+
+    def finish(self, output: RunOutput) -> RunOutput:
+        if self.latents is not None:
+            output.latents = [self.latents.get(r, {}) for r in range(1, output.rounds_run + 1)]
+        return output
+
+
+Stop = Callable[[list[Event]], bool]
+
+
+class StopCriterion(ABC):
+    """A stop criterion with state across rounds; :func:`unroll` calls :meth:`reset` before each run."""
+
+    def reset(self, plan: Plan) -> None:  # noqa: B027 (a criterion without state keeps this no-op)
+        """Forget earlier runs."""
+
+    @abstractmethod
+    def __call__(self, events: list[Event]) -> bool:
+        """Whether the run should end after the round whose events these are."""
+
+
+class ThoughtsConverged(StopCriterion):
+    """Stop when an agent's mean thought changed by less than ``tol`` (relative L2) since its last thoughts,
+    for every question. The agent is the answer node unless ``agent`` names another one.
+
+    It compares the mean over the ``m`` raw hidden states of one round with the previous round's, so it
+    can fire from round 2 on, in rounds where the agent thinks.
+    """
+
+    def __init__(self, tol: float = 0.05, agent: str | None = None):
+        if not tol >= 0:
+            raise InputError(f"ThoughtsConverged: tol must be >= 0, got {tol!r}")
+        self.tol, self.agent = tol, agent
+        self._watched: str | None = agent
+        self._previous: torch.Tensor | None = None
+        self.changes: list[torch.Tensor] = []  # per comparison: the relative change of each question, (B,)
+
+    def reset(self, plan: Plan) -> None:
+        self._watched = self.agent or plan.answer
+        self._previous, self.changes = None, []
+
+    def __call__(self, events: list[Event]) -> bool:
+        thought = next((e for e in events if isinstance(e, AgentThought) and e.agent == self._watched), None)
+        if thought is None:
+            return False
+        mean = thought.thoughts.hidden.detach().float().mean(dim=1)  # (B, H)
+        previous, self._previous = self._previous, mean
+        if previous is None:
+            return False
+        change = (mean - previous).norm(dim=-1) / previous.norm(dim=-1).clamp_min(1e-12)  # (B,)
+        self.changes.append(change.cpu())
+        return bool((change < self.tol).all())
+
+
+def question_list(questions: str | Sequence[str]) -> list[str]:
+    """The batch a run answers: one question, or a list or tuple of them (not a dict, set or generator)."""
+    if isinstance(questions, str):
+        return [questions]
+    if not isinstance(questions, (list, tuple)):
+        raise InputError(f"run() takes a question or a list of questions, got {type(questions).__name__}: "
+                         f"{questions!r:.80}")
+    if not questions:
+        raise InputError("run() got no questions; pass a question or a non-empty list of them")
+    wrong = [f"{i}: {type(q).__name__}" for i, q in enumerate(questions) if not isinstance(q, str)]
+    if wrong:
+        raise InputError(f"questions must be strings; these are not: {', '.join(wrong[:5])}")
+    return list(questions)
+
+
+def unroll(plan: Plan, questions: list[str], step: Step, *, stop: Stop | None = None) -> Iterator[Event]:
+    """Run ``plan`` on ``questions``: yield each event as it happens, :class:`RunFinished` last."""
+    plan.place_links()
+    if isinstance(stop, StopCriterion):
+        stop.reset(plan)
+    trace: list[dict[str, AgentStep]] = []
+    texts: list[str] = []
+    inbox: Inbox = defaultdict(dict)
+    stopped = False
+    for r, turns in enumerate(plan.turns, start=1):
+        next_inbox: Inbox = defaultdict(dict)
+        steps: dict[str, AgentStep] = {}
+        prompts: dict[str, Encoded] = {}
+        seen: list[Event] | None = [] if stop is not None else None
+        for turn in turns:
+            steps[turn.name], prompts[turn.name] = yield from _run_turn(plan, turn, questions, step, inbox,
+                                                                        next_inbox, seen)
+            if turn.speaks and turn.is_answer:
+                texts = steps[turn.name].text
+        if stop is not None and r < plan.rounds and stop(seen):
+            turn = answer_turn(plan, r)
+            steps[turn.name], _ = yield from _run_turn(plan, turn, questions, step, inbox, next_inbox, None,
+                                                       prompts.get(turn.name), steps.get(turn.name))
+            texts, stopped = steps[turn.name].text, True
+        trace.append(steps)
+        yield RoundEnded(round=r, steps=steps)
+        if stopped:
+            break
+        inbox = next_inbox
+    output = step.finish(RunOutput(texts=texts, trace=trace, mode=plan.mode, stopped_early=stopped))
+    yield RunFinished(round=len(trace), output=output)
+
+
+def _run_turn(plan: Plan, turn: Turn, questions: list[str], step: Step, inbox: Inbox, next_inbox: Inbox,
+              seen: list[Event] | None, prompt: Encoded | None = None, record: AgentStep | None = None
+              ) -> Generator[Event, None, tuple[AgentStep, Encoded]]:
+    """One turn; returns its trace line and prompt. ``prompt`` and ``record``: a turn that already encoded
+    its prompt (and has a trace line) goes on from them."""
+    agent, r = turn.agent, turn.round
+    device = agent.backbone.device
+    yield from _emit(AgentStarted(round=r, agent=agent.name, prompt=turn.prompt_kind), seen)
+    start, paused = _now(device), 0.0
+    if prompt is None:
+        blank = Message(text=[""] * len(questions))  # slots with no edge: the single-agent baseline
+        messages = {s: inbox[agent.name].get(s, blank) for s in turn.template.slots}
+        prompt = step.encode(turn, questions, messages)
+        record = AgentStep(round=r, agent=agent.name, prompt=turn.prompt_kind, tokens_in=prompt.text_tokens,
+                           latents_in=sum(m.latent.shape[1] for m in messages.values() if m.latent is not None))
+    thoughts = None
+    if turn.thinks:
+        thoughts = step.think(turn, prompt)
+        _check_thoughts(agent.name, thoughts, r)
+        record.latent_shape = tuple(thoughts.hidden.shape)
+        record.latent_norm = thoughts.hidden.detach().float().norm(dim=-1).mean().item()
+        paused += yield from _emit(AgentThought(round=r, agent=agent.name, shape=record.latent_shape,
+                                                norm=record.latent_norm, thoughts=thoughts), seen)
+    if turn.speaks:
+        spoken = step.speak(turn, prompt)
+        record.text, record.tokens_out, record.tool_calls = spoken.texts, spoken.tokens_out, spoken.tool_calls
+        paused += yield from _emit(AgentSpoke(round=r, agent=agent.name, texts=spoken.texts,
+                                              tokens_out=spoken.tokens_out, tool_calls=spoken.tool_calls), seen)
+    for edge in turn.outgoing:
+        if edge.mode == "text":
+            message = Message(text=record.text)
+        else:
+            message = Message(latent=_send(plan, edge.name, thoughts, step.differentiable, r))  # (B, m, d_dst)
+        (next_inbox if edge.feedback else inbox)[edge.dst][edge.slot] = message
+        paused += yield from _emit(MessageDelivered(round=r, edge=edge.name, receiver=edge.dst, slot=edge.slot,
+                                                    next_round=edge.feedback, latent=message.latent,
+                                                    text=message.text), seen)
+    record.seconds += _now(device) - start - paused
+    yield from _emit(AgentFinished(round=r, agent=agent.name, step=record), seen)
+    return record, prompt
+
+
+def _emit(event: Event, seen: list[Event] | None) -> Generator[Event, None, float]:
+    """Yield ``event``; return how long the consumer kept the run suspended (not counted in any step)."""
+    if seen is not None:
+        seen.append(event)
+    suspended = time.perf_counter()
+    yield event
+    return time.perf_counter() - suspended
+
+
+def _send(plan: Plan, edge: str, thoughts: Thoughts, differentiable: bool, round_: int) -> torch.Tensor:
+    """The message on a latent edge: its outer link applied to the sender's thoughts."""
+    link = plan.links[edge]
+    with nullcontext() if differentiable else torch.no_grad():
+        message = link(thoughts.embeds.to(**placement(link)))
+    if not torch.isfinite(message).all():
+        raise InputError(
+            f"edge '{edge}': its link produced non-finite values (NaN/inf) in round {round_} from finite thoughts; "
+            "its weights hold NaN/inf or overflow: reload them from a good checkpoint, or retrain the link "
+            "(with a lower learning rate if training diverged)"
+        )
+    return message
+
+
+def _check_thoughts(agent: str, thoughts: Thoughts, round_: int) -> None:
+    """Name what made an agent's thoughts non-finite: its backbone (the first state, before any inner link
+    ran, is already bad), its inner link (finite state in, NaN/inf out), or an overflow during the rollout."""
+    if torch.isfinite(thoughts.hidden).all() and torch.isfinite(thoughts.embeds).all():
+        return
+    where = f"agent '{agent}' produced non-finite latents (NaN/inf) in round {round_}"
+    if not torch.isfinite(thoughts.hidden[:, :1]).all():
+        raise InputError(f"{where}: its backbone's hidden state at the end of the prompt is already non-finite; "
+                         "check the backbone's dtype (fp16 overflows; use bf16 or fp32) and weights")
+    if not torch.isfinite(thoughts.embeds[:, :1]).all():
+        raise InputError(f"{where}: its inner link turned finite hidden states into NaN/inf; its weights hold "
+                         "NaN/inf or overflow: reload them from a good checkpoint, or retrain the link")
+    raise InputError(f"{where}: the backbone overflowed during the rollout; check the backbone's dtype "
+                     "(fp16 overflows; use bf16 or fp32) and the inner link's weights")
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -1,0 +1,189 @@
+"""A compiled plan: who runs in which round, reading what and sending where.
+
+:meth:`System.plan <latentgraph.System.plan>` validates the graph and compiles it into a :class:`Plan`:
+a frozen snapshot of the agents, links and answer node, and the :class:`Turn` of each agent in each round.
+The rules (docs/concepts.md, "Rounds"): in round r, agents run in topological order of the forward edges.
+An agent runs if it has an outgoing forward edge, or an outgoing feedback edge and r < R, or it is the
+answer node. It reads ``feedback_prompt`` when feedback from round r-1 has arrived, else ``prompt``. It
+*thinks* (a latent rollout) when one of its active outgoing edges is latent, and *speaks* (decodes text)
+when one is a text edge or when it is the answer node in round R. Forward edges deliver in this round,
+feedback edges in the next.
+
+Two baselines run on the same graph: ``mode="text"`` treats every edge as a text edge, and
+``mode="single"`` runs the answer node alone, once, with its slots empty.
+
+A plan is what :func:`~latentgraph.core.engine.unroll` executes, for inference and for training alike;
+``print(plan)`` shows it as a table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from .agent import Agent, Message
+from .events import RUN_MODES, RunMode, format_table
+from .prompt import PromptTemplate
+
+if TYPE_CHECKING:
+    from .system import Edge, System
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One agent's part in one round."""
+
+    round: int
+    agent: Agent
+    incoming: tuple[Edge, ...]  # the edges whose messages fill its prompt's slots
+    outgoing: tuple[Edge, ...]  # the edges it sends on this round
+    thinks: bool  # an outgoing edge is latent
+    speaks: bool  # an outgoing edge is text, or it is the answer node in the last round
+    reads_feedback: bool  # feedback from the previous round has arrived: use feedback_prompt
+    is_answer: bool  # the agent is the system's answer node
+
+    @property
+    def name(self) -> str:
+        return self.agent.name
+
+    @property
+    def prompt_kind(self) -> str:
+        """``"feedback_prompt"`` or ``"prompt"``."""
+        return "feedback_prompt" if self.reads_feedback else "prompt"
+
+    @property
+    def template(self) -> PromptTemplate:
+        return self.agent.template(self.reads_feedback)
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """A validated system compiled for ``rounds`` rounds in run mode ``mode``; immutable.
+
+    ``turns[r - 1]`` holds the turns of round ``r`` in execution order. ``agents`` and ``links`` are
+    read-only snapshots of the system's agents and outer links (the modules themselves, so training a link
+    trains it for the plan too); later edits of the system's graph do not change a plan.
+    """
+
+    agents: Mapping[str, Agent]
+    links: Mapping[str, nn.Module]  # outer links by edge name
+    answer: str
+    mode: RunMode
+    turns: tuple[tuple[Turn, ...], ...]
+
+    @property
+    def rounds(self) -> int:
+        """How many rounds the plan unrolls."""
+        return len(self.turns)
+
+    def turns_in_order(self) -> list[Turn]:
+        """Every turn of every round, in execution order."""
+        return [turn for turns in self.turns for turn in turns]
+
+    def table(self) -> str:
+        """One line per turn: round, agent, prompt, the slots it reads (``{slot} <- edge``), whether it
+        thinks or speaks, and the edges it sends on (delivered now, or in the next round)."""
+        lines = [("round", "agent", "prompt", "reads", "does", "sends")]
+        for turn in self.turns_in_order():
+            by_slot = {e.slot: e.name for e in turn.incoming}
+            reads = ", ".join(f"{{{s}}} <- {by_slot.get(s, 'empty')}" for s in turn.template.slots)
+            does = " + ".join(filter(None, ["thinks" if turn.thinks else "",
+                                            ("speaks the answer" if turn.is_answer else "speaks")
+                                            if turn.speaks else ""]))
+            sends = ", ".join(f"{e.name} ({e.mode}, {'next round' if e.feedback else 'now'})"
+                              for e in turn.outgoing)
+            lines.append((str(turn.round), turn.name, turn.prompt_kind, reads or "-", does, sends or "-"))
+        return format_table(lines)
+
+    def __str__(self) -> str:
+        rounds = f"{self.rounds} round{'s' * (self.rounds != 1)}"
+        return f"Plan: {rounds}, {self.mode} mode, answer '{self.answer}'\n{self.table()}"
+
+    def __repr__(self) -> str:
+        return (f"Plan(rounds={self.rounds}, mode={self.mode!r}, answer={self.answer!r}, "
+                f"turns={len(self.turns_in_order())})")
+
+    def place_links(self) -> None:
+        """Put each inner link on its agent's device and each outer link on its receiver's device."""
+        for agent in self.agents.values():
+            agent.inner_link.to(agent.backbone.device)
+        receivers = {e.name: e.dst for turn in self.turns_in_order() for e in turn.outgoing}
+        for name, link in self.links.items():
+            if name in receivers:
+                link.to(self.agents[receivers[name]].backbone.device)
+
+    def check_lengths(self, questions: list[str], max_new_tokens: int) -> None:
+        """Fail before any forward if a prompt plus what is appended to it exceeds a backbone's context."""
+        seen = set()
+        for turn in self.turns_in_order():
+            agent = turn.agent
+            key = (agent.name, turn.reads_feedback, turn.thinks, turn.speaks)
+            if key in seen or agent.backbone.max_positions is None:
+                continue
+            seen.add(key)
+            incoming = {e.slot: e for e in turn.incoming}
+            messages = {s: Message(latent=torch.empty(0)) if s in incoming and incoming[s].mode == "latent" else
+                        Message(text=[""] * len(questions)) for s in turn.template.slots}
+            extra = sum(self.agents[e.src].latent_steps if e.mode == "latent" else max_new_tokens
+                        for e in incoming.values())
+            extra += max(agent.latent_steps if turn.thinks else 0, max_new_tokens if turn.speaks else 0)
+            rows = agent.tokenize(agent.render(questions, turn.template, messages))
+            for i, row in enumerate(rows):
+                needed = sum(len(p) for p in row if not isinstance(p, tuple)) + extra
+                if needed > agent.backbone.max_positions:
+                    raise InputError(
+                        f"agent '{agent.name}': question {i} needs {needed} positions (prompt, incoming "
+                        f"messages and its own output) but its backbone has {agent.backbone.max_positions}; "
+                        "shorten the question or lower latent_steps / max_new_tokens"
+                    )
+
+
+def build_plan(system: System, rounds: int, mode: RunMode = "latent") -> Plan:
+    """Validate ``system`` and compile it into a :class:`Plan`; see :meth:`System.plan`."""
+    if not (isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 1):
+        raise InputError(f"rounds must be an integer >= 1, got {rounds!r}")
+    if mode not in RUN_MODES:
+        raise InputError(f"mode must be one of {RUN_MODES}, got {mode!r}")
+    system.validate()
+    agents = MappingProxyType(dict(system.agents))
+    links = MappingProxyType(dict(system.links))
+    if mode == "single":
+        turn = Turn(round=1, agent=agents[system.answer], incoming=(), outgoing=(), thinks=False, speaks=True,
+                    reads_feedback=False, is_answer=True)
+        return Plan(agents=agents, links=links, answer=system.answer, mode=mode, turns=((turn,),))
+    edges = [replace(e, mode="text") if mode == "text" else e for e in system.edges.values()]
+    order, plan = system.order(), []
+    for r in range(1, rounds + 1):
+        last, turns = r == rounds, []
+        for name in order:
+            outgoing = tuple(e for e in edges if e.src == name and not (e.feedback and last))
+            is_answer = name == system.answer
+            if outgoing or (last and is_answer):
+                incoming = tuple(e for e in edges if e.dst == name and (r > 1 or not e.feedback))
+                turns.append(Turn(round=r, agent=agents[name], incoming=incoming, outgoing=outgoing,
+                                  thinks=any(e.mode == "latent" for e in outgoing),
+                                  speaks=(last and is_answer) or any(e.mode == "text" for e in outgoing),
+                                  reads_feedback=any(e.feedback for e in incoming), is_answer=is_answer))
+        plan.append(tuple(turns))
+    return Plan(agents=agents, links=links, answer=system.answer, mode=mode, turns=tuple(plan))
+
+
+def answer_turn(plan: Plan, round_: int) -> Turn:
+    """The answer node's turn when a run stops early after ``round_``: it speaks from what it reads in that
+    round (its own turn of that round, when it had one), sending nothing."""
+    for turn in plan.turns[round_ - 1]:
+        if turn.is_answer:
+            return replace(turn, outgoing=(), thinks=False, speaks=True)
+    incoming = tuple(e for turn in plan.turns[round_ - 1] for e in turn.outgoing
+                     if e.dst == plan.answer and not e.feedback)
+    if round_ > 1:  # feedback sent to it in the previous round
+        incoming += tuple(e for turn in plan.turns[round_ - 2] for e in turn.outgoing
+                          if e.dst == plan.answer and e.feedback)
+    return Turn(round=round_, agent=plan.agents[plan.answer], incoming=incoming, outgoing=(), thinks=False,
+                speaks=True, reads_feedback=any(e.feedback for e in incoming), is_answer=True)

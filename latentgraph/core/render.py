@@ -1,0 +1,102 @@
+"""Draw a system as a Graphviz diagram.
+
+Drawn from :meth:`System.to_networkx <latentgraph.System.to_networkx>`. Agents show their backbone, hidden
+size and latent steps; the answer node has a double border. Edges show
+their link type, dims and parameter count (text edges say ``text``); feedback edges are dashed. Building
+the DOT source needs no Graphviz binary; writing SVG or PNG does (Debian package ``graphviz``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import graphviz
+
+from ..errors import InputError
+
+if TYPE_CHECKING:
+    from .system import System
+
+
+def render(system: System, path: str | Path | None = None, *, sizes: bool = True) -> SystemDiagram:
+    """Return the system as a ``graphviz.Digraph`` (shown inline by Jupyter; ``.source`` is the DOT text).
+
+    Args:
+        system: the system to draw.
+        path: also write the drawing there; the suffix picks the format (``.svg``, ``.png``, ``.pdf``,
+            or ``.dot``/``.gv`` for the DOT source).
+        sizes: show hidden sizes, link dims and parameter counts; ``False`` draws the topology only.
+    """
+    graph = SystemDiagram(
+        "latentgraph",
+        graph_attr={"rankdir": "LR"},
+        node_attr={"shape": "box", "style": "rounded", "fontname": "Helvetica"},
+        edge_attr={"fontname": "Helvetica", "fontsize": "10"},
+    )
+    network = system.to_networkx()
+    for name, node in network.nodes(data=True):
+        title = f"{name} (answer)" if node["answer"] else name
+        steps = f"{node['latent_steps']} latent steps"
+        tools = [f"tools: {', '.join(f'<{tag}>' for tag in node['tools'])}"] if node["tools"] else []
+        label = _lines(title, node["backbone"], f"hidden {node['hidden_size']}, {steps}" if sizes else steps, *tools)
+        graph.node(name, label, **({"peripheries": "2"} if node["answer"] else {}))
+    for src, dst, edge in network.edges(data=True):
+        if edge["mode"] == "text":
+            lines = ["text"]
+        elif sizes:
+            lines = [f"{edge['link_type']} {edge['in_dim']}\u2192{edge['out_dim']}", f"{_count(edge['params'])} params"]
+        else:
+            lines = [edge["link_type"]]
+        if edge["slot"] != src:
+            lines.append(f"slot {edge['slot']}")
+        style = {"style": "dashed", "constraint": "false"} if edge["feedback"] else {}
+        graph.edge(src, dst, _lines(*lines), **style)
+    if path is not None:
+        _write(graph, Path(path))
+    return graph
+
+
+def _lines(*lines: str) -> str:
+    """Join label lines with DOT's line-break escape, escaping backslashes and quotes in the text."""
+    return "\\n".join(line.replace("\\", "\\\\").replace('"', '\\"') for line in lines)
+
+
+def _count(n: int) -> str:
+    if n >= 1_000_000:
+        return f"{n / 1e6:.1f}M"
+    return f"{n / 1e3:.1f}K" if n >= 1_000 else str(n)
+
+
+class SystemDiagram(graphviz.Digraph):
+    """A ``graphviz.Digraph`` that Jupyter shows as its DOT text, with how to install Graphviz, when the
+    ``dot`` program is missing (a plain Digraph raises there)."""
+
+    def _repr_mimebundle_(self, include=None, exclude=None, **kwargs) -> dict:
+        try:
+            return super()._repr_mimebundle_(include, exclude, **kwargs)
+        except graphviz.ExecutableNotFound:
+            return {"text/plain": f"{self.source}\n({MISSING_DOT})"}
+
+
+MISSING_DOT = ("drawing needs the Graphviz 'dot' program: install it (Debian/Ubuntu: apt-get install graphviz; "
+               "macOS: brew install graphviz); the DOT text is available without it as render(system).source")
+TEXT_FORMATS = ("dot", "gv")
+
+
+def _write(graph: graphviz.Digraph, path: Path) -> None:
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt in TEXT_FORMATS:
+        content = graph.source.encode()
+    elif fmt not in graphviz.FORMATS:
+        raise InputError(f"cannot draw to {path}: '.{fmt}' is not a Graphviz output format; use a path ending "
+                         "in .svg, .png, .pdf or .dot")
+    else:
+        try:
+            content = graph.pipe(format=fmt)
+        except graphviz.ExecutableNotFound:
+            raise InputError(f"writing {path}: {MISSING_DOT}") from None
+    try:
+        path.write_bytes(content)
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None

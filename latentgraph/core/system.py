@@ -1,0 +1,358 @@
+"""Systems: agents connected by edges. Build with ``connect``, check with ``validate``, compile with ``plan``,
+execute with ``run`` (or ``stream``, which yields the run's events as they happen).
+
+A forward edge delivers in the same round, so forward edges must form a DAG; a feedback edge delivers in
+the next round and may close a loop. Latent edges carry an outer link; text edges carry the sender's
+decoded text. Every check that can fail runs before the first forward of a run.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import networkx as nx
+from torch import nn
+
+from ..checkpoints import native
+from ..errors import CheckpointError, GraphError, InputError
+from ..files.hub import fetch
+from ..version import __version__
+from .agent import Agent, _is_int, check_name
+from .config import CONFIG_NAME, CONFIG_SUFFIXES, FORMAT_VERSION, EdgeConfig, SystemConfig, read_config
+from .engine import InferenceStep, Stop, question_list, unroll
+from .events import Event, RunMode, RunOutput
+from .links import Link, config_of, make_link
+from .plan import Plan, build_plan
+from .prompt import QUESTION
+from .speak import Sampling
+from .validation import graph_problems
+
+Mode = Literal["latent", "text"]
+
+
+@dataclass(frozen=True)
+class Edge:
+    """A directed connection ``src -> dst`` that fills slot ``{slot}`` of the receiver's prompt."""
+
+    src: str
+    dst: str
+    slot: str
+    mode: Mode = "latent"
+    feedback: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.src}->{self.dst}"
+
+
+class System(nn.Module):
+    """A multi-agent system: a typed graph of agents, links and rounds.
+
+    Args:
+        agents: the agents (names must be unique).
+        rounds: how many rounds :meth:`run` unrolls by default.
+        answer: the agent that decodes the final text (default: the only agent, if there is one).
+
+    ``system.agents`` maps names to agents and ``system.links`` edge names (``"planner->critic"``) to
+    outer links; both are ``nn.ModuleDict``s, so ``system.parameters()`` are exactly the link parameters
+    (backbones are referenced, not registered).
+    """
+
+    def __init__(self, agents: Iterable[Agent], *, rounds: int = 3, answer: str | None = None):
+        super().__init__()
+        self.agents = nn.ModuleDict()
+        self.links = nn.ModuleDict()
+        self.edges: dict[str, Edge] = {}
+        for agent in agents:
+            self.add(agent)
+        self.rounds = rounds
+        self.answer = answer if answer is not None or len(self.agents) != 1 else next(iter(self.agents))
+
+    @property
+    def rounds(self) -> int:
+        return self._rounds
+
+    @rounds.setter
+    def rounds(self, value: int) -> None:
+        if not (_is_int(value) and value >= 1):
+            raise GraphError(f"rounds must be an integer >= 1, got {value!r}")
+        self._rounds = value
+
+    def add(self, agent: Agent) -> System:
+        """Add an agent."""
+        if not isinstance(agent, Agent):
+            raise GraphError(f"System takes Agent objects, got {agent!r}")
+        if agent.name in self.agents:
+            raise GraphError(f"duplicate agent name '{agent.name}'; give each agent its own name")
+        try:
+            self.agents[agent.name] = agent
+        except KeyError:
+            raise GraphError(f"agent name '{agent.name}' is reserved by nn.ModuleDict; choose another") from None
+        return self
+
+    def connect(self, src: str, dst: str, *, slot: str | None = None, feedback: bool = False,
+                mode: Mode = "latent", link: Any = None) -> System:
+        """Add the edge ``src -> dst``.
+
+        Args:
+            slot: the placeholder it fills in the receiver's prompt (default: the sender's name).
+            feedback: deliver in the next round instead of this one; this is how loops are closed.
+            mode: ``"latent"`` (an outer link turns the sender's thoughts into the receiver's input
+                embeddings) or ``"text"`` (the sender decodes text and the receiver reads it).
+            link: the outer link of a latent edge: a registered type name (default ``"ln_res"``), a
+                :class:`~latentgraph.LinkConfig` or dict, or a module mapping ``d_src`` to ``d_dst``.
+        """
+        where = f"edge '{src}->{dst}'"
+        for name in (src, dst):
+            if name not in self.agents:
+                raise GraphError(f"{where}: unknown agent '{name}'; agents are {list(self.agents)}")
+        if f"{src}->{dst}" in self.edges:
+            raise GraphError(f"{where} already exists; disconnect('{src}', '{dst}') first to replace it")
+        slot = check_name(slot if slot is not None else src, f"{where} slot")
+        if slot == QUESTION:
+            raise GraphError(f"{where}: slot '{QUESTION}' is the task text; choose another slot name")
+        if mode not in ("latent", "text"):
+            raise GraphError(f"{where}: mode must be 'latent' or 'text', got {mode!r}")
+        if not feedback:
+            self._check_acyclic(src, dst, where)
+        edge = Edge(src=src, dst=dst, slot=slot, mode=mode, feedback=bool(feedback))
+        if mode == "latent":
+            self.links[edge.name] = make_link(link if link is not None else "ln_res", role="outer",
+                                              in_dim=self.agents[src].hidden_size,
+                                              out_dim=self.agents[dst].hidden_size, where=where)
+        elif link is not None:
+            raise GraphError(f"{where}: a text edge carries no link; drop link= or use mode='latent'")
+        self.edges[edge.name] = edge
+        return self
+
+    def disconnect(self, src: str, dst: str) -> System:
+        """Remove the edge ``src -> dst`` and its link."""
+        name = f"{src}->{dst}"
+        if name not in self.edges:
+            raise GraphError(f"no edge '{name}'; edges are {list(self.edges)}")
+        del self.edges[name]
+        if name in self.links:
+            del self.links[name]
+        return self
+
+    def _check_acyclic(self, src: str, dst: str, where: str) -> None:
+        graph = self.forward_graph()
+        graph.add_edge(src, dst)
+        if nx.has_path(graph, dst, src):
+            cycle = " -> ".join([src, *nx.shortest_path(graph, dst, src)])
+            raise GraphError(
+                f"{where} closes a cycle of forward edges ({cycle}); forward edges must form a DAG, so "
+                "connect the edge that goes back with feedback=True"
+            )
+
+    def to_networkx(self) -> nx.DiGraph:
+        """The whole graph, feedback edges included, as a ``networkx.DiGraph``.
+
+        Nodes are agent names with attributes ``backbone``, ``revision``, ``hidden_size``, ``latent_steps``,
+        ``answer`` (bool) and ``tools`` (tags). Edges carry ``name``, ``slot``, ``mode``, ``feedback``,
+        ``link_type``, ``in_dim``, ``out_dim`` and ``params`` (link attributes are ``None`` on text edges).
+        The graph attributes are ``rounds`` and ``answer``.
+        """
+        graph = nx.DiGraph(rounds=self.rounds, answer=self.answer)
+        for name, agent in self.agents.items():
+            graph.add_node(name, backbone=str(agent.backbone.name_or_path), revision=agent.backbone.revision,
+                           hidden_size=agent.hidden_size, latent_steps=agent.latent_steps,
+                           answer=name == self.answer, tools=[tool.tag for tool in agent.tools])
+        for edge in self.edges.values():
+            link = self.links[edge.name] if edge.mode == "latent" else None
+            graph.add_edge(
+                edge.src, edge.dst, name=edge.name, slot=edge.slot, mode=edge.mode, feedback=edge.feedback,
+                link_type=None if link is None else link.config.type if isinstance(link, Link) else type(link).__name__,
+                in_dim=None if link is None else self.agents[edge.src].hidden_size,
+                out_dim=None if link is None else self.agents[edge.dst].hidden_size,
+                params=None if link is None else sum(p.numel() for p in link.parameters()))
+        return graph
+
+    def forward_graph(self) -> nx.DiGraph:
+        """:meth:`to_networkx` without the feedback edges: the DAG a round runs in."""
+        graph = self.to_networkx()
+        graph.remove_edges_from([(src, dst) for src, dst, feedback in graph.edges(data="feedback") if feedback])
+        return graph
+
+    def order(self) -> list[str]:
+        """Agents in topological order of the forward edges; ties keep the order agents were added."""
+        position = {name: i for i, name in enumerate(self.agents)}
+        return list(nx.lexicographical_topological_sort(self.forward_graph(), key=position.__getitem__))
+
+    def edges_from(self, agent: str) -> list[Edge]:
+        return [e for e in self.edges.values() if e.src == agent]
+
+    def edges_into(self, agent: str) -> list[Edge]:
+        return [e for e in self.edges.values() if e.dst == agent]
+
+    def validate(self) -> System:
+        """Check the whole graph; raise one :class:`GraphError` listing every problem and its fix."""
+        if problems := graph_problems(self):
+            raise GraphError("the system is invalid:\n  - " + "\n  - ".join(problems))
+        return self
+
+    def plan(self, rounds: int | None = None, mode: RunMode = "latent") -> Plan:
+        """Validate the graph and compile it into a :class:`~latentgraph.core.plan.Plan` for ``rounds`` rounds
+        (default ``system.rounds``) in run mode ``mode`` (see :meth:`run`): the turns of each round, who reads
+        what and sends where. ``print(system.plan())`` shows it as a table."""
+        return build_plan(self, self.rounds if rounds is None else rounds, mode)
+
+    def stream(self, questions: str | list[str], *, rounds: int | None = None, mode: RunMode = "latent",
+               do_sample: bool = True, temperature: float = 0.6, top_p: float = 0.95, top_k: int | None = None,
+               max_new_tokens: int = 256, seed: int | None = None, return_latents: bool = False,
+               stop: Stop | None = None) -> Iterator[Event]:
+        """Run the system like :meth:`run`, yielding its :mod:`~latentgraph.core.events` as they happen.
+
+        Inputs are checked at once (before the first event); the last event is a
+        :class:`~latentgraph.core.events.RunFinished` whose ``output`` is what :meth:`run` returns.
+        """
+        questions = question_list(questions)
+        if stop is not None and not callable(stop):
+            raise InputError(f"stop must be a callable on a round's events or a criterion such as "
+                             f"latentgraph.core.engine.ThoughtsConverged(tol=0.05), got {stop!r}")
+        sampling = Sampling(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                            max_new_tokens=max_new_tokens)
+        plan = self.plan(rounds, mode)
+        plan.check_lengths(questions, sampling.max_new_tokens)
+        return unroll(plan, questions, InferenceStep(sampling, seed=seed, return_latents=return_latents), stop=stop)
+
+    def run(self, questions: str | list[str], *, rounds: int | None = None, mode: RunMode = "latent",
+            do_sample: bool = True, temperature: float = 0.6, top_p: float = 0.95, top_k: int | None = None,
+            max_new_tokens: int = 256, seed: int | None = None, return_latents: bool = False,
+            stop: Stop | None = None) -> RunOutput:
+        """Run the system on a batch of questions.
+
+        All questions run together as one left-padded batch. ``rounds`` overrides ``system.rounds``.
+        ``mode`` picks what runs: ``"latent"``, the graph as built; ``"text"``, the same graph with every
+        edge a text edge (the text-communication baseline); ``"single"``, the answer node alone, once, with
+        its slots left empty (the single-agent baseline). Decoding samples with the published settings by
+        default; ``do_sample=False`` is greedy; ``max_new_tokens`` also bounds each text message. ``seed``
+        makes sampling reproducible. ``return_latents`` keeps every agent's raw hidden states (on CPU) in
+        ``RunOutput.latents``.
+
+        ``stop`` ends the run early: after each round but the last it is called on the round's events (a
+        list of :mod:`~latentgraph.core.events`); when it returns True, the answer node speaks in that round,
+        from the prompt it read in that round, and the run ends (``RunOutput.stopped_early``). A built-in
+        criterion: :class:`latentgraph.core.engine.ThoughtsConverged`. This is :meth:`stream`, drained.
+        """
+        events = self.stream(questions, rounds=rounds, mode=mode, do_sample=do_sample, temperature=temperature,
+                             top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
+                             return_latents=return_latents, stop=stop)
+        (finished,) = deque(events, maxlen=1)  # drained without keeping every round's latents alive
+        return finished.output
+
+    def link_modules(self) -> dict[str, nn.Module]:
+        """Every link: inner links by agent name, then outer links by edge name (``"planner->critic"``)."""
+        return {**{name: agent.inner_link for name, agent in self.agents.items()}, **dict(self.links)}
+
+    def to_config(self) -> SystemConfig:
+        """The system as data (a :class:`~latentgraph.SystemConfig`): exactly what ``latentgraph_config.json``
+        holds. Link weights and tools are not part of it."""
+        return SystemConfig(
+            format_version=FORMAT_VERSION, latentgraph_version=__version__, rounds=self.rounds, answer=self.answer,
+            agents=[agent.config for agent in self.agents.values()],
+            edges=[EdgeConfig(src=e.src, dst=e.dst, slot=e.slot, mode=e.mode, feedback=e.feedback,
+                              link=config_of(self.links[e.name], f"edge '{e.name}' link")
+                              if e.mode == "latent" else None)
+                   for e in self.edges.values()])
+
+    @classmethod
+    def from_config(cls, config: SystemConfig | dict | str | Path, *, backbones: dict[str, Any] | None = None,
+                    device: Any = None, dtype: Any = None) -> System:
+        """Build the system a config describes, with freshly initialised links.
+
+        Args:
+            config: a :class:`~latentgraph.SystemConfig`, a dict of its fields, or a ``.json``/``.yaml``/``.yml``
+                file holding one (a system declared in a file).
+            backbones: ``{agent: backbone}`` to use instead of the config's: a hub id, a directory, a
+                ``(model, tokenizer)`` pair or a ``Backbone``.
+            device: where the backbones run; dtype: their dtype.
+        """
+        if isinstance(config, (str, Path)):
+            if Path(config).suffix.lower() not in CONFIG_SUFFIXES:
+                raise GraphError(f"{config} is not a system config file ({', '.join(CONFIG_SUFFIXES)}); to load a "
+                                 "directory written by save_pretrained, use System.from_pretrained")
+            config = read_config(Path(config))
+        elif isinstance(config, dict):
+            config = SystemConfig(**config)
+        elif not isinstance(config, SystemConfig):
+            raise GraphError(f"System.from_config takes a SystemConfig, a dict or a file path, got {config!r}")
+        backbones = backbones or {}
+        names = [a.name for a in config.agents]
+        for name in backbones:
+            if name not in names:
+                raise GraphError(f"backbones= names agent '{name}', which the config does not have; agents: {names}")
+        system = cls([Agent.from_config(a, backbones.get(a.name), device=device, dtype=dtype) for a in config.agents],
+                     rounds=config.rounds, answer=config.answer)
+        for e in config.edges:
+            system.connect(e.src, e.dst, slot=e.slot, mode=e.mode, feedback=e.feedback, link=e.link)
+        return system.validate()
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the graph (``latentgraph_config.json``, which is :meth:`to_config` as JSON) and the link weights
+        (``links.safetensors``).
+
+        Backbones are referenced by ``name_or_path`` and revision, never copied. The save is crash-safe: a
+        kill or a full disk leaves the complete old checkpoint or the complete new one, other files in the
+        folder are kept, and a failed save raises :class:`~latentgraph.errors.CheckpointError` with the old
+        one intact. See :mod:`latentgraph.checkpoints.native`.
+        """
+        return native.save(directory, self.validate().to_config(), self.link_modules())
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, *, revision: str | None = None,
+                        backbones: dict[str, Any] | None = None, device: Any = None, dtype: Any = None) -> System:
+        """Load a system written by :meth:`save_pretrained`, from a directory or a hub repo.
+
+        Args:
+            source: a directory, or a hub repo id (fetched through the hub cache).
+            revision: hub revision of ``source``.
+            backbones: ``{agent: backbone}`` to use instead of the saved references: a hub id, a directory,
+                a ``(model, tokenizer)`` pair or a ``Backbone``.
+            device: where the backbones run; dtype: their dtype.
+        """
+        directory = native.recover(fetch(source, revision=revision))  # a save killed midway: its old version
+        config = read_config(directory / CONFIG_NAME)
+        names = [a.name for a in config.agents]
+        for name in backbones or {}:
+            if name not in names:
+                raise CheckpointError(f"backbones= names agent '{name}', which {directory} does not have; "
+                                      f"agents: {names}")
+        system = cls.from_config(config, backbones=backbones, device=device, dtype=dtype)
+        native.load_weights(directory, system.link_modules())
+        return system
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload latentgraph system") -> str:
+        """Save the system to a temporary directory and upload it to the hub repo ``repo_id`` (created if
+        needed). Returns the commit URL."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as directory:
+            self.save_pretrained(directory)
+            return str(api.upload_folder(repo_id=repo_id, folder_path=directory, commit_message=commit_message))
+
+    def __repr__(self) -> str:
+        agents = "\n".join(f"    {a.name}: {a.backbone.name_or_path} (hidden {a.hidden_size}, "
+                           f"{a.latent_steps} latent steps)" for a in self.agents.values())
+        edges = "\n".join(f"    {e.name} [{e.mode}{', feedback' if e.feedback else ''}, slot '{e.slot}']"
+                          for e in self.edges.values())
+        return f"System(rounds={self.rounds}, answer={self.answer!r})\n  agents:\n{agents}\n  edges:\n{edges}"
+
+    def num_parameters(self) -> int:
+        """Trainable link parameters (inner and outer); backbones are not counted."""
+        return sum(p.numel() for p in self.parameters())
+
+    def place_links(self) -> None:
+        """Put each inner link on its agent's device and each outer link on its receiver's device."""
+        for agent in self.agents.values():
+            agent.inner_link.to(agent.backbone.device)
+        for name, link in self.links.items():
+            link.to(self.agents[self.edges[name].dst].backbone.device)

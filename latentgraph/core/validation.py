@@ -1,0 +1,86 @@
+"""Validation of a system's graph: every problem found at once, each naming the agent or edge and the fix."""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+from ..errors import GraphError
+from .links import check_link
+
+if TYPE_CHECKING:
+    from .agent import Agent
+    from .system import System
+
+
+def graph_problems(system: System) -> list[str]:
+    """Every problem of ``system``'s graph, as sentences that say how to fix it."""
+    problems = []
+    if system.answer is None:
+        problems.append("no answer node: pass answer='<agent>' to System(...) or set system.answer")
+    elif system.answer not in system.agents:
+        problems.append(f"answer node '{system.answer}' is not an agent; agents are {list(system.agents)}")
+    for name, agent in system.agents.items():
+        problems += _agent_problems(system, name, agent)
+    for edge in system.edges.values():
+        if edge.mode == "latent":
+            try:
+                check_link(system.links[edge.name], role="outer", in_dim=system.agents[edge.src].hidden_size,
+                           out_dim=system.agents[edge.dst].hidden_size, where=f"edge '{edge.name}'")
+            except GraphError as e:
+                problems.append(str(e))
+    return problems
+
+
+def _agent_problems(system: System, name: str, agent: Agent) -> list[str]:
+    problems = []
+    try:
+        check_link(agent.inner_link, role="inner", in_dim=agent.hidden_size, out_dim=agent.hidden_size,
+                   where=f"agent '{name}' inner link")
+    except GraphError as e:
+        problems.append(str(e))
+    incoming, outgoing = system.edges_into(name), system.edges_from(name)
+    if not incoming and not outgoing and name != system.answer and len(system.agents) > 1:
+        problems.append(f"agent '{name}' is not connected; connect it or remove it")
+    if incoming and not outgoing and name != system.answer:
+        problems.append(f"agent '{name}' receives messages but never runs: it has no outgoing edge and "
+                        "is not the answer node")
+    by_slot: dict[str, list[str]] = {}
+    for e in incoming:
+        by_slot.setdefault(e.slot, []).append(e.name)
+    for slot, names in by_slot.items():
+        if len(names) > 1:
+            problems.append(f"agent '{name}' receives {len(names)} edges into slot '{slot}' ({', '.join(names)}); "
+                            "give each its own slot= and placeholder")
+    forward = {e.slot: e for e in incoming if not e.feedback}
+    feedback = {e.slot: e for e in incoming if e.feedback}
+    problems += _slot_problems(name, "prompt", agent.template(feedback=False).slots, forward, feedback)
+    if feedback and agent.feedback_prompt is None:
+        names = ", ".join(e.name for e in feedback.values())
+        problems.append(f"agent '{name}' receives feedback ({names}) but has no feedback_prompt; "
+                        "pass Agent(feedback_prompt=...) with the feedback slots")
+    elif feedback:
+        problems += _slot_problems(name, "feedback_prompt", agent.template(feedback=True).slots,
+                                   {**forward, **feedback}, {})
+    elif agent.feedback_prompt is not None:
+        warnings.warn(f"agent '{name}' has a feedback_prompt but no feedback edge; it is never used",
+                      stacklevel=4)
+    return problems
+
+
+def _slot_problems(agent: str, field: str, placeholders: list[str], delivered: dict, later: dict) -> list[str]:
+    """Compare a prompt's placeholders with the slots its edges deliver."""
+    problems = []
+    for slot in placeholders:
+        if slot in later:
+            problems.append(f"agent '{agent}' {field} has {{{slot}}}, but edge '{later[slot].name}' is feedback "
+                            "and delivers only from round 2; move {" + slot + "} to feedback_prompt")
+        elif slot not in delivered:
+            problems.append(f"agent '{agent}' {field} has placeholder {{{slot}}} but no edge delivers slot "
+                            f"'{slot}'; connect an agent with slot='{slot}', or write {{{{{slot}}}}} for literal "
+                            "braces")
+    for slot, edge in delivered.items():
+        if slot not in placeholders:
+            problems.append(f"edge '{edge.name}' delivers slot '{slot}' but agent '{agent}' {field} has no "
+                            f"{{{slot}}}; add {{{slot}}} where the message should go")
+    return problems

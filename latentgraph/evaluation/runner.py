@@ -1,0 +1,321 @@
+"""Evaluate a system on a dataset, with its baselines side by side, and resume an interrupted run.
+
+:func:`evaluate` answers every question with each method (``"single"``: the answer node alone; ``"text"``:
+the graph with text edges; ``"latent"``: the graph as built) at each round count, scores the answers
+strictly (:mod:`latentgraph.evaluation.strict`; code runs in a :class:`~latentgraph.tools.Sandbox`), and reports per
+(method, rounds) the accuracy with a Wilson 95% interval, generated tokens and wall time
+(:mod:`latentgraph.evaluation.report`).
+
+With ``output=DIR`` every finished batch is appended to ``DIR/results.jsonl`` at once, so a killed run loses
+at most the batch in flight; run the same call again and it skips the rows already there (a line a kill cut
+short is dropped). At the end it writes ``DIR/summary.json`` and, when matplotlib is installed,
+``DIR/plot.png``. ``settings.json``, ``summary.json`` and ``plot.png`` are each replaced in one atomic step
+(:mod:`latentgraph.files.atomic`): a kill or a full disk leaves the old or the new file, never a torn one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from ..core.events import RUN_MODES, RunOutput
+from ..core.speak import Sampling
+from ..errors import GraphError, InputError, SandboxUnavailable
+from ..files.atomic import atomic_write_text
+from ..files.text import read_json
+from ..tools.sandbox import PROTECTIONS, Limits, Sandbox
+from . import published_lenient, strict
+from .datasets import Example, load_dataset
+from .report import EvalReport, plot, summarize
+
+if TYPE_CHECKING:
+    from ..core.system import System
+
+RESULTS, SETTINGS, SUMMARY, PLOT = "results.jsonl", "settings.json", "summary.json", "plot.png"
+ROW_KEYS = ("id", "method", "rounds", "sample", "question", "prediction", "answer", "gold", "correct",
+            "upstream_correct", "tokens", "seconds")  # one results.jsonl line
+
+
+def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods: Sequence[str] = ("latent",),
+             rounds: int | Sequence[int] | None = None, output: str | Path | None = None, batch_size: int = 8,
+             max_new_tokens: int = 256, samples: int = 1, do_sample: bool | None = None,
+             temperature: float = 0.6, top_p: float = 0.95, seed: int = 0, upstream: bool = False,
+             code_runner: strict.CodeRunner | None = None, code_timeout: float = 10.0,
+             progress: bool = True) -> EvalReport:
+    """Answer every question with every method and score the answers strictly.
+
+    Args:
+        system: the system to evaluate.
+        dataset: examples from :func:`~latentgraph.evaluation.datasets.load_dataset`, or a name it accepts (local files
+            need ``format=`` or ``columns=``: load those first).
+        methods: any of ``"single"`` (the answer node alone), ``"text"`` (every edge a text edge) and
+            ``"latent"`` (the graph as built), run on the same questions.
+        rounds: the round counts to run, each separately (the answer node only answers in the last round);
+            default ``system.rounds``. ``"single"`` runs once whatever they are.
+        output: a directory for ``results.jsonl``, ``settings.json``, ``summary.json`` and ``plot.png``; a
+            run into a directory that holds results resumes from them.
+        batch_size: questions per :meth:`~latentgraph.System.run` call; a row's ``seconds`` is its batch's
+            wall time divided evenly among the batch.
+        max_new_tokens: bound on each answer and each text message.
+        samples: answers per question; ``k > 1`` samples ``k`` times (seeds ``seed``, ``seed + 1``, ...) and
+            reports pass@k.
+        do_sample: sample (at ``temperature`` and ``top_p``) instead of decoding greedily; default: greedy
+            for one sample, sampling for several.
+        temperature, top_p: the sampling settings (the published ones by default); unused when greedy.
+        seed: seeds the sampling; unused when greedy.
+        upstream: also report the published lenient accuracy, in its own field (never mixed with strict).
+        code_runner: runs code answers, ``run(program, timeout) -> (passed, output)``; default a
+            :class:`SandboxRunner` with every protection required.
+        code_timeout: seconds each code answer's tests may run.
+        progress: show progress bars on stderr.
+
+    Returns:
+        An :class:`EvalReport` over exactly the requested questions, methods, round counts and samples.
+
+    Raises:
+        InputError: an unknown method, bad rounds or sizes, duplicate example ids, or an ``output`` directory
+            whose results were made by another system, other settings or other questions.
+        CheckpointError: ``settings.json``, ``summary.json`` or ``plot.png`` cannot be written (a full disk,
+            a read-only folder); the file keeps its old version.
+        SandboxUnavailable: code questions, the default :class:`SandboxRunner`, and a sandbox that lacks a
+            required protection: nothing is generated (opt in with ``code_runner=SandboxRunner(require=())``).
+    """
+    examples = load_dataset(dataset) if isinstance(dataset, (str, Path)) else list(dataset)
+    configs = _configs(system, methods, rounds)
+    if not examples:
+        raise InputError("evaluate() got no examples; check the dataset, offset and limit")
+    if batch_size < 1 or samples < 1 or max_new_tokens < 1:
+        raise InputError(f"batch_size, samples and max_new_tokens must be >= 1, got {batch_size}, {samples}, "
+                         f"{max_new_tokens}")
+    duplicates = sorted(i for i, count in Counter(e.id for e in examples).items() if count > 1)
+    if duplicates:
+        raise InputError(f"example ids must be unique (results are keyed by id); repeated: {duplicates[:5]}")
+    sampling = samples > 1 if do_sample is None else do_sample
+    if samples > 1 and not sampling:
+        raise InputError(f"samples={samples} with greedy decoding would give the same answer {samples} times; "
+                         "sample (do_sample=True, or --sample) or take one sample")
+    Sampling(do_sample=sampling, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)  # checks
+    settings = {"system": fingerprint(system), "max_new_tokens": max_new_tokens, "samples": samples,
+                **({"temperature": temperature, "top_p": top_p, "seed": seed} if sampling else {})}
+    directory = Path(output) if output is not None else None
+    rows = _resume(directory, settings, examples) if directory else {}
+    if code_runner is None and any(e.kind == "code" for e in examples):
+        code_runner = SandboxRunner()
+    if isinstance(code_runner, SandboxRunner) and any(e.kind == "code" for e in examples):
+        code_runner.check()  # fail closed before any answer is generated, not at the first code answer
+    bars = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=Console(stderr=True), disable=not progress)
+    with bars:
+        for method, r in configs:
+            done = sum((e.id, method, r, s) in rows for s in range(samples) for e in examples)
+            task = bars.add_task(method if r is None else f"{method} r={r}", total=len(examples) * samples,
+                                 completed=done)
+            for sample in range(samples):
+                decoding = {"do_sample": sampling, "temperature": temperature, "top_p": top_p,
+                            "seed": seed + sample if sampling else None, "max_new_tokens": max_new_tokens}
+                pending = [e for e in examples if (e.id, method, r, sample) not in rows]
+                for batch in _chunks(pending, batch_size):
+                    new = _run_batch(system, batch, method, r, sample, decoding, code_runner, code_timeout)
+                    if directory:  # one write per batch: a kill loses at most the batch in flight
+                        with (directory / RESULTS).open("a", encoding="utf-8") as f:
+                            f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in new))
+                    rows.update({_key(row): row for row in new})
+                    bars.advance(task, len(new))
+    wanted = [rows[(e.id, m, r, s)] for m, r in configs for s in range(samples) for e in examples]
+    report = EvalReport([summarize(wanted, m, r, samples, upstream) for m, r in configs], wanted, samples,
+                        upstream)
+    if directory:
+        summary = {"settings": settings, **report.to_dict()}
+        atomic_write_text(directory / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        plot(report.scores, directory / PLOT)
+    return report
+
+
+def _configs(system: System, methods: Sequence[str], rounds: int | Sequence[int] | None) -> list[tuple]:
+    """The (method, rounds) pairs to run, in the order given; ``"single"`` has rounds None."""
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    unknown = [m for m in methods if m not in RUN_MODES]
+    if unknown or not methods or len(set(methods)) != len(methods):
+        raise InputError(f"methods must be distinct names among {RUN_MODES}, got {methods}")
+    counts = [system.rounds] if rounds is None else [rounds] if isinstance(rounds, int) else list(rounds)
+    if not counts or not all(isinstance(r, int) and r >= 1 for r in counts):
+        raise InputError(f"rounds must be integers >= 1, got {rounds!r}")
+    counts = sorted(set(counts))
+    return [pair for m in methods for pair in ([(m, None)] if m == "single" else [(m, r) for r in counts])]
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _key(row: dict) -> tuple:
+    return row["id"], row["method"], row["rounds"], row["sample"]
+
+
+def fingerprint(system: System) -> str:
+    """A digest of what decides a system's answers: its config (:meth:`~latentgraph.System.to_config`: agents
+    with backbone source, prompts and latent steps; edges with their link configs; answer node) and its link
+    weights. Backbone weights are identified by their source only. The latentgraph version and the default
+    rounds are left out (evaluation records the rounds of every row)."""
+    from ..checkpoints.native import link_state_dict
+
+    try:
+        described: Any = system.to_config().model_dump(mode="json", exclude={"latentgraph_version", "rounds"})
+    except GraphError:  # a plain nn.Module link has no config: the module tree and the prompts stand in for it
+        described = [nn.Module.__repr__(system), repr(system),
+                     [[a.prompt, a.feedback_prompt, a.system_prompt, a.backbone.revision]
+                      for a in system.agents.values()]]
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
+    for name, tensor in sorted(link_state_dict(system.link_modules()).items()):
+        digest.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _resume(directory: Path, settings: dict, examples: list[Example]) -> dict[tuple, dict]:
+    """The rows already in ``directory``, after checking they were made the same way; starts a new run there
+    when it holds none."""
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"--output {directory} is a file; pass a directory (new, or one from an earlier run to "
+                         "resume it)")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the output directory {directory}: {e.strerror or e}") from None
+    path, settings_path = directory / RESULTS, directory / SETTINGS
+    has_results = path.exists() and path.stat().st_size > 0
+    if has_results and not settings_path.exists():
+        raise InputError(f"{directory} holds results but no {SETTINGS}, so nothing shows how they were made; "
+                         "pass another output directory (or delete its results to start over)")
+    if settings_path.exists():
+        before = read_json(settings_path)
+        if not isinstance(before, dict):
+            raise InputError(f"{settings_path} is not a settings object; delete the directory's results and "
+                             f"{SETTINGS} to start over, or pass another output directory")
+        changed = [f"{k}={before.get(k)!r} (now {settings.get(k)!r})" for k in sorted({*before, *settings})
+                   if before.get(k) != settings.get(k)]
+        if changed and has_results:
+            raise InputError(f"{directory} holds results made with other settings: {', '.join(changed)}; "
+                             "rerun with the same system and settings to resume, or pass another output "
+                             "directory")
+    atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1
+    if complete < len(data):  # a line cut short by a kill: drop it so the next append starts a fresh line
+        with path.open("r+b") as f:
+            f.truncate(complete)
+    rows, prompts = {}, {e.id: e.prompt for e in examples}
+    for number, line in enumerate(data[:complete].decode("utf-8").splitlines(), start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}, line {number}: not valid JSON ({e.msg}); delete the line to recompute "
+                             "it, or pass another output directory") from e
+        missing = [key for key in ROW_KEYS if key not in row] if isinstance(row, dict) else ROW_KEYS
+        if missing:
+            raise InputError(f"{path}, line {number}: a result row lacks {missing}; delete the line to recompute "
+                             "it, or pass another output directory")
+        if row["id"] in prompts and row["question"] != prompts[row["id"]]:
+            raise InputError(f"{path}, line {number}: id {row['id']!r} holds another question than the "
+                             "dataset's, so the results come from another dataset: pass another output "
+                             "directory")
+        rows[_key(row)] = row
+    return rows
+
+
+def _run_batch(system: System, batch: list[Example], method: str, rounds: int | None, sample: int,
+               decoding: dict[str, Any], code_runner: strict.CodeRunner | None,
+               code_timeout: float) -> list[dict[str, Any]]:
+    """Answer one batch with one method, score it, and return its result rows."""
+    start = time.perf_counter()
+    out = system.run([e.prompt for e in batch], rounds=rounds, mode=method, **decoding)
+    seconds = (time.perf_counter() - start) / len(batch)  # the batch ran as one: share its time evenly
+    rows = []
+    for i, (example, text) in enumerate(zip(batch, out.texts)):
+        answer, correct, lenient = score(example, text, code_runner, code_timeout)
+        rows.append({"id": example.id, "method": method, "rounds": rounds, "sample": sample,
+                     "question": example.prompt, "prediction": text, "answer": answer, "gold": example.gold,
+                     "correct": correct, "upstream_correct": lenient, "tokens": _tokens(out, i),
+                     "seconds": round(seconds, 4)})
+    return rows
+
+
+def _tokens(out: RunOutput, row: int) -> int:
+    """Tokens generated for one question, by every agent in every round."""
+    return sum(step.tokens_out[row] for steps in out.trace for step in steps.values() if step.tokens_out)
+
+
+def score(example: Example, text: str, code_runner: strict.CodeRunner | None = None,
+          code_timeout: float = 10.0) -> tuple[str | None, bool, bool | None]:
+    """Score one answer: ``(what was extracted, strict verdict, upstream-lenient verdict)``.
+
+    Math uses :func:`~latentgraph.evaluation.strict.score_math`, multiple choice the option letter (none stated is
+    wrong), code the example's tests run by ``code_runner``. The lenient verdict is None for code, which the
+    published evaluation scores the same way.
+    """
+    if example.kind == "math":
+        return (strict.extract_answer(text), strict.score_math(text, example.gold),
+                published_lenient.score_math(text, example.gold))
+    if example.kind == "choice":
+        return (strict.parse_choice(text, example.letters),
+                strict.score_choice(text, example.gold, example.letters),
+                published_lenient.score_choice(text, example.gold))
+    if code_runner is None:
+        raise InputError(f"example {example.id} is code: pass code_runner= (e.g. SandboxRunner())")
+    result = strict.score_code(text, example.tests, code_runner, timeout=code_timeout)
+    return result.code, result.passed, None
+
+
+class SandboxRunner:
+    """Runs programs for :func:`~latentgraph.evaluation.strict.score_code` in a :class:`~latentgraph.tools.Sandbox`.
+
+    Args:
+        limits: resource limits; the wall time of each run is the ``timeout`` it is called with.
+        require: sandbox protections without which no program runs (default: all of
+            :data:`~latentgraph.tools.PROTECTIONS`); ``require=()`` opts in to run with whatever this machine
+            provides.
+
+    Raises:
+        InputError: an unknown protection in ``require``.
+    """
+
+    def __init__(self, limits: Limits | None = None, *, require: Iterable[str] = PROTECTIONS):
+        self.limits = limits or Limits()
+        self.require = tuple(require)
+        self._sandboxes: dict[float, Sandbox] = {}
+        self._sandbox(self.limits.wall_seconds)  # checks require= and warns now, not at the first answer
+
+    def _sandbox(self, timeout: float) -> Sandbox:
+        if timeout not in self._sandboxes:
+            self._sandboxes[timeout] = Sandbox(replace(self.limits, wall_seconds=timeout,
+                                                       cpu_seconds=max(1, math.ceil(timeout))),
+                                               require=self.require)
+        return self._sandboxes[timeout]
+
+    def check(self) -> None:
+        """Raises :class:`~latentgraph.errors.SandboxUnavailable` when no program would run."""
+        if self._sandbox(self.limits.wall_seconds).unavailable:
+            raise SandboxUnavailable(self._sandbox(self.limits.wall_seconds).unavailable)
+
+    def __call__(self, program: str, timeout: float) -> tuple[bool, str]:
+        """Runs ``program`` with ``timeout`` seconds of wall time: ``(passed, output)``.
+
+        Raises:
+            SandboxUnavailable: the sandbox lacks a required protection; nothing ran.
+        """
+        result = self._sandbox(timeout).run([sys.executable, "-I", "-B", "-"], stdin=program.encode())
+        return result.returncode == 0 and result.limit is None, result.output

@@ -1,0 +1,189 @@
+"""Training objectives for links; backbones stay frozen, gradients flow through them into the links.
+
+``inner_loss``: an agent is teacher-forced on its target text, and its inner link learns to map the hidden
+state at each target position to the input embedding of the next token (cosine loss, as published).
+
+``unrolled_loss``: the system is unrolled for R rounds by the same engine and plan as at inference
+(:func:`~latentgraph.core.engine.unroll` with a :class:`TrainingStep`), and the answer node's cross-entropy on
+its target text is back-propagated through every round, every link and every frozen backbone. What the
+other agents send comes from one of two regimes:
+
+- ``"teacher"`` (published): a sender is teacher-forced on its role target; its message is built from the
+  hidden states at the last prompt position and the first target positions (``latent_steps`` of them);
+- ``"rollout"``: a sender thinks as at inference, by a latent rollout, so training sees what inference
+  sends; ``grad_steps`` bounds how many rollout forwards stay in the autograd graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..core.agent import Agent, Encoded, Message
+from ..core.engine import Spoken, Step, unroll
+from ..core.events import AgentThought, MessageDelivered
+from ..core.links import placement
+from ..core.plan import Turn
+from ..core.think import Thoughts, positions_from_mask
+from ..errors import GraphError, InputError
+from .data import TrainExample
+
+if TYPE_CHECKING:
+    from ..core.system import System
+
+Regime = Literal["teacher", "rollout"]
+
+
+@dataclass
+class Forced:
+    """A teacher-forced pass over prompt + target tokens."""
+
+    hidden: torch.Tensor  # (B, T, H) last-layer states from the last prompt position on: hidden[:, t] predicts token t
+    ids: torch.Tensor  # (B, T) target ids, padded with 0
+    mask: torch.Tensor  # (B, T) 1 for real target tokens
+    logits: torch.Tensor | None = None  # (B, T, V) when asked for
+
+
+@dataclass
+class Unrolled:
+    """The loss of one unrolled batch and what the gradient-norm log needs."""
+
+    loss: torch.Tensor
+    round_losses: dict[int, float]  # the answer node's cross-entropy per round where it was computed
+    outputs: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (round, link) -> its output
+
+
+def target_ids(agent: Agent, texts: list[str]) -> list[list[int]]:
+    """Target texts as the continuation of an assistant turn: tokens, then the end-of-sequence token."""
+    eos = agent.tokenizer.eos_token_id
+    return [agent.tokenizer(t, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+            for t in texts]
+
+
+def teacher_forced(agent: Agent, prompt: Encoded, targets: list[list[int]], *, logits: bool = False) -> Forced:
+    """Run the agent's backbone on each prompt followed by its target tokens (right-padded)."""
+    device = prompt.embeds.device
+    length = max(len(t) for t in targets)
+    ids = torch.tensor([t + [0] * (length - len(t)) for t in targets], device=device)  # (B, T)
+    target_mask = torch.tensor([[1] * len(t) + [0] * (length - len(t)) for t in targets], device=device)
+    embeds = torch.cat([prompt.embeds, agent.backbone.embed(ids) * target_mask[..., None]], dim=1)  # (B, L+T, H)
+    mask = torch.cat([prompt.mask, target_mask], dim=1)
+    positions, start = positions_from_mask(mask), prompt.embeds.shape[1] - 1
+    if logits:
+        out = agent.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                          output_hidden_states=True, logits_to_keep=length + 1)
+        hidden, scores = out.hidden_states[-1][:, start:start + length], out.logits[:, :length]
+    else:
+        out = agent.backbone.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+        hidden, scores = out.last_hidden_state[:, start:start + length], None
+    return Forced(hidden=hidden, ids=ids, mask=target_mask, logits=scores)
+
+
+def cross_entropy(forced: Forced) -> torch.Tensor:
+    """Mean cross-entropy of the target tokens."""
+    losses = F.cross_entropy(forced.logits.float().flatten(0, 1), forced.ids.flatten(), reduction="none")
+    weights = forced.mask.flatten().float()
+    return (losses * weights).sum() / weights.sum()
+
+
+def inner_loss(system: System, agent: Agent, batch: list[TrainExample]) -> torch.Tensor:
+    """Cosine loss of ``agent``'s inner link against next-token input embeddings on its role targets.
+
+    The prompt is the agent's round-1 prompt with every slot filled by the sender's target text.
+    """
+    template = agent.template(feedback=False)
+    senders = {e.slot: e.src for e in system.edges_into(agent.name) if not e.feedback}
+    messages = {slot: Message(text=[ex.target_for(senders[slot]) for ex in batch]) for slot in template.slots}
+    with torch.no_grad():
+        prompt = agent.encode([ex.question for ex in batch], template, messages)
+        answer = agent.name == system.answer
+        forced = teacher_forced(agent, prompt, target_ids(agent, [ex.answer if answer else ex.target_for(agent.name)
+                                                                  for ex in batch]))
+        goals = agent.backbone.embed(forced.ids)  # (B, T, H): hidden[:, t] should map to the embedding of token t
+    predicted = agent.inner_link(forced.hidden.to(**placement(agent.inner_link)))  # (B, T, H)
+    cosine = F.cosine_similarity(predicted.float(), goals.float().to(predicted.device), dim=-1)  # (B, T)
+    mask = forced.mask.to(cosine.device).float()
+    return ((1 - cosine) * mask).sum() / mask.sum()
+
+
+class TrainingStep(Step):
+    """Training: what a turn computes when :func:`~latentgraph.core.engine.unroll` runs a plan for
+    :func:`unrolled_loss`, with autograd on.
+
+    A sender thinks by a latent rollout with gradients (``regime="rollout"``, ``grad_steps`` forwards kept
+    in the graph) or is teacher-forced on its role target (``"teacher"``), its message then built from the
+    hidden states at the last prompt position and the first ``latent_steps`` target positions. The answer
+    node "speaks" by being teacher-forced on its answer, which gives its cross-entropy; with
+    ``intermediate_weight > 0`` the same is scored in the earlier rounds where it thinks.
+    ``losses`` holds each scored round's cross-entropy after the unroll.
+    """
+
+    differentiable = True
+
+    def __init__(self, batch: list[TrainExample], *, regime: Regime = "rollout", intermediate_weight: float = 0.0,
+                 grad_steps: int | None = None):
+        if regime not in ("teacher", "rollout"):
+            raise InputError(f"regime must be 'teacher' or 'rollout', got {regime!r}")
+        self.batch, self.regime = batch, regime
+        self.intermediate_weight, self.grad_steps = intermediate_weight, grad_steps
+        self.losses: dict[int, torch.Tensor] = {}
+
+    def _targets(self, turn: Turn) -> list[list[int]]:
+        texts = [ex.answer if turn.is_answer else ex.target_for(turn.name) for ex in self.batch]
+        return target_ids(turn.agent, texts)
+
+    def think(self, turn: Turn, prompt: Encoded) -> Thoughts:
+        agent = turn.agent
+        forced = None
+        if turn.is_answer and self.intermediate_weight > 0 and not turn.speaks:  # an earlier round's answer
+            forced = teacher_forced(agent, prompt, self._targets(turn), logits=True)
+            self.losses[turn.round] = cross_entropy(forced)
+        if self.regime == "rollout":
+            return agent.think(prompt, grad_steps=self.grad_steps)
+        if forced is None:  # a message uses only the first latent_steps states: skip the rest of the text
+            forced = teacher_forced(agent, prompt, [t[:agent.latent_steps] for t in self._targets(turn)])
+        hidden = _first_steps(forced.hidden, agent.latent_steps)  # (B, m, H)
+        return Thoughts(hidden=hidden, embeds=agent.inner_link(hidden.to(**placement(agent.inner_link))))
+
+    def speak(self, turn: Turn, prompt: Encoded) -> Spoken:
+        if not turn.is_answer:
+            raise GraphError(f"agent '{turn.name}' speaks on a text edge; training through text edges is not "
+                             "supported: their messages are not differentiable")
+        self.losses[turn.round] = cross_entropy(teacher_forced(turn.agent, prompt, self._targets(turn), logits=True))
+        return Spoken(texts=[ex.answer for ex in self.batch])
+
+
+def unrolled_loss(system: System, batch: list[TrainExample], *, regime: Regime = "rollout", rounds: int | None = None,
+                  intermediate_weight: float = 0.0, grad_steps: int | None = None) -> Unrolled:
+    """The answer node's cross-entropy after unrolling ``system`` for ``rounds`` rounds on ``batch``.
+
+    The rounds run on the same plan and engine as :meth:`System.run <latentgraph.System.run>`, with a
+    :class:`TrainingStep`. The loss is the last round's cross-entropy, plus ``intermediate_weight`` times the
+    mean of the answer node's cross-entropy in earlier rounds (computed only when the weight is positive).
+    """
+    plan = system.plan(rounds)
+    text_edges = sorted({e.name for turn in plan.turns_in_order() for e in turn.outgoing if e.mode == "text"})
+    if text_edges:
+        raise GraphError(f"training through text edges ({', '.join(text_edges)}) is not supported: their messages "
+                         "are not differentiable")
+    step = TrainingStep(batch, regime=regime, intermediate_weight=intermediate_weight, grad_steps=grad_steps)
+    outputs: dict[tuple[int, str], torch.Tensor] = {}  # what each link produced in each round
+    for event in unroll(plan, [ex.question for ex in batch], step):
+        if isinstance(event, AgentThought):
+            outputs[(event.round, event.agent)] = event.thoughts.embeds  # (B, m, H), inner link applied
+        elif isinstance(event, MessageDelivered) and event.latent is not None:
+            outputs[(event.round, event.edge)] = event.latent  # (B, m, d_dst)
+    losses, last = step.losses, plan.rounds
+    earlier = [loss for r, loss in losses.items() if r < last]
+    total = losses[last] + (intermediate_weight * torch.stack(earlier).mean() if earlier else 0.0)
+    return Unrolled(loss=total, round_losses={r: loss.item() for r, loss in losses.items()}, outputs=outputs)
+
+
+def _first_steps(hidden: torch.Tensor, steps: int) -> torch.Tensor:
+    """The first ``steps`` teacher-forced states, repeating the last one if the targets are shorter."""
+    if hidden.shape[1] >= steps:
+        return hidden[:, :steps]
+    return torch.cat([hidden, hidden[:, -1:].expand(-1, steps - hidden.shape[1], -1)], dim=1)

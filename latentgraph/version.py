@@ -1,0 +1,3 @@
+"""The version of latentgraph, stamped into every saved config."""
+
+__version__ = "0.1.0"
