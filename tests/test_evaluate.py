@@ -210,10 +210,8 @@ def test_bad_arguments_fail_before_running(system, script, examples, kwargs, mes
 
 
 def test_code_scoring_fails_closed_before_anything_is_generated(system, script, monkeypatch):
-    import latentgraph.tools.sandbox as sandbox_module
-
     which = shutil.which  # as on a machine without bubblewrap
-    monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: None if name == "bwrap" else which(name))
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == "bwrap" else which(name))
     fake = script(lambda *_: GOOD_ADD)
     examples = [Example("k1", "Write add(a, b).", "", "code", tests="assert add(2, 3) == 5")]
     with warnings.catch_warnings():

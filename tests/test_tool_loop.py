@@ -177,7 +177,7 @@ def test_deliberation_answers_without_the_python_tool_when_its_sandbox_is_unavai
     import latentgraph.tools.sandbox as sandbox_module
 
     which = shutil.which  # as on a machine without bubblewrap
-    monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: None if name == "bwrap" else which(name))
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == "bwrap" else which(name))
     monkeypatch.setattr(sandbox_module, "_WARNED", set(), raising=False)
     model, tokenizer = scripted_backbone(DELIBERATION_SCRIPT, ["<result>"])
     with warnings.catch_warnings(record=True) as caught:

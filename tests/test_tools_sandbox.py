@@ -9,11 +9,14 @@ protection is missing, has tests of its own.
 
 import os
 import shutil
+import subprocess
 import warnings
 from pathlib import Path
 
 import pytest
 
+import latentgraph.tools.bubblewrap as bubblewrap_module
+import latentgraph.tools.cgroups as cgroups_module
 import latentgraph.tools.sandbox as sandbox_module
 from latentgraph.errors import InputError, LatentGraphError, SandboxUnavailable
 from latentgraph.evaluation.runner import SandboxRunner
@@ -31,7 +34,7 @@ def make(request):
         with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # the warning has a test of its own
             if request.param == "without bwrap":
-                patch.setattr(sandbox_module, "_probe_bwrap", lambda args: "disabled by the test")
+                patch.setattr(bubblewrap_module, "probe_bwrap", lambda args: "disabled by the test")
             return PythonTool(limits, **{"require": (), **kwargs})
 
     return build
@@ -53,10 +56,10 @@ def need(tool: PythonTool, *names: str) -> None:
 def without_bwrap(monkeypatch, cgroups: bool = True) -> None:
     """Makes the sandboxes built next find no bwrap installed (and no cgroups), and warn afresh."""
     which = shutil.which
-    monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: None if name == "bwrap" else which(name))
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == "bwrap" else which(name))
     monkeypatch.setattr(sandbox_module, "_WARNED", set(), raising=False)
     if not cgroups:
-        monkeypatch.setattr(sandbox_module, "_probe_cgroup", lambda controller: "disabled by the test")
+        monkeypatch.setattr(cgroups_module, "probe_cgroup", lambda controller: "disabled by the test")
 
 
 def alive(pid: int) -> bool:
@@ -149,7 +152,7 @@ def test_without_bwrap_the_default_tool_runs_no_code_and_warns_once(monkeypatch,
     message = str(warning.message)
     assert "apt-get install bubblewrap" in message and "PythonTool(require=())" in message
     assert "--allow-unsandboxed-tools" in message
-    monkeypatch.setattr(sandbox_module.subprocess, "Popen", None)  # starting any process would fail loudly
+    monkeypatch.setattr(subprocess, "Popen", None)  # starting any process would fail loudly
     marker = tmp_path / "ran"
     out = tool(f"open({str(marker)!r}, 'w').write('x')")
     assert out.startswith(UNAVAILABLE) and out.endswith("); answer without it") and "\n" not in out
@@ -177,7 +180,7 @@ def test_without_bwrap_the_default_sandbox_and_code_runner_raise(monkeypatch, tm
 
 def test_report_without_bwrap_as_a_plain_user_says_what_is_off(monkeypatch):
     without_bwrap(monkeypatch, cgroups=False)
-    monkeypatch.setattr(sandbox_module.os, "geteuid", lambda: 1000)  # only the report: no code runs here
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # only the report: no code runs here
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         sandbox = Sandbox(FAST, require=())

@@ -33,30 +33,32 @@ Not isolated even with both mechanisms: the kernel is shared (there is no seccom
 an escape); the system directories and the Python installation are readable; CPU time is limited per process,
 so a program with many processes may keep several CPUs busy until the wall-time limit ends it. cgroup v2 is
 not used: on a pure cgroup v2 machine there is no process-count limit and memory is limited per process.
+
+This module decides which mechanisms a sandbox uses, says so, and runs programs; each mechanism lives in a
+module of its own: :mod:`~latentgraph.tools.bubblewrap`, :mod:`~latentgraph.tools.cgroups`,
+:mod:`~latentgraph.tools.uid_per_run` (a uid of its own per run), :mod:`~latentgraph.tools.launcher` (the first
+program of every run) and :mod:`~latentgraph.tools.processes` (waiting on a run and reading its output).
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import os
-import secrets
-import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import Literal
 
 from ..errors import InputError, SandboxUnavailable
+from . import bubblewrap, cgroups, processes, uid_per_run
+from .launcher import launcher_command
 
 logger = logging.getLogger(__name__)
 
@@ -127,315 +129,6 @@ class SandboxResult:
     seconds: float
 
 
-# -----------------------------------------------------------------------------------------------------------
-# cgroup v1: one cgroup per run and controller, made under this process's own cgroup so that the limits and
-# the accounting that apply to us apply to the sandbox too.
-
-_CGROUP_FS = Path("/sys/fs/cgroup")
-_CONTROLLERS = ("pids", "memory")
-
-
-def _own_cgroup(controller: str) -> Path:
-    """This process's cgroup directory in the cgroup v1 hierarchy of ``controller``."""
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controller in controllers.split(","):
-            return _CGROUP_FS / controllers / path.lstrip("/")
-    raise OSError(f"no cgroup v1 hierarchy has the '{controller}' controller")
-
-
-def _limit_files(controller: str, limits: Limits, overhead: int) -> dict[str, int]:
-    if controller == "pids":
-        return {"pids.max": limits.max_processes + overhead}
-    memory = limits.memory_mb * 2**20  # memory+swap as well, where swap is accounted: nothing spills to swap
-    return {"memory.limit_in_bytes": memory, "memory.memsw.limit_in_bytes": memory}
-
-
-def _make_cgroup(parent: Path, controller: str, limits: Limits, overhead: int) -> Path:
-    path = parent / f"latentgraph-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    path.mkdir()
-    for name, value in _limit_files(controller, limits, overhead).items():
-        if (path / name).exists():
-            (path / name).write_text(str(value))
-    return path
-
-
-@functools.cache
-def _probe_cgroup(controller: str) -> Path | str:
-    """The parent directory of this controller's run cgroups, or why there is none."""
-    try:
-        parent = _own_cgroup(controller)
-        _make_cgroup(parent, controller, Limits(), 0).rmdir()
-        return parent
-    except OSError as err:
-        return f"cgroup v1 '{controller}' controller not usable ({err}); run as root on a cgroup v1 machine"
-
-
-def _oom_kills(memory_cgroup: Path) -> int:
-    for line in (memory_cgroup / "memory.oom_control").read_text().splitlines():
-        key, _, value = line.partition(" ")
-        if key == "oom_kill":
-            return int(value)
-    return 0
-
-
-def _kill_cgroup(path: Path, deadline: float) -> bool:
-    """Kills every process in a run's cgroup and removes it. Returns whether it was gone by ``deadline``."""
-    while time.monotonic() < deadline:
-        try:
-            pids = [int(pid) for pid in (path / "cgroup.procs").read_text().split()]
-            if not pids:
-                path.rmdir()
-                return True
-        except FileNotFoundError:
-            return True
-        except OSError:  # EBUSY: the last processes are still being torn down
-            pids = []
-        for pid in pids:
-            try:
-                pidfd = os.pidfd_open(pid)
-            except ProcessLookupError:
-                continue
-            try:  # the pid may have been reused between reading and opening it: check before killing
-                if path.name in Path(f"/proc/{pid}/cgroup").read_text():
-                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            except OSError:
-                pass
-            finally:
-                os.close(pidfd)
-        time.sleep(0.005)
-    return False
-
-
-# -----------------------------------------------------------------------------------------------------------
-# bubblewrap
-
-_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
-_ETC_ENTRIES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "localtime", "passwd", "group",
-                "nsswitch.conf", "hosts")
-
-
-def _python_dirs() -> list[str]:
-    """Directories the interpreter needs: the environment, the base installation, and their real paths."""
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(sys.executable)}
-    return sorted(paths | {os.path.realpath(path) for path in paths})
-
-
-def _bwrap_args(bwrap: str, readable: Sequence[str], nested_userns: bool) -> list[str]:
-    args = [bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
-            "--unshare-cgroup", "--cap-drop", "ALL", "--die-with-parent", "--new-session"]
-    if not nested_userns:
-        args += ["--disable-userns"]
-    for path in _SYSTEM_DIRS:
-        if os.path.islink(path):  # merged /usr: /bin -> usr/bin
-            args += ["--symlink", os.readlink(path), path]
-        elif os.path.isdir(path):
-            args += ["--ro-bind", path, path]
-    for name in _ETC_ENTRIES:
-        if os.path.lexists(f"/etc/{name}"):
-            args += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm", "--remount-ro", "/dev"]
-    args += ["--tmpfs", "/tmp"]
-    for path in [*_python_dirs(), *readable]:  # after /tmp, so that a path under /tmp is not hidden by it
-        args += ["--ro-bind", path, path]
-    return args + ["--remount-ro", "/", "--chdir", "/tmp"]
-
-
-@functools.cache
-def _probe_bwrap(args: tuple[str, ...]) -> str | None:
-    """Why bubblewrap cannot run this profile here, or None when it can."""
-    try:
-        probe = subprocess.run([*args, "--", sys.executable, "-I", "-S", "-c", "pass"], capture_output=True,
-                               text=True, timeout=30, env={"PATH": os.defpath}, check=False)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return f"bwrap failed to start ({err})"
-    if probe.returncode != 0:
-        reason = probe.stderr.strip() or f"exit status {probe.returncode}"
-        return f"bwrap cannot create its namespaces here ({reason}); allow user namespaces or run as root"
-    return None
-
-
-# -----------------------------------------------------------------------------------------------------------
-# The launcher runs outside the sandbox, in the child process: it joins the run's cgroups before anything else
-# exists, sets the rlimits (soft and hard, so the program cannot raise them), and, for a run with a uid of its
-# own, makes its private mounts and drops root's privileges; then it becomes bwrap or the program. Doing this
-# in a child rather than in Popen(preexec_fn=...) keeps it safe in a multi-threaded parent.
-
-_LAUNCHER = r"""
-import json, os, resource, sys
-config = json.loads(sys.argv[1])
-for procs in config["cgroups"]:
-    with open(procs, "w") as f:
-        f.write(str(os.getpid()))
-for name, (soft, hard) in config["rlimits"].items():
-    resource.setrlimit(getattr(resource, name), (soft, hard))
-user = config["user"]
-if user is not None:
-    import ctypes, stat
-    libc = ctypes.CDLL(None, use_errno=True)
-    uid = user["uid"]
-
-    def check(result, what):
-        if result != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"{what}: {os.strerror(err)}")
-
-    def mount(source, target, fstype, flags, data):
-        check(libc.mount(source, target.encode(), fstype, ctypes.c_ulong(flags), data), f"mount {target}")
-
-    def searchable(path):
-        st = os.stat(path)
-        return stat.S_ISDIR(st.st_mode) and bool(st.st_mode & stat.S_IXOTH or st.st_uid == uid
-                                                 and st.st_mode & stat.S_IXUSR)
-
-    def reachable(path):
-        parts = path.split("/")[1:-1]
-        try:
-            return all(searchable("/" + "/".join(parts[:i + 1])) for i in range(len(parts))) and \
-                os.path.lexists(path)
-        except OSError:
-            return False
-
-    if user["mounts"]:
-        RDONLY, NOSUID, NODEV, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
-        check(libc.unshare(0x20000), "unshare(CLONE_NEWNS)")
-        mount(None, "/", None, REC | PRIVATE, None)  # nothing mounted below reaches the host
-        fds = {path: os.open(path, os.O_PATH) for path in user["reach"]}  # before anything is covered
-        for path in ("/tmp", "/var/tmp", "/dev/shm"):
-            if os.path.isdir(path) and not os.path.islink(path):
-                mount(b"tmpfs", path, b"tmpfs", NOSUID | NODEV,
-                      f"mode=0700,uid={uid},gid={uid},size={user['tmp_bytes']}".encode())
-        for path, fd in sorted(fds.items()):  # make what the program needs reachable, read-only
-            if reachable(path):
-                continue
-            current = ""
-            for part in path.split("/")[1:-1]:
-                current += "/" + part
-                if not os.path.lexists(current):
-                    os.mkdir(current, 0o755)
-                elif not searchable(current):  # cover a folder the program cannot search with an empty one
-                    mount(b"tmpfs", current, b"tmpfs", NOSUID | NODEV, b"mode=0755,size=1m")
-            if not os.path.lexists(path):
-                if stat.S_ISDIR(os.fstat(fd).st_mode):
-                    os.mkdir(path, 0o755)
-                else:
-                    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
-            mount(f"/proc/self/fd/{fd}".encode(), path, None, BIND | REC, None)
-            mount(None, path, None, REMOUNT | BIND | RDONLY | NOSUID | NODEV, None)
-            os.close(fd)
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
-    check(libc.prctl(38, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")  # setuid programs cannot raise it
-    os.chdir(user["workdir"])
-os.execv(sys.argv[2], sys.argv[2:])
-"""
-
-# Kills every process of a run's own uid, daemons included: with that uid, kill(-1) reaches exactly those.
-_REAPER = r"""
-import os, signal, sys, time
-uid, deadline = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
-os.setgroups([])
-os.setresgid(uid, uid, uid)
-os.setresuid(uid, uid, uid)
-
-def alive():
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or pid == str(os.getpid()):
-            continue
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                status = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
-        except (OSError, ValueError):
-            continue
-        if status["Uid"].split()[0] == str(uid) and status["State"].split()[0] not in "ZX":
-            return True
-    return False
-
-while time.monotonic() < deadline:
-    try:
-        os.kill(-1, signal.SIGKILL)
-    except ProcessLookupError:
-        sys.exit(0)
-    if not alive():  # only zombies left, which their parent reaps
-        sys.exit(0)
-    time.sleep(0.002)
-sys.exit(1)
-"""
-
-_RUN_UIDS = (2_000_000_000, 2_100_000_000)  # a fresh uid per run, unlikely to be any user's or container's
-
-
-def _fresh_uid() -> int:
-    """An unused uid for one run: random in :data:`_RUN_UIDS`, owning no process on this machine."""
-    while True:
-        uid = _RUN_UIDS[0] + secrets.randbelow(_RUN_UIDS[1] - _RUN_UIDS[0])
-        try:
-            if all(entry.stat().st_uid != uid for entry in Path("/proc").iterdir() if entry.name.isdigit()):
-                return uid
-        except OSError:  # a process ended while we looked
-            continue
-
-
-def _reap(uid: int) -> bool:
-    """Kills every process of a run's uid. Returns whether none was left within 5 s."""
-    try:
-        reaper = subprocess.run([sys.executable, "-I", "-S", "-B", "-c", _REAPER, str(uid), "5"], timeout=30,
-                                env={"PATH": os.defpath}, capture_output=True, check=False)
-    except subprocess.TimeoutExpired:
-        return False
-    return reaper.returncode == 0
-
-
-def _reach(readable: Sequence[str]) -> list[str]:
-    """What a run with its own uid must be able to read: the Python installation and the readable paths."""
-    return sorted({os.path.realpath(path) for path in [*_python_dirs(), *readable]})
-
-
-_PROBE = ("import os, sys\n"  # reads every path it is given
-          "for p in sys.argv[1:]:\n    os.listdir(p) if os.path.isdir(p) else open(p, 'rb').close()")
-
-
-@functools.cache
-def _probe_user(readable: tuple[str, ...], tmp_bytes: int) -> tuple[dict | None, str | None]:
-    """How runs get a uid of their own here: ``({"mounts": bool}, None)``, or ``(None, why they cannot)``.
-
-    Tries private mounts first, then the uid alone, each with a run like the real ones that reads the Python
-    installation and every readable path.
-    """
-    problems = []
-    for mounts in (True, False):
-        uid, workdir = _fresh_uid(), None if mounts else tempfile.mkdtemp(prefix="latentgraph-sandbox-")
-        try:
-            if workdir is not None:
-                os.chown(workdir, uid, uid)
-            user = _user_config(uid, mounts, readable, tmp_bytes, workdir)
-            config = {"cgroups": [], "rlimits": {}, "user": user}
-            probe = subprocess.run([sys.executable, "-I", "-S", "-B", "-c", _LAUNCHER, json.dumps(config),
-                                    sys.executable, "-I", "-S", "-c", _PROBE, *_reach(readable)],
-                                   capture_output=True, text=True, timeout=30, env={"PATH": os.defpath},
-                                   cwd="/", check=False, start_new_session=True)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            problems.append(str(err))
-            continue
-        finally:
-            _reap(uid)
-            if workdir is not None:
-                shutil.rmtree(workdir, ignore_errors=True)
-        if probe.returncode == 0:
-            return {"mounts": mounts}, None
-        lines = probe.stderr.strip().splitlines()
-        problems.append(lines[-1] if lines else f"exit status {probe.returncode}")
-    return None, f"with private mounts: {problems[0]}; without: {problems[-1]}"
-
-
-def _user_config(uid: int, mounts: bool, readable: Sequence[str], tmp_bytes: int,
-                 workdir: str | None) -> dict:
-    """The launcher's settings for a run with its own uid; ``workdir`` is used without mounts only."""
-    return {"uid": uid, "mounts": mounts, "reach": _reach(readable) if mounts else [], "tmp_bytes": tmp_bytes,
-            "workdir": "/tmp" if mounts else workdir}
-
-
 _WARNED: set[str] = set()  # each warning once per process
 
 
@@ -471,17 +164,18 @@ class Sandbox:
         bwrap = shutil.which("bwrap")
         self._bwrap_args, bwrap_problem = None, "bwrap is not installed (Debian: apt-get install bubblewrap)"
         for nested_userns in (False, True) if bwrap else ():  # bwrap before 0.8 has no --disable-userns
-            args = _bwrap_args(bwrap, self.readable, nested_userns)
-            bwrap_problem = _probe_bwrap(tuple(args))
+            args = bubblewrap.bwrap_args(bwrap, self.readable, nested_userns)
+            bwrap_problem = bubblewrap.probe_bwrap(tuple(args))
             if bwrap_problem is None:
                 self._bwrap_args = args
                 break
         self._bwrap_problem = bwrap_problem
-        self._cgroups = {c: p for c in _CONTROLLERS if isinstance(p := _probe_cgroup(c), Path)}
+        self._cgroups = {c: p for c in cgroups.CONTROLLERS if isinstance(p := cgroups.probe_cgroup(c), Path)}
         self._root = os.geteuid() == 0
         self._user, user_problem = None, None  # how runs get a uid of their own (root without bwrap)
         if self._root and self._bwrap_args is None:
-            self._user, user_problem = _probe_user(tuple(self.readable), self.limits.memory_mb * 2**20)
+            self._user, user_problem = uid_per_run.probe_user(tuple(self.readable),
+                                                              self.limits.memory_mb * 2**20)
         self.protections = self._assess(bwrap_problem, user_problem)
         required = set(self.require) | ({"unprivileged"} if self._root else set())
         self.missing = [n for n in PROTECTIONS if n in required and not self.protections[n].active]
@@ -542,9 +236,9 @@ class Sandbox:
                                        f"any user may read and writes where any user may; {tmp}")),
                 "process_isolation": (False, (f"{bwrap_problem}: the program sees other processes and their "
                                              "command lines (not their environments or memory)")),
-                "unprivileged": (True, (f"a uid of its own ({_RUN_UIDS[0]} + n, fresh each run), no groups, "
-                                        "no capabilities, no_new_privs: it cannot read root's files, signal "
-                                        "or inspect other processes, or raise its limits")),
+                "unprivileged": (True, (f"a uid of its own ({uid_per_run.RUN_UIDS[0]} + n, fresh each run), "
+                                        "no groups, no capabilities, no_new_privs: it cannot read root's files, "
+                                        "signal or inspect other processes, or raise its limits")),
                 "environment": (True, (f"{environment}; its uid cannot read other processes' "
                                       "/proc/<pid>/environ")),
                 "cleanup": (True, "every process of the run's own uid is killed, daemons included"
@@ -570,12 +264,12 @@ class Sandbox:
         elif own_uid and not bwrap:
             process_limit = f"RLIMIT_NPROC of the run's own uid: {limits.max_processes} processes and threads"
         else:
-            process_limit = str(_probe_cgroup("pids"))
+            process_limit = str(cgroups.probe_cgroup("pids"))
         found |= {
             "process_limit": (pids or (own_uid and not bwrap), process_limit),
             "memory_limit": (True, f"cgroup: {limits.memory_mb} MiB for the whole run" if memory
                              else f"RLIMIT_AS: {limits.memory_mb} MiB per process, not for the whole run "
-                                  f"({_probe_cgroup('memory')}){raisable}"),
+                                  f"({cgroups.probe_cgroup('memory')}){raisable}"),
             "cpu_time": (True, f"RLIMIT_CPU: {limits.cpu_seconds} s per process{raisable}"),
             "wall_time": (True, f"killed after {limits.wall_seconds:g} s"),
         }
@@ -619,41 +313,44 @@ class Sandbox:
         if self.unavailable:
             raise SandboxUnavailable(self.unavailable)
         start = time.monotonic()
-        bwrap, uid = self._bwrap_args is not None, _fresh_uid() if self._user is not None else None
+        bwrap = self._bwrap_args is not None
+        uid = uid_per_run.fresh_uid() if self._user is not None else None
         private = bwrap or (uid is not None and self._user["mounts"])  # working dir: a private /tmp
         workdir = "/tmp" if private else tempfile.mkdtemp(prefix="latentgraph-sandbox-")
         user = None
         if uid is not None:
             if not private:
                 os.chown(workdir, uid, uid)
-            user = _user_config(uid, self._user["mounts"], self.readable, self.limits.memory_mb * 2**20,
-                                workdir)
-        cgroups = {c: _make_cgroup(parent, c, self.limits, 2 if bwrap else 0)  # + bwrap's monitor and init
-                   for c, parent in self._cgroups.items()}
+            user = uid_per_run.user_config(uid, self._user["mounts"], self.readable,
+                                           self.limits.memory_mb * 2**20, workdir)
+        max_processes = self.limits.max_processes + (2 if bwrap else 0)  # + bwrap's monitor and init
+        run_cgroups = {c: cgroups.make_cgroup(parent, c, max_processes, self.limits.memory_mb)
+                       for c, parent in self._cgroups.items()}
         status_r, status_w = os.pipe() if bwrap else (-1, -1)  # bwrap writes the pid of its init here
         try:
             with tempfile.TemporaryFile() as job, tempfile.TemporaryFile() as out:
                 job.write(stdin)
                 job.seek(0)
                 proc = subprocess.Popen(
-                    self._command(argv, cgroups, status_w, user), stdin=job, stdout=out,
+                    self._command(argv, run_cgroups, status_w, user), stdin=job, stdout=out,
                     stderr=subprocess.STDOUT, env=self._environment(workdir), cwd="/" if private else workdir,
                     start_new_session=True, pass_fds=(status_w,) if bwrap else ())
                 if bwrap:
                     os.close(status_w)
                     status_w = -1
-                timed_out = _wait(proc, status_r if bwrap else None, start + self.limits.wall_seconds)
-                oom = "memory" in cgroups and _oom_kills(cgroups["memory"]) > 0
+                timed_out = processes.wait_for_run(proc, status_r if bwrap else None,
+                                                   start + self.limits.wall_seconds)
+                oom = "memory" in run_cgroups and cgroups.oom_kills(run_cgroups["memory"]) > 0
                 flooded = out.seek(0, os.SEEK_END) >= self.limits.max_file_mb * 2**20
-                output = _read_head_and_tail(out, self.limits.max_output_bytes)
+                output = processes.read_head_and_tail(out, self.limits.max_output_bytes)
         finally:
             for fd in (status_r, status_w):
                 if fd >= 0:
                     os.close(fd)
-            for path in cgroups.values():
-                if not _kill_cgroup(path, time.monotonic() + 5):
+            for path in run_cgroups.values():
+                if not cgroups.kill_cgroup(path, time.monotonic() + 5):
                     logger.error("sandbox: processes of cgroup %s survived SIGKILL for 5 s", path)
-            if uid is not None and not _reap(uid):
+            if uid is not None and not uid_per_run.reap(uid):
                 logger.error("sandbox: processes of uid %d survived SIGKILL for 5 s", uid)
             if not private:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -665,18 +362,18 @@ class Sandbox:
                  "output" if flooded or returncode == -signal.SIGXFSZ else None)
         return SandboxResult(output, returncode, limit, time.monotonic() - start)
 
-    def _command(self, argv: Sequence[str], cgroups: dict[str, Path], status_fd: int,
+    def _command(self, argv: Sequence[str], run_cgroups: dict[str, Path], status_fd: int,
                  user: dict | None) -> list[str]:
         limits = self.limits
         rlimits = {"RLIMIT_CPU": (limits.cpu_seconds, limits.cpu_seconds + 1),
                    "RLIMIT_FSIZE": (limits.max_file_mb * 2**20,) * 2, "RLIMIT_CORE": (0, 0)}
-        if "memory" not in cgroups:
+        if "memory" not in run_cgroups:
             rlimits["RLIMIT_AS"] = (limits.memory_mb * 2**20,) * 2
         if user is not None:  # counts the processes and threads of the run's own uid: exactly the run's
             rlimits["RLIMIT_NPROC"] = (limits.max_processes,) * 2
-        config = {"cgroups": [str(path / "cgroup.procs") for path in cgroups.values()], "rlimits": rlimits,
-                  "user": user}
-        launcher = [sys.executable, "-I", "-S", "-B", "-c", _LAUNCHER, json.dumps(config)]
+        config = {"cgroups": [str(path / "cgroup.procs") for path in run_cgroups.values()],
+                  "rlimits": rlimits, "user": user}
+        launcher = launcher_command(config)
         if self._bwrap_args is None:
             return [*launcher, *argv]
         return [*launcher, *self._bwrap_args, "--json-status-fd", str(status_fd), "--", *argv]
@@ -688,70 +385,3 @@ class Sandbox:
         threads = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
         return {"PATH": path, "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", **threads}
 
-
-def _wait(proc: subprocess.Popen, status_fd: int | None, deadline: float) -> bool:
-    """Waits for a run to end or for its deadline, then kills what is left. Returns whether it timed out.
-
-    The child is watched through a pidfd and reaped only at the end, so that neither its pid nor its process
-    group can be taken by another process while we still signal them.
-    """
-    child = os.pidfd_open(proc.pid)
-    init = _namespace_init(status_fd, deadline) if status_fd is not None else None
-    try:
-        timed_out = not _readable(child, deadline - time.monotonic())
-        if init is not None:
-            _kill(init)  # ends the PID namespace: the kernel kills everything in it
-            _readable(child, 5)  # then bwrap exits by itself, after reaping its init
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # without bwrap: whatever stayed in the process group
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
-        if init is not None:  # the init is gone only once every process of its namespace is
-            _readable(init, 5)
-    finally:
-        for pidfd in (child, init):
-            if pidfd is not None:
-                os.close(pidfd)
-    return timed_out
-
-
-def _namespace_init(status_fd: int, deadline: float) -> int | None:
-    """A pidfd of the PID namespace's init, from bwrap's first status line (None if bwrap failed)."""
-    line = b""
-    while not line.endswith(b"\n") and _readable(status_fd, deadline - time.monotonic()):
-        chunk = os.read(status_fd, 4096)
-        if not chunk:
-            return None
-        line += chunk
-    try:
-        return os.pidfd_open(json.loads(line.split(b"\n")[0])["child-pid"])
-    except (ValueError, KeyError, ProcessLookupError):
-        return None
-
-
-def _readable(fd: int, timeout: float) -> bool:
-    """Waits until ``fd`` is readable (for a pidfd: its process has exited) or ``timeout`` seconds pass."""
-    poller = select.poll()  # unlike select(), poll() takes descriptors above 1024
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(max(timeout, 0) * 1000))
-
-
-def _kill(pidfd: int) -> None:
-    try:
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _read_head_and_tail(file: IO[bytes], max_bytes: int) -> str:
-    """Reads an output file of any size in bounded memory: all of it, or its head and its tail."""
-    size = file.seek(0, os.SEEK_END)
-    file.seek(0)
-    if size <= max_bytes:
-        return file.read().decode("utf-8", "replace")
-    head = file.read(max_bytes // 2)
-    file.seek(size - max_bytes // 2)
-    tail = file.read()
-    cut = f"\n[... {size - len(head) - len(tail)} bytes of output cut ...]\n"
-    return head.decode("utf-8", "replace") + cut + tail.decode("utf-8", "replace")
