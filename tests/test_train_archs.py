@@ -53,7 +53,8 @@ def assert_outer_links_moved_and_rest_frozen(system, links_before, backbones_bef
         assert all(torch.equal(inner[k], v) for k, v in inner_before[name].items()), f"inner link of {name} changed"
 
 
-def train_outer(system, config):
+def train_outer_and_check(system, config):
+    """Train the outer links; check the loss is finite, the outer links moved, everything else is frozen."""
     links_before = {name: snapshot(link) for name, link in system.links.items()}
     backbones_before = {name: snapshot(agent.model) for name, agent in system.agents.items()}
     inner_before = {name: snapshot(agent.inner_link) for name, agent in system.agents.items()}
@@ -68,7 +69,7 @@ def train_outer(system, config):
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_outer_training_through_a_feedback_loop_on_every_architecture(tiny, arch, regime, batch_size):
     system = feedback_pair(*tiny(arch, 32))
-    log = train_outer(system, TrainConfig(stage="outer", regime=regime, steps=1, batch_size=batch_size, lr=1e-3,
+    log = train_outer_and_check(system, TrainConfig(stage="outer", regime=regime, steps=1, batch_size=batch_size, lr=1e-3,
                                           warmup=0))
     assert log[-1]["links"]["b->a"] > 0 and log[-1]["links"]["a->b"] > 0  # gradient reached both links
 
@@ -156,7 +157,7 @@ def test_every_published_style_trains_one_step(published_hub, style):
     for agent in system.agents.values():
         agent.latent_steps = 2
     system.rounds = 2
-    train_outer(system, TrainConfig(stage="outer", steps=1, batch_size=2, lr=1e-3, warmup=0))
+    train_outer_and_check(system, TrainConfig(stage="outer", steps=1, batch_size=2, lr=1e-3, warmup=0))
 
 
 def test_train_cli_on_a_saved_hybrid_style(published_hub, tmp_path):
