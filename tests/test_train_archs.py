@@ -69,8 +69,8 @@ def train_outer_and_check(system, config):
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_outer_training_through_a_feedback_loop_on_every_architecture(tiny, arch, regime, batch_size):
     system = feedback_pair(*tiny(arch, 32))
-    log = train_outer_and_check(system, TrainConfig(stage="outer", regime=regime, steps=1, batch_size=batch_size, lr=1e-3,
-                                          warmup=0))
+    config = TrainConfig(stage="outer", regime=regime, steps=1, batch_size=batch_size, lr=1e-3, warmup=0)
+    log = train_outer_and_check(system, config)
     assert log[-1]["links"]["b->a"] > 0 and log[-1]["links"]["a->b"] > 0  # gradient reached both links
 
 
