@@ -227,9 +227,9 @@ def _run_turn(plan: Plan, turn: Turn, questions: list[str], step: Step, inbox: I
     """One turn; returns its trace line and prompt. ``prompt`` and ``record``: a turn that already encoded
     its prompt (and has a trace line) goes on from them."""
     agent, r = turn.agent, turn.round
-    device = agent.backbone.device
+    devices = agent.backbone.devices
     yield from _emit(AgentStarted(round=r, agent=agent.name, prompt=turn.prompt_kind), seen)
-    start, paused = _now(device), 0.0
+    start, paused = _now(devices), 0.0
     if prompt is None:
         blank = Message(text=[""] * len(questions))  # slots with no edge: the single-agent baseline
         messages = {s: inbox[agent.name].get(s, blank) for s in turn.template.slots}
@@ -258,7 +258,7 @@ def _run_turn(plan: Plan, turn: Turn, questions: list[str], step: Step, inbox: I
         paused += yield from _emit(MessageDelivered(round=r, edge=edge.name, receiver=edge.dst, slot=edge.slot,
                                                     next_round=edge.feedback, latent=message.latent,
                                                     text=message.text), seen)
-    record.seconds += _now(device) - start - paused
+    record.seconds += _now(devices) - start - paused
     yield from _emit(AgentFinished(round=r, agent=agent.name, step=record), seen)
     return record, prompt
 
@@ -302,7 +302,8 @@ def _check_thoughts(agent: str, thoughts: Thoughts, round_: int) -> None:
                      "(fp16 overflows; use bf16 or fp32) and the inner link's weights")
 
 
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _now(devices: frozenset[torch.device]) -> float:
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     return time.perf_counter()

@@ -263,7 +263,8 @@ class System(nn.Module):
 
     @classmethod
     def from_config(cls, config: SystemConfig | dict | str | Path, *, backbones: dict[str, Any] | None = None,
-                    device: Any = None, dtype: Any = None) -> System:
+                    device: Any = None, dtype: Any = None, device_map: Any = None, max_memory: Any = None,
+                    offload_folder: Any = None) -> System:
         """Build the system a config describes, with freshly initialised links.
 
         Args:
@@ -272,6 +273,9 @@ class System(nn.Module):
             backbones: ``{agent: backbone}`` to use instead of the config's: a hub id, a directory, a
                 ``(model, tokenizer)`` pair or a ``Backbone``.
             device: where the backbones run; dtype: their dtype.
+            device_map, max_memory, offload_folder: instead of ``device``, spread each backbone over several
+                GPUs with CPU or disk offload (see :class:`~latentgraph.Agent`). Placement is not part of the
+                config: pass it again on every load.
         """
         if isinstance(config, (str, Path)):
             if Path(config).suffix.lower() not in CONFIG_SUFFIXES:
@@ -287,7 +291,9 @@ class System(nn.Module):
         for name in backbones:
             if name not in names:
                 raise GraphError(f"backbones= names agent '{name}', which the config does not have; agents: {names}")
-        system = cls([Agent.from_config(a, backbones.get(a.name), device=device, dtype=dtype) for a in config.agents],
+        placement = {"device": device, "dtype": dtype, "device_map": device_map, "max_memory": max_memory,
+                     "offload_folder": offload_folder}
+        system = cls([Agent.from_config(a, backbones.get(a.name), **placement) for a in config.agents],
                      rounds=config.rounds, answer=config.answer)
         for e in config.edges:
             system.connect(e.src, e.dst, slot=e.slot, mode=e.mode, feedback=e.feedback, link=e.link)
@@ -306,7 +312,8 @@ class System(nn.Module):
 
     @classmethod
     def from_pretrained(cls, source: str | Path, *, revision: str | None = None,
-                        backbones: dict[str, Any] | None = None, device: Any = None, dtype: Any = None) -> System:
+                        backbones: dict[str, Any] | None = None, device: Any = None, dtype: Any = None,
+                        device_map: Any = None, max_memory: Any = None, offload_folder: Any = None) -> System:
         """Load a system written by :meth:`save_pretrained`, from a directory or a hub repo.
 
         Args:
@@ -315,6 +322,8 @@ class System(nn.Module):
             backbones: ``{agent: backbone}`` to use instead of the saved references: a hub id, a directory,
                 a ``(model, tokenizer)`` pair or a ``Backbone``.
             device: where the backbones run; dtype: their dtype.
+            device_map, max_memory, offload_folder: instead of ``device``, spread each backbone over several
+                GPUs with CPU or disk offload (see :class:`~latentgraph.Agent`).
         """
         directory = native.recover(fetch(source, revision=revision))  # a save killed midway: its old version
         config = read_config(directory / CONFIG_NAME)
@@ -323,7 +332,8 @@ class System(nn.Module):
             if name not in names:
                 raise CheckpointError(f"backbones= names agent '{name}', which {directory} does not have; "
                                       f"agents: {names}")
-        system = cls.from_config(config, backbones=backbones, device=device, dtype=dtype)
+        system = cls.from_config(config, backbones=backbones, device=device, dtype=dtype, device_map=device_map,
+                                 max_memory=max_memory, offload_folder=offload_folder)
         native.load_weights(directory, system.link_modules())
         return system
 
