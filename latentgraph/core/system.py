@@ -27,6 +27,7 @@ from .config import CONFIG_NAME, CONFIG_SUFFIXES, FORMAT_VERSION, EdgeConfig, Sy
 from .engine import InferenceStep, Stop, question_list, unroll
 from .events import Event, RunMode, RunOutput
 from .links import Link, config_of, make_link
+from .parallel import check_parallel
 from .plan import Plan, build_plan
 from .prompt import QUESTION
 from .speak import Sampling
@@ -205,7 +206,7 @@ class System(nn.Module):
     def stream(self, questions: str | list[str], *, rounds: int | None = None, mode: RunMode = "latent",
                do_sample: bool = True, temperature: float = 0.6, top_p: float = 0.95, top_k: int | None = None,
                max_new_tokens: int = 256, seed: int | None = None, return_latents: bool = False,
-               stop: Stop | None = None) -> Iterator[Event]:
+               stop: Stop | None = None, parallel: bool | None = None) -> Iterator[Event]:
         """Run the system like :meth:`run`, yielding its :mod:`~latentgraph.core.events` as they happen.
 
         Inputs are checked at once (before the first event); the last event is a
@@ -219,12 +220,13 @@ class System(nn.Module):
                             max_new_tokens=max_new_tokens)
         plan = self.plan(rounds, mode)
         plan.check_lengths(questions, sampling.max_new_tokens)
-        return unroll(plan, questions, InferenceStep(sampling, seed=seed, return_latents=return_latents), stop=stop)
+        return unroll(plan, questions, InferenceStep(sampling, seed=seed, return_latents=return_latents), stop=stop,
+                      parallel=check_parallel(parallel))
 
     def run(self, questions: str | list[str], *, rounds: int | None = None, mode: RunMode = "latent",
             do_sample: bool = True, temperature: float = 0.6, top_p: float = 0.95, top_k: int | None = None,
             max_new_tokens: int = 256, seed: int | None = None, return_latents: bool = False,
-            stop: Stop | None = None) -> RunOutput:
+            stop: Stop | None = None, parallel: bool | None = None) -> RunOutput:
         """Run the system on a batch of questions.
 
         All questions run together as one left-padded batch. ``rounds`` overrides ``system.rounds``.
@@ -238,11 +240,17 @@ class System(nn.Module):
         ``stop`` ends the run early: after each round but the last it is called on the round's events (a
         list of :mod:`~latentgraph.core.events`); when it returns True, the answer node speaks in that round,
         from the prompt it read in that round, and the run ends (``RunOutput.stopped_early``). A built-in
-        criterion: :class:`latentgraph.core.engine.ThoughtsConverged`. This is :meth:`stream`, drained.
+        criterion: :class:`latentgraph.core.engine.ThoughtsConverged`.
+
+        ``parallel`` runs agents of a round that do not depend on each other (mixture's experts, say) at once,
+        in threads: ``None`` (default) when their backbones share no device (agents on different GPUs),
+        ``True`` also on one device (except turns sharing a backbone, or speaking on one device), ``False``
+        one after the other. Results, traces and the order of events are the same either way. This is
+        :meth:`stream`, drained.
         """
         events = self.stream(questions, rounds=rounds, mode=mode, do_sample=do_sample, temperature=temperature,
                              top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
-                             return_latents=return_latents, stop=stop)
+                             return_latents=return_latents, stop=stop, parallel=parallel)
         (finished,) = deque(events, maxlen=1)  # drained without keeping every round's latents alive
         return finished.output
 
