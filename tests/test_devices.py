@@ -141,3 +141,12 @@ def test_cli_run_and_eval_take_a_device_map(saved, monkeypatch, tmp_path):
 def test_cli_placement_mistakes_are_one_error_line(saved, flags, fix):
     result = CliRunner().invoke(app, ["run", "Hi?", "--style", str(saved), *flags])
     assert isinstance(result.exception, InputError) and fix in str(result.exception)
+
+
+def test_published_styles_and_saved_folders_load_with_a_device_map(published_hub, saved, tmp_path):
+    spread = {"device_map": "auto", "max_memory": {"cpu": 20_000}, "offload_folder": tmp_path}
+    for name in ("sequential_light", str(saved)):
+        plain, offloaded = lg.load(name, device="cpu"), lg.load(name, **spread)
+        assert all(a.backbone.device_map is not None for a in offloaded.agents.values())
+        settings = {"do_sample": False, "max_new_tokens": 3, "rounds": 1}
+        assert offloaded.run("What is 2 + 2?", **settings).texts == plain.run("What is 2 + 2?", **settings).texts
