@@ -19,6 +19,12 @@ app = typer.Typer(help="Multi-agent LLM systems that talk in latent space.", no_
                   add_completion=False, pretty_exceptions_enable=False)
 console = Console(stderr=True)  # progress and errors; results go to stdout
 DEFAULT = "default"
+DEVICE_MAP_HELP = ("Spread each backbone over several GPUs with CPU or disk offload (needs accelerate): auto, "
+                   "balanced, balanced_low_0, sequential, or a JSON object of module: device, e.g. "
+                   '\'{"model.embed_tokens": 0, "model.layers": 1, "lm_head": "cpu"}\'. Instead of --device.')
+MAX_MEMORY_HELP = ("With --device-map: the most each device may hold (bytes, or a size with a unit), e.g. "
+                   "0=20GiB,1=20GiB,cpu=60GiB.")
+OFFLOAD_HELP = "With --device-map: the directory for weights offloaded to disk."
 UNSANDBOXED_HELP = ("Run model-written code (the Python tool, code scoring) even where the sandbox lacks protections "
                     "(no bubblewrap, say), with whatever this machine has. Off: such code does not run.")
 
@@ -26,6 +32,29 @@ UNSANDBOXED_HELP = ("Run model-written code (the Python tool, code scoring) even
 @app.callback()
 def _commands() -> None:
     """Multi-agent LLM systems that talk in latent space."""
+
+
+def placement(device: str | None, device_map: str | None, max_memory: str | None,
+              offload_folder: Path | None) -> dict[str, Any]:
+    """The backbones' placement options of ``run`` and ``eval``, parsed for :func:`latentgraph.load`."""
+    layout: Any = device_map
+    if device_map is not None and device_map.lstrip().startswith("{"):
+        try:
+            layout = json.loads(device_map)
+        except json.JSONDecodeError as e:
+            raise InputError(f"--device-map is not a valid JSON object ({e.msg}); pass e.g. "
+                             '\'{"model.embed_tokens": 0, "model.layers": 1, "lm_head": "cpu"}\' or auto') from None
+    limits = None
+    if max_memory is not None:
+        limits = {}
+        for entry in max_memory.split(","):
+            where, equals, size = entry.strip().partition("=")
+            if not (equals and where.strip() and size.strip()):
+                raise InputError(f"--max-memory takes device=size pairs separated by commas, e.g. "
+                                 f"0=20GiB,cpu=60GiB; got {max_memory!r}")
+            where, size = where.strip(), size.strip()
+            limits[int(where) if where.isdigit() else where] = int(size) if size.isdigit() else size  # bytes
+    return {"device": device, "device_map": layout, "max_memory": limits, "offload_folder": offload_folder}
 
 
 def load(style: str, **kwargs):
@@ -60,6 +89,9 @@ def run(
     seed: int | None = typer.Option(None, help="Seed for sampling."),
     task: str = typer.Option("math", help="For published styles: math or code links and answer format."),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
+    device_map: str | None = typer.Option(None, help=DEVICE_MAP_HELP),
+    max_memory: str | None = typer.Option(None, help=MAX_MEMORY_HELP),
+    offload_folder: Path | None = typer.Option(None, help=OFFLOAD_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (see the docs' CLI page)."),
     allow_unsandboxed_tools: bool = typer.Option(False, "--allow-unsandboxed-tools", help=UNSANDBOXED_HELP),
     stop_tol: float | None = typer.Option(None, help="Stop early once the answer agent's mean thought changes by "
@@ -70,7 +102,8 @@ def run(
     from .core.events import AgentFinished, AgentStarted
 
     with console.status(f"loading {style} (the first run converts and caches the models)"):
-        system = load(style, task=task, device=device, allow_unsandboxed_tools=allow_unsandboxed_tools)
+        system = load(style, task=task, **placement(device, device_map, max_memory, offload_folder),
+                      allow_unsandboxed_tools=allow_unsandboxed_tools)
         for agent in system.agents.values():
             agent.backbone.load()  # now, under the spinner, not during the first round
             if latent_steps is not None:
@@ -219,6 +252,9 @@ def eval_command(
     task: str | None = typer.Option(None, help="For published styles: math or code (default: from the data)."),
     seed: int = typer.Option(0, help="Seeds sampling and the order of multiple-choice options."),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
+    device_map: str | None = typer.Option(None, help=DEVICE_MAP_HELP),
+    max_memory: str | None = typer.Option(None, help=MAX_MEMORY_HELP),
+    offload_folder: Path | None = typer.Option(None, help=OFFLOAD_HELP),
     allow_unsandboxed_tools: bool = typer.Option(False, "--allow-unsandboxed-tools", help=UNSANDBOXED_HELP),
 ) -> None:
     """Evaluate a system (and its baselines) on a dataset: accuracy, tokens and time per method and round."""
@@ -242,7 +278,8 @@ def eval_command(
                             seed=seed)
     task = task or ("code" if any(e.kind == "code" for e in examples) else "math")
     with console.status(f"loading {style} (the first run converts and caches the models)"):
-        system = load(style, task=task, device=device, allow_unsandboxed_tools=allow_unsandboxed_tools)
+        system = load(style, task=task, **placement(device, device_map, max_memory, offload_folder),
+                      allow_unsandboxed_tools=allow_unsandboxed_tools)
         for agent in system.agents.values():
             agent.backbone.load()  # now, not inside the first batch's timing
     code = allow_unsandboxed_tools and any(e.kind == "code" for e in examples)

@@ -22,7 +22,8 @@ DEFAULT = "default"
 
 
 def load(name: str | Path = DEFAULT, *, task: str = "math", weights: bool = True, device: Any = None,
-         dtype: Any = None, allow_unsandboxed_tools: bool = False) -> System:
+         dtype: Any = None, device_map: Any = None, max_memory: Any = None, offload_folder: Any = None,
+         allow_unsandboxed_tools: bool = False) -> System:
     """A system by name.
 
     Args:
@@ -30,26 +31,30 @@ def load(name: str | Path = DEFAULT, *, task: str = "math", weights: bool = True
         task: for published styles, ``"math"`` or ``"code"`` (which links and answer format).
         weights: ``False`` gives a published style's graph with fresh links (for drawing it).
         device, dtype: where and in what dtype the backbones run.
+        device_map, max_memory, offload_folder: instead of ``device``, spread each backbone over several GPUs
+            with CPU or disk offload (see :class:`~latentgraph.Agent`).
         allow_unsandboxed_tools: give a published style's tool agent a Python tool that runs code with
             whatever protections this machine has (``PythonTool(require=())``) instead of failing closed.
     """
     name = str(name)
+    placement = {"device": device, "dtype": dtype, "device_map": device_map, "max_memory": max_memory,
+                 "offload_folder": offload_folder}
     if name == DEFAULT:
         from ..embedded.default_system import default_system
 
-        return default_system(device=device, dtype=dtype)
+        return default_system(**placement)
     if name in list_styles():
         tools = {}
         if allow_unsandboxed_tools and hasattr(style_module(name), "TOOL_AGENT"):
             from ..tools import PythonTool
 
             tools = {"tools": [PythonTool(require=())]}
-        return load_style(name, task=task, device=device, dtype=dtype, load_weights=weights, **tools)
+        return load_style(name, task=task, load_weights=weights, **placement, **tools)
     path = Path(name)
     if (path / CONFIG_NAME).exists():
-        return System.from_pretrained(path, device=device, dtype=dtype)
+        return System.from_pretrained(path, **placement)
     if path.suffix.lower() in CONFIG_SUFFIXES and path.is_file():
-        system = System.from_config(path, device=device, dtype=dtype)
+        system = System.from_config(path, **placement)
         if (path.parent / WEIGHTS_NAME).exists():
             load_weights(path.parent, system.link_modules())
         else:

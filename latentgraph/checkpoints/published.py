@@ -45,8 +45,9 @@ def style_module(name: str) -> ModuleType:
 
 def load_style(name: str, task: str = "math", *, revision: str | dict[str, str] | None = None,
                checkpoints: dict[str, str] | None = None, backbones: dict[str, Any] | None = None,
-               device: Any = None, dtype: Any = None, load_weights: bool = True,
-               tools: list[Tool] | None = None, trust_remote_code: bool = False) -> System:
+               device: Any = None, dtype: Any = None, device_map: Any = None, max_memory: Any = None,
+               offload_folder: Any = None, load_weights: bool = True, tools: list[Tool] | None = None,
+               trust_remote_code: bool = False) -> System:
     """A published style as an editable :class:`System`, with its published link weights.
 
     Args:
@@ -61,6 +62,8 @@ def load_style(name: str, task: str = "math", *, revision: str | dict[str, str] 
             ``(model, tokenizer)`` pair or a ``Backbone``). That agent's inner link and the outer links
             touching it start fresh (random), with a warning: retrain them.
         device: where the backbones run; dtype: their dtype.
+        device_map, max_memory, offload_folder: instead of ``device``, spread each backbone over several GPUs
+            with CPU or disk offload (see :class:`~latentgraph.Agent`); not for ``backbones=`` given loaded.
         load_weights: ``False`` gives the graph with fresh links (for rendering, or training from scratch).
         tools: the tools of the style's tool-using agent (deliberation's tool-caller), instead of the style's
             default ones; ``[]`` for none. Styles without such an agent refuse it.
@@ -81,8 +84,9 @@ def load_style(name: str, task: str = "math", *, revision: str | dict[str, str] 
                                   f"{[*roles, 'links']}")
     repos = {**style.CHECKPOINTS, **(checkpoints or {})}
     swapped = backbones or {}
-    members = {role: _backbone(swapped[role], device, dtype) if role in swapped else
-               get_backbone(repos[role], revision=revisions.get(role), device=device, dtype=dtype)
+    spread = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+    members = {role: _backbone(swapped[role], device, dtype, spread) if role in swapped else
+               get_backbone(repos[role], revision=revisions.get(role), device=device, dtype=dtype, **spread)
                for role in roles}
     if tools is not None and not hasattr(style, "TOOL_AGENT"):
         raise InputError(f"style '{name}' has no agent that uses tools; tools= applies to "
@@ -162,6 +166,6 @@ def _read_json(path: Path) -> dict:
     return read_json(path, error=CheckpointError)
 
 
-def _backbone(source: Any, device: Any, dtype: Any) -> Backbone:
+def _backbone(source: Any, device: Any, dtype: Any, spread: dict[str, Any]) -> Backbone:
     model, tokenizer = source if isinstance(source, tuple) else (source, None)
-    return get_backbone(model, tokenizer=tokenizer, device=device, dtype=dtype)
+    return get_backbone(model, tokenizer=tokenizer, device=device, dtype=dtype, **spread)

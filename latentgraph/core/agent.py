@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..errors import CheckpointError, GraphError
+from ..errors import CheckpointError, GraphError, InputError
 from ..tools.base import Tool
 from .backbone import Backbone, get_backbone
 from .config import DEFAULT_SYSTEM_PROMPT, AgentConfig, BackboneConfig
@@ -88,6 +88,14 @@ class Agent(nn.Module):
         revision: hub revision of the backbone.
         device: where the backbone runs (default: CUDA when available, else CPU).
         dtype: backbone dtype (default: bf16 on GPUs that support it, fp32 on CPU). Links stay fp32.
+        device_map: instead of ``device``, spread a backbone too big for one device over several GPUs, with
+            CPU or disk offload, as transformers' ``from_pretrained(device_map=...)`` does (it needs
+            accelerate): ``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"`` or a
+            ``{module: device}`` dict such as ``{"model.embed_tokens": 0, "model.layers": 1, "lm_head": "cpu"}``
+            (devices: a GPU index, ``"cuda:1"``, ``"cpu"`` or ``"disk"``). The inner link and the incoming
+            outer links sit where the input embeddings run (``agent.backbone.device``).
+        max_memory: with ``device_map``, the most each device may hold, e.g. ``{0: "20GiB", "cpu": "60GiB"}``.
+        offload_folder: with ``device_map``, where weights offloaded to disk go.
         tools: the :class:`~latentgraph.Tool` objects the agent may call while it speaks (it writes
             ``<tag>input</tag>`` and reads the answer in ``<result>…</result>``). Tools are code, not weights: a
             saved system does not keep them.
@@ -98,7 +106,9 @@ class Agent(nn.Module):
                  *, feedback_prompt: str | None = None, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
                  latent_steps: int = 32, inner_link: Any = "ln_res", tokenizer: Any = None,
                  revision: str | None = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | str | None = None, tools: Sequence[Tool] = (), max_tool_calls: int = 5):
+                 dtype: torch.dtype | str | None = None, device_map: str | dict | None = None,
+                 max_memory: dict | None = None, offload_folder: str | Path | None = None,
+                 tools: Sequence[Tool] = (), max_tool_calls: int = 5):
         super().__init__()
         self.name = check_name(name, "agent")
         self.latent_steps = latent_steps
@@ -111,9 +121,10 @@ class Agent(nn.Module):
         self.feedback_prompt = feedback_prompt
         try:
             self.backbone = get_backbone(backbone, tokenizer=tokenizer, revision=revision, device=device,
-                                         dtype=dtype)
-        except CheckpointError as e:
-            raise CheckpointError(f"agent '{name}': {e}") from None
+                                         dtype=dtype, device_map=device_map, max_memory=max_memory,
+                                         offload_folder=offload_folder)
+        except (CheckpointError, InputError) as e:
+            raise type(e)(f"agent '{name}': {e}") from None
         width = self.backbone.hidden_size
         self.inner_link = make_link(inner_link, role="inner", in_dim=width, out_dim=width,
                                     where=f"agent '{name}' inner link")
@@ -136,7 +147,7 @@ class Agent(nn.Module):
             config: an :class:`~latentgraph.AgentConfig` (or a dict of its fields).
             backbone: instead of the config's backbone: a hub id, a directory, a loaded model, a
                 ``(model, tokenizer)`` pair or a ``Backbone``.
-            kwargs: further :class:`Agent` arguments (``device``, ``dtype``, ``tools``, ...).
+            kwargs: further :class:`Agent` arguments (``device``, ``dtype``, ``device_map``, ``tools``, ...).
         """
         if isinstance(config, dict):
             config = AgentConfig(**config)
@@ -234,8 +245,7 @@ class Agent(nn.Module):
     def encode(self, questions: list[str], template: PromptTemplate, messages: dict[str, Message]) -> Encoded:
         """Assemble a left-padded batch of prompt embeddings with the latent messages spliced in."""
         rows = self.tokenize(self.render(questions, template, messages))
-        model = self.model
-        device, dtype = model.device, model.dtype
+        device, dtype = self.backbone.device, self.backbone.dtype  # the embeddings' device, even when offloaded
         ids = [p for row in rows for p in row if not isinstance(p, tuple)]
         flat = torch.tensor(list(chain.from_iterable(ids)), dtype=torch.long, device=device)
         token_embeds = iter(self.backbone.embed(flat).split([len(x) for x in ids]))  # (n_i, H) per segment

