@@ -25,6 +25,7 @@ import math
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -128,25 +129,27 @@ def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods
         raise InputError(f"samples={samples} with greedy decoding would give the same answer {samples} times; "
                          "sample (do_sample=True, or --sample) or take one sample")
     Sampling(do_sample=sampling, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)  # checks
-    pool = _ray_workers(system, workers, ray_address, gpus_per_worker, threads_per_worker)
-    settings = {"system": fingerprint(system), "max_new_tokens": max_new_tokens, "samples": samples,
-                **({"temperature": temperature, "top_p": top_p, "seed": seed} if sampling else {})}
-    directory = Path(output) if output is not None else None
-    rows = _resume(directory, settings, examples) if directory else {}
     if code_runner is None and any(e.kind == "code" for e in examples):
         code_runner = SandboxRunner()
     if isinstance(code_runner, SandboxRunner) and any(e.kind == "code" for e in examples):
         code_runner.check()  # fail closed before any answer is generated, not at the first code answer
+    pool = _ray_workers(system, workers, ray_address, gpus_per_worker, threads_per_worker, code_runner,
+                        code_timeout)
+    settings = {"system": fingerprint(system), "max_new_tokens": max_new_tokens, "samples": samples,
+                **({"temperature": temperature, "top_p": top_p, "seed": seed} if sampling else {})}
+    directory = Path(output) if output is not None else None
+    rows = _resume(directory, settings, examples) if directory else {}
     batches = [Batch(chunk, method, r, sample, {"do_sample": sampling, "temperature": temperature, "top_p": top_p,
                                                 "seed": seed + sample if sampling else None,
                                                 "max_new_tokens": max_new_tokens})
                for method, r in configs for sample in range(samples)
                for chunk in _chunks([e for e in examples if (e.id, method, r, sample) not in rows], batch_size)]
-    answered = (((batch, answer_batch(system, batch, code_runner, code_timeout)) for batch in batches)
-                if pool is None else pool.answer(batches, code_runner, code_timeout))
+    pool = pool if batches else None  # a resumed run with nothing left starts no Ray workers
     bars = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=Console(stderr=True), disable=not progress)
-    with bars:
+    with pool or nullcontext(), bars:  # the workers start (or their errors show) before the bars
+        answered = (((batch, answer_batch(system, batch, code_runner, code_timeout)) for batch in batches)
+                    if pool is None else pool.answer(batches))
         tasks = {(method, r): bars.add_task(method if r is None else f"{method} r={r}",
                                             total=len(examples) * samples,
                                             completed=sum((e.id, method, r, s) in rows
@@ -182,8 +185,8 @@ def _configs(system: System, methods: Sequence[str], rounds: int | Sequence[int]
     return [pair for m in methods for pair in ([(m, None)] if m == "single" else [(m, r) for r in counts])]
 
 
-def _ray_workers(system: System, workers: int | None, address: str | None, gpus: float,
-                 threads: int) -> RayWorkers | None:
+def _ray_workers(system: System, workers: int | None, address: str | None, gpus: float, threads: int,
+                 code_runner: strict.CodeRunner | None, code_timeout: float) -> RayWorkers | None:
     """The Ray workers to answer on (None: this process), checked before anything is written or run."""
     if workers is None:
         if address is not None or gpus != 0 or threads != 1:
@@ -192,7 +195,7 @@ def _ray_workers(system: System, workers: int | None, address: str | None, gpus:
         return None
     from .workers import RayWorkers, WorkerOptions
 
-    return RayWorkers(system, WorkerOptions(workers, address, gpus, threads))
+    return RayWorkers(system, WorkerOptions(workers, address, gpus, threads), code_runner, code_timeout)
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -86,9 +87,12 @@ def import_ray() -> Any:
 class Replica:
     """One copy of the system on a Ray worker (the class of the Ray actors)."""
 
-    def __init__(self, checkpoint: dict[str, bytes], dtypes: dict[str, torch.dtype | None], extras: dict[str, Any],
+    def __init__(self, checkpoint: dict[str, bytes], dtypes: dict[str, torch.dtype | None], extras: bytes,
                  threads: int, device: str):
+        from ray import cloudpickle
+
         torch.set_num_threads(threads)
+        extras = cloudpickle.loads(extras)
         self.code_runner, self.code_timeout = extras["code_runner"], extras["code_timeout"]
         self.problem: LatentGraphError | None = None
         try:
@@ -145,45 +149,56 @@ def shipped(system: System, device: str) -> tuple[dict[str, bytes], dict[str, to
 
 
 class RayWorkers:
-    """Replicas of ``system`` on Ray workers, as ``options`` asks. Built before anything runs: checks that Ray
-    is installed and that workers can rebuild the system; :meth:`answer` starts them."""
+    """Replicas of ``system`` on Ray workers, as ``options`` asks.
 
-    def __init__(self, system: System, options: WorkerOptions):
+    Built before anything runs, it checks that Ray is installed and that workers can rebuild the system;
+    entered, it joins Ray, checks the cluster can hold the workers and starts them; :meth:`answer` hands them
+    batches; on exit the workers stop, and a Ray instance started here shuts down.
+    """
+
+    def __init__(self, system: System, options: WorkerOptions, code_runner: strict.CodeRunner | None,
+                 code_timeout: float):
         self.ray, self.options = import_ray(), options
         self.device = "cuda" if options.gpus_per_worker > 0 else "cpu"
         self.checkpoint, self.dtypes = shipped(system, self.device)
-        self.tools = {name: agent.tools for name, agent in system.agents.items() if agent.tools}
+        tools = {name: agent.tools for name, agent in system.agents.items() if agent.tools}
+        try:
+            self.extras = self.ray.cloudpickle.dumps({"tools": tools, "code_runner": code_runner,
+                                                      "code_timeout": code_timeout})
+        except (TypeError, pickle.PicklingError) as e:
+            raise InputError(f"the agents' tools or the code runner cannot be sent to Ray workers ({e}); use ones "
+                             "that pickle, or evaluate in this process (no workers)") from None
+        self.actors: list = []
+        self.started = False
 
-    def answer(self, batches: list[Batch], code_runner: strict.CodeRunner | None,
-               code_timeout: float) -> Iterator[tuple[Batch, list[dict]]]:
-        """Answer ``batches``; yields each batch with its rows as it finishes (not in order). The workers stop,
-        and a Ray instance started here shuts down, when the iteration ends."""
-        if not batches:  # a resumed run with nothing left: no Ray to start
-            return
+    def __enter__(self) -> RayWorkers:
         ray, options = self.ray, self.options
-        started = _connect(ray, options)
-        actors: list = []
+        self.started = _connect(ray, options)
         try:
             _check_resources(ray, options)
-            try:
-                extras = ray.put({"tools": self.tools, "code_runner": code_runner, "code_timeout": code_timeout})
-            except (TypeError, ValueError) as e:  # what Ray raises for an object it cannot pickle
-                raise InputError(f"the agents' tools or the code runner cannot be sent to Ray workers "
-                                 f"({str(e).splitlines()[0]}); use "
-                                 "ones that pickle, or evaluate in this process (no workers)") from None
-            actor_class = ray.remote(num_cpus=options.threads_per_worker, num_gpus=options.gpus_per_worker,
-                                     max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)(Replica)
-            # one copy in the object store for all actors; held here until they are killed, so that an actor
-            # Ray restarts finds its arguments again
-            checkpoint = ray.put(self.checkpoint)
-            actors = [actor_class.remote(checkpoint, self.dtypes, extras, options.threads_per_worker, self.device)
-                      for _ in range(options.workers)]
-            yield from _dispatch(ray, actors, batches)
-        finally:
-            for actor in actors:
-                ray.kill(actor, no_restart=True)
-            if started:
-                ray.shutdown()
+        except InputError:
+            self.__exit__()
+            raise
+        actor_class = ray.remote(num_cpus=options.threads_per_worker, num_gpus=options.gpus_per_worker,
+                                 max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)(Replica)
+        # one copy of each in the object store for all actors, held until they are killed: an actor that Ray
+        # restarts finds its arguments again
+        checkpoint, extras = ray.put(self.checkpoint), ray.put(self.extras)
+        self.actors = [actor_class.remote(checkpoint, self.dtypes, extras, options.threads_per_worker, self.device)
+                       for _ in range(options.workers)]
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self.started:
+            self.ray.shutdown()
+            self.started = False
+
+    def answer(self, batches: list[Batch]) -> Iterator[tuple[Batch, list[dict]]]:
+        """Answer ``batches``; yields each batch with its rows as it finishes (not in order)."""
+        return _dispatch(self.ray, self.actors, batches)
 
 
 def _dispatch(ray: Any, actors: list, batches: list[Batch]) -> Iterator[tuple[Batch, list[dict]]]:
