@@ -27,8 +27,8 @@ class SandboxUnavailable(LatentGraphError, RuntimeError):
 
 
 class WorkerError(LatentGraphError, RuntimeError):
-    """A Ray worker of :func:`~latentgraph.evaluate` died more often than it may be restarted. The rows finished
-    before are kept in ``results.jsonl``: run the same evaluation again to resume."""
+    """A Ray worker of :func:`~latentgraph.evaluate` died and cannot be restarted (it died too often, or could not
+    start). The rows finished before are kept in ``results.jsonl``: run the same evaluation again to resume."""
 
 
 def unpickling_problem(error: Exception) -> str:

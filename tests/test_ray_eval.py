@@ -164,6 +164,21 @@ def test_a_killed_run_resumes_on_ray(ray_instance, system, reference, tmp_path, 
 
 
 @pytest.mark.slow
+def test_an_error_on_a_worker_reaches_the_driver_as_raised(ray_instance, saved, tmp_path):
+    copy = shutil.copytree(saved.parent, tmp_path / "copy")
+    config = json.loads((copy / "system" / "latentgraph_config.json").read_text())
+    for agent in config["agents"]:
+        agent["backbone"]["name_or_path"] = str(copy / f"backbone-{agent['name']}")
+    (copy / "system" / "latentgraph_config.json").write_text(json.dumps(config))
+    system = lg.System.from_pretrained(copy / "system", device="cpu")
+    shutil.rmtree(copy / "backbone-critic")  # as on a node that lacks the folder
+    with pytest.raises(lg.CheckpointError, match=r"agent 'critic' on a Ray worker: backbone directory .* does not "
+                                                 r"exist.*a folder must be at that path on every node"):
+        lg.evaluate(system, EXAMPLES, output=tmp_path / "out", workers=1, **SETTINGS)
+    assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+@pytest.mark.slow
 def test_cli_eval_on_ray_workers(ray_instance, saved, reference, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"q": e.prompt, "a": e.gold}) + "\n" for e in EXAMPLES))

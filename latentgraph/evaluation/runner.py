@@ -108,7 +108,7 @@ def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods
             whose results were made by another system, other settings or other questions. With workers: Ray
             not installed, bad worker options, more CPUs or GPUs than the cluster has, or a backbone given as a
             model in memory (workers load backbones from their source).
-        WorkerError: a Ray worker died more often than it may be restarted; the finished rows are kept.
+        WorkerError: a Ray worker died and cannot be restarted; the finished rows are kept.
         CheckpointError: ``settings.json``, ``summary.json`` or ``plot.png`` cannot be written (a full disk,
             a read-only folder); the file keeps its old version.
         SandboxUnavailable: code questions, the default :class:`SandboxRunner`, and a sandbox that lacks a

@@ -169,6 +169,7 @@ class RayWorkers:
             raise InputError(f"the agents' tools or the code runner cannot be sent to Ray workers ({e}); use ones "
                              "that pickle, or evaluate in this process (no workers)") from None
         self.actors: list = []
+        self.shared: tuple = ()  # object-store refs of the checkpoint and extras, while workers run
         self.started = False
 
     def __enter__(self) -> RayWorkers:
@@ -181,9 +182,10 @@ class RayWorkers:
             raise
         actor_class = ray.remote(num_cpus=options.threads_per_worker, num_gpus=options.gpus_per_worker,
                                  max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)(Replica)
-        # one copy of each in the object store for all actors, held until they are killed: an actor that Ray
-        # restarts finds its arguments again
-        checkpoint, extras = ray.put(self.checkpoint), ray.put(self.extras)
+        # one copy of each in the object store for all actors, its refs held until they are killed: an actor
+        # that Ray restarts finds its arguments again
+        self.shared = ray.put(self.checkpoint), ray.put(self.extras)
+        checkpoint, extras = self.shared
         self.actors = [actor_class.remote(checkpoint, self.dtypes, extras, options.threads_per_worker, self.device)
                        for _ in range(options.workers)]
         return self
@@ -191,7 +193,7 @@ class RayWorkers:
     def __exit__(self, *exception: object) -> None:
         for actor in self.actors:
             self.ray.kill(actor, no_restart=True)
-        self.actors = []
+        self.actors, self.shared = [], ()
         if self.started:
             self.ray.shutdown()
             self.started = False
@@ -230,16 +232,17 @@ def _rows(ray: Any, ref: Any) -> list[dict]:
             raise e.cause from None
         raise
     except ray.exceptions.RayActorError as e:
-        raise WorkerError(f"a Ray worker died and was restarted {MAX_RESTARTS} times without finishing its "
-                          f"batches ({type(e).__name__}: {str(e).splitlines()[0][:200]}); the rows finished so far "
-                          "are kept: run the evaluation again to resume") from None
+        raise WorkerError(f"a Ray worker died and cannot be restarted ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}); one that never started often lacks latentgraph on its "
+                          f"node, one that died {MAX_RESTARTS + 1} times may run out of memory. The rows finished so "
+                          "far are kept: run the evaluation again to resume") from None
 
 
 def _connect(ray: Any, options: WorkerOptions) -> bool:
     """Join the Ray instance of ``options`` (or the one already initialised); True when this started it."""
     if ray.is_initialized():
         return False
-    quiet = {"include_dashboard": False, "logging_level": logging.WARNING}
+    quiet = {"include_dashboard": False, "logging_level": logging.ERROR}
     try:
         if options.address is None:  # a local instance with room for exactly the workers asked for
             ray.init(num_cpus=options.workers * options.threads_per_worker, **quiet)
