@@ -256,6 +256,14 @@ def eval_command(
     max_memory: str | None = typer.Option(None, help=MAX_MEMORY_HELP),
     offload_folder: Path | None = typer.Option(None, help=OFFLOAD_HELP),
     allow_unsandboxed_tools: bool = typer.Option(False, "--allow-unsandboxed-tools", help=UNSANDBOXED_HELP),
+    workers: int | None = typer.Option(None, help="Answer on N Ray workers, each a replica of the system (needs "
+                                                  'pip install "latentgraph[ray]"); backbones load on each from '
+                                                  "their source. Default: in this process."),
+    ray_address: str | None = typer.Option(None, help="With --workers: the Ray cluster to join ('auto': the "
+                                                      "one this machine is part of). Default: a local Ray."),
+    gpus_per_worker: float = typer.Option(0, help="With --workers: GPUs per worker, its backbones on its GPU "
+                                                  "(fractions share one; 0: CPUs)."),
+    threads_per_worker: int = typer.Option(1, help="With --workers: CPU threads (and Ray CPUs) per worker."),
 ) -> None:
     """Evaluate a system (and its baselines) on a dataset: accuracy, tokens and time per method and round."""
     from .evaluation.datasets import load_dataset
@@ -270,6 +278,9 @@ def eval_command(
         counts = [int(r) for r in rounds.split(",")] if rounds else None
     except ValueError:
         raise InputError(f"--rounds takes comma-separated integers, e.g. 1,2,3; got {rounds!r}") from None
+    if workers is not None and device is not None:
+        raise InputError("--device places the backbones of an in-process run; Ray workers place theirs on a GPU "
+                         "with --gpus-per-worker (else on CPUs): drop --device")
     sampling = samples > 1 if sample is None else sample
     if not sampling and (temperature is not None or top_p is not None):
         raise InputError("--temperature and --top-p set how answers are sampled, but decoding is greedy: add "
@@ -281,14 +292,16 @@ def eval_command(
         system = load(style, task=task, **placement(device, device_map, max_memory, offload_folder),
                       allow_unsandboxed_tools=allow_unsandboxed_tools)
         for agent in system.agents.values():
-            agent.backbone.load()  # now, not inside the first batch's timing
+            if workers is None:  # Ray workers load their own copies
+                agent.backbone.load()  # now, not inside the first batch's timing
     code = allow_unsandboxed_tools and any(e.kind == "code" for e in examples)
     code_runner = SandboxRunner(require=()) if code else None  # None: the default, which fails closed
     report = evaluate(system, examples, methods=[m.strip() for m in compare.split(",") if m.strip()],
                       rounds=counts, output=output, batch_size=batch_size, max_new_tokens=max_new_tokens,
                       samples=samples, do_sample=sampling, temperature=0.6 if temperature is None else temperature,
                       top_p=0.95 if top_p is None else top_p, seed=seed, upstream=upstream,
-                      code_runner=code_runner)
+                      code_runner=code_runner, workers=workers, ray_address=ray_address,
+                      gpus_per_worker=gpus_per_worker, threads_per_worker=threads_per_worker)
     stdout = Console()
     stdout.print(report.table(), width=None if stdout.is_terminal else 120)  # a file gets the whole table
     written = [output / name for name in (RESULTS, SUMMARY, PLOT) if (output / name).exists()]

@@ -26,6 +26,11 @@ class SandboxUnavailable(LatentGraphError, RuntimeError):
     missing, the fix, and the explicit opt-in to run with what is available (``require=()``)."""
 
 
+class WorkerError(LatentGraphError, RuntimeError):
+    """A Ray worker of :func:`~latentgraph.evaluate` died and cannot be restarted (it died too often, or could not
+    start). The rows finished before are kept in ``results.jsonl``: run the same evaluation again to resume."""
+
+
 def unpickling_problem(error: Exception) -> str:
     """What is wrong with a file ``torch.load(weights_only=True)`` failed on: a refused object, naming the
     global it would have imported (torch's own message goes on to suggest turning ``weights_only`` off, which

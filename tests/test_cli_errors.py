@@ -120,6 +120,15 @@ CASES = {
     "eval --temperature while greedy": (
         lambda saved, tmp: eval_args(saved, data_file(tmp), tmp / "out") + ["--temperature", "0.6"],
         "add --sample"),
+    "eval --workers 0": (
+        lambda saved, tmp: eval_args(saved, data_file(tmp), tmp / "out") + ["--workers", "0"],
+        "workers must be an integer >= 1"),
+    "eval --threads-per-worker without --workers": (
+        lambda saved, tmp: eval_args(saved, data_file(tmp), tmp / "out") + ["--threads-per-worker", "2"],
+        "pass workers=N (--workers N) too"),
+    "eval --workers with --device": (
+        lambda saved, tmp: eval_args(saved, data_file(tmp), tmp / "out") + ["--workers", "2", "--device", "cpu"],
+        "drop --device"),
     "train --config that is not UTF-8": (
         lambda saved, tmp: train_args(saved, tmp, "--config", str(data_file(tmp, '{"lr": "\u00e9"}',
                                                                            encoding="latin-1", name="c.json"))),

@@ -11,6 +11,10 @@ at most the batch in flight; run the same call again and it skips the rows alrea
 short is dropped). At the end it writes ``DIR/summary.json`` and, when matplotlib is installed,
 ``DIR/plot.png``. ``settings.json``, ``summary.json`` and ``plot.png`` are each replaced in one atomic step
 (:mod:`latentgraph.files.atomic`): a kill or a full disk leaves the old or the new file, never a torn one.
+
+With ``workers=N`` the batches are answered by N replicas of the system on Ray
+(:mod:`latentgraph.evaluation.workers`); this process still writes every row, so the results file, its resume
+and its summary are the same either way.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ import hashlib
 import json
 import math
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,18 +34,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from ..core.events import RUN_MODES, RunOutput
+from ..core.events import RUN_MODES
 from ..core.speak import Sampling
 from ..errors import GraphError, InputError, SandboxUnavailable
 from ..files.atomic import atomic_write_text
 from ..files.text import read_json
 from ..tools.sandbox import PROTECTIONS, Limits, Sandbox
-from . import published_lenient, strict
+from . import strict
+from .answering import Batch, answer_batch, row_key
 from .datasets import Example, load_dataset
 from .report import EvalReport, plot, summarize
 
 if TYPE_CHECKING:
     from ..core.system import System
+    from .workers import RayWorkers
 
 RESULTS, SETTINGS, SUMMARY, PLOT = "results.jsonl", "settings.json", "summary.json", "plot.png"
 ROW_KEYS = ("id", "method", "rounds", "sample", "question", "prediction", "answer", "gold", "correct",
@@ -53,7 +59,8 @@ def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods
              max_new_tokens: int = 256, samples: int = 1, do_sample: bool | None = None,
              temperature: float = 0.6, top_p: float = 0.95, seed: int = 0, upstream: bool = False,
              code_runner: strict.CodeRunner | None = None, code_timeout: float = 10.0,
-             progress: bool = True) -> EvalReport:
+             progress: bool = True, workers: int | None = None, ray_address: str | None = None,
+             gpus_per_worker: float = 0, threads_per_worker: int = 1) -> EvalReport:
     """Answer every question with every method and score the answers strictly.
 
     Args:
@@ -79,14 +86,29 @@ def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods
         code_runner: runs code answers, ``run(program, timeout) -> (passed, output)``; default a
             :class:`SandboxRunner` with every protection required.
         code_timeout: seconds each code answer's tests may run.
-        progress: show progress bars on stderr.
+        progress: show progress bars on stderr (rows done, across workers).
+        workers: answer on this many Ray workers, each a replica of the system (a Ray actor; ``workers=1`` is
+            one actor too), instead of in this process (None). The replicas load their backbones from the
+            sources in the system's config (folders every Ray node sees, or hub ids) and get the link weights
+            from this process, which writes every row; a dead worker is restarted and its batches answered
+            again, each row written once. Greedy rows equal an in-process run's on the same kind of device, but
+            ``results.jsonl`` holds them in the order batches finish. A run resumes with or without workers,
+            whichever started it.
+        ray_address: the Ray cluster for the workers (``"auto"``: the one this machine is part of); default a
+            Ray instance already initialised in this process, else a new local one.
+        gpus_per_worker: GPUs each worker asks Ray for, its backbones placed on its GPU (fractions share one);
+            0 runs them on CPUs.
+        threads_per_worker: CPU threads of each worker, and the CPUs it asks Ray for.
 
     Returns:
         An :class:`EvalReport` over exactly the requested questions, methods, round counts and samples.
 
     Raises:
         InputError: an unknown method, bad rounds or sizes, duplicate example ids, or an ``output`` directory
-            whose results were made by another system, other settings or other questions.
+            whose results were made by another system, other settings or other questions. With workers: Ray
+            not installed, bad worker options, more CPUs or GPUs than the cluster has, or a backbone given as a
+            model in memory (workers load backbones from their source).
+        WorkerError: a Ray worker died and cannot be restarted; the finished rows are kept.
         CheckpointError: ``settings.json``, ``summary.json`` or ``plot.png`` cannot be written (a full disk,
             a read-only folder); the file keeps its old version.
         SandboxUnavailable: code questions, the default :class:`SandboxRunner`, and a sandbox that lacks a
@@ -107,32 +129,39 @@ def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods
         raise InputError(f"samples={samples} with greedy decoding would give the same answer {samples} times; "
                          "sample (do_sample=True, or --sample) or take one sample")
     Sampling(do_sample=sampling, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)  # checks
-    settings = {"system": fingerprint(system), "max_new_tokens": max_new_tokens, "samples": samples,
-                **({"temperature": temperature, "top_p": top_p, "seed": seed} if sampling else {})}
-    directory = Path(output) if output is not None else None
-    rows = _resume(directory, settings, examples) if directory else {}
     if code_runner is None and any(e.kind == "code" for e in examples):
         code_runner = SandboxRunner()
     if isinstance(code_runner, SandboxRunner) and any(e.kind == "code" for e in examples):
         code_runner.check()  # fail closed before any answer is generated, not at the first code answer
+    pool = _ray_workers(system, workers, ray_address, gpus_per_worker, threads_per_worker, code_runner,
+                        code_timeout)
+    settings = {"system": fingerprint(system), "max_new_tokens": max_new_tokens, "samples": samples,
+                **({"temperature": temperature, "top_p": top_p, "seed": seed} if sampling else {})}
+    directory = Path(output) if output is not None else None
+    rows = _resume(directory, settings, examples) if directory else {}
+    batches = [Batch(chunk, method, r, sample, {"do_sample": sampling, "temperature": temperature, "top_p": top_p,
+                                                "seed": seed + sample if sampling else None,
+                                                "max_new_tokens": max_new_tokens})
+               for method, r in configs for sample in range(samples)
+               for chunk in _chunks([e for e in examples if (e.id, method, r, sample) not in rows], batch_size)]
+    pool = pool if batches else None  # a resumed run with nothing left starts no Ray workers
     bars = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=Console(stderr=True), disable=not progress)
-    with bars:
-        for method, r in configs:
-            done = sum((e.id, method, r, s) in rows for s in range(samples) for e in examples)
-            task = bars.add_task(method if r is None else f"{method} r={r}", total=len(examples) * samples,
-                                 completed=done)
-            for sample in range(samples):
-                decoding = {"do_sample": sampling, "temperature": temperature, "top_p": top_p,
-                            "seed": seed + sample if sampling else None, "max_new_tokens": max_new_tokens}
-                pending = [e for e in examples if (e.id, method, r, sample) not in rows]
-                for batch in _chunks(pending, batch_size):
-                    new = _run_batch(system, batch, method, r, sample, decoding, code_runner, code_timeout)
-                    if directory:  # one write per batch: a kill loses at most the batch in flight
-                        with (directory / RESULTS).open("a", encoding="utf-8") as f:
-                            f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in new))
-                    rows.update({_key(row): row for row in new})
-                    bars.advance(task, len(new))
+    with pool or nullcontext(), bars:  # the workers start (or their errors show) before the bars
+        answered = (((batch, answer_batch(system, batch, code_runner, code_timeout)) for batch in batches)
+                    if pool is None else pool.answer(batches))
+        tasks = {(method, r): bars.add_task(method if r is None else f"{method} r={r}",
+                                            total=len(examples) * samples,
+                                            completed=sum((e.id, method, r, s) in rows
+                                                          for s in range(samples) for e in examples))
+                 for method, r in configs}
+        for batch, new in answered:
+            new = [row for row in new if row_key(row) not in rows]  # a batch answered twice is written once
+            if directory and new:  # one write per batch: a kill loses at most the batches in flight
+                with (directory / RESULTS).open("a", encoding="utf-8") as f:
+                    f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in new))
+            rows.update({row_key(row): row for row in new})
+            bars.advance(tasks[batch.method, batch.rounds], len(new))
     wanted = [rows[(e.id, m, r, s)] for m, r in configs for s in range(samples) for e in examples]
     report = EvalReport([summarize(wanted, m, r, samples, upstream) for m, r in configs], wanted, samples,
                         upstream)
@@ -156,13 +185,22 @@ def _configs(system: System, methods: Sequence[str], rounds: int | Sequence[int]
     return [pair for m in methods for pair in ([(m, None)] if m == "single" else [(m, r) for r in counts])]
 
 
+def _ray_workers(system: System, workers: int | None, address: str | None, gpus: float, threads: int,
+                 code_runner: strict.CodeRunner | None, code_timeout: float) -> RayWorkers | None:
+    """The Ray workers to answer on (None: this process), checked before anything is written or run."""
+    if workers is None:
+        if address is not None or gpus != 0 or threads != 1:
+            raise InputError("ray_address, gpus_per_worker and threads_per_worker set up Ray workers: pass "
+                             "workers=N (--workers N) too, or leave them out to evaluate in this process")
+        return None
+    from .workers import RayWorkers, WorkerOptions
+
+    return RayWorkers(system, WorkerOptions(workers, address, gpus, threads), code_runner, code_timeout)
+
+
 def _chunks(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
-
-
-def _key(row: dict) -> tuple:
-    return row["id"], row["method"], row["rounds"], row["sample"]
 
 
 def fingerprint(system: System) -> str:
@@ -233,51 +271,8 @@ def _resume(directory: Path, settings: dict, examples: list[Example]) -> dict[tu
             raise InputError(f"{path}, line {number}: id {row['id']!r} holds another question than the "
                              "dataset's, so the results come from another dataset: pass another output "
                              "directory")
-        rows[_key(row)] = row
+        rows[row_key(row)] = row
     return rows
-
-
-def _run_batch(system: System, batch: list[Example], method: str, rounds: int | None, sample: int,
-               decoding: dict[str, Any], code_runner: strict.CodeRunner | None,
-               code_timeout: float) -> list[dict[str, Any]]:
-    """Answer one batch with one method, score it, and return its result rows."""
-    start = time.perf_counter()
-    out = system.run([e.prompt for e in batch], rounds=rounds, mode=method, **decoding)
-    seconds = (time.perf_counter() - start) / len(batch)  # the batch ran as one: share its time evenly
-    rows = []
-    for i, (example, text) in enumerate(zip(batch, out.texts)):
-        answer, correct, lenient = score(example, text, code_runner, code_timeout)
-        rows.append({"id": example.id, "method": method, "rounds": rounds, "sample": sample,
-                     "question": example.prompt, "prediction": text, "answer": answer, "gold": example.gold,
-                     "correct": correct, "upstream_correct": lenient, "tokens": _tokens(out, i),
-                     "seconds": round(seconds, 4)})
-    return rows
-
-
-def _tokens(out: RunOutput, row: int) -> int:
-    """Tokens generated for one question, by every agent in every round."""
-    return sum(step.tokens_out[row] for steps in out.trace for step in steps.values() if step.tokens_out)
-
-
-def score(example: Example, text: str, code_runner: strict.CodeRunner | None = None,
-          code_timeout: float = 10.0) -> tuple[str | None, bool, bool | None]:
-    """Score one answer: ``(what was extracted, strict verdict, upstream-lenient verdict)``.
-
-    Math uses :func:`~latentgraph.evaluation.strict.score_math`, multiple choice the option letter (none stated is
-    wrong), code the example's tests run by ``code_runner``. The lenient verdict is None for code, which the
-    published evaluation scores the same way.
-    """
-    if example.kind == "math":
-        return (strict.extract_answer(text), strict.score_math(text, example.gold),
-                published_lenient.score_math(text, example.gold))
-    if example.kind == "choice":
-        return (strict.parse_choice(text, example.letters),
-                strict.score_choice(text, example.gold, example.letters),
-                published_lenient.score_choice(text, example.gold))
-    if code_runner is None:
-        raise InputError(f"example {example.id} is code: pass code_runner= (e.g. SandboxRunner())")
-    result = strict.score_code(text, example.tests, code_runner, timeout=code_timeout)
-    return result.code, result.passed, None
 
 
 class SandboxRunner:
