@@ -278,9 +278,12 @@ def eval_command(
         counts = [int(r) for r in rounds.split(",")] if rounds else None
     except ValueError:
         raise InputError(f"--rounds takes comma-separated integers, e.g. 1,2,3; got {rounds!r}") from None
-    if workers is not None and device is not None:
-        raise InputError("--device places the backbones of an in-process run; Ray workers place theirs on a GPU "
-                         "with --gpus-per-worker (else on CPUs): drop --device")
+    placed = [flag for flag, value in [("--device", device), ("--device-map", device_map), ("--max-memory", max_memory),
+                                       ("--offload-folder", offload_folder)] if value is not None]
+    if workers is not None and placed:
+        raise InputError(f"{', '.join(placed)} place the backbones of an in-process run; Ray workers place theirs "
+                         "themselves, on their GPUs with --gpus-per-worker (spread over them when it is above 1), "
+                         f"else on CPUs: drop {', '.join(placed)}")
     sampling = samples > 1 if sample is None else sample
     if not sampling and (temperature is not None or top_p is not None):
         raise InputError("--temperature and --top-p set how answers are sampled, but decoding is greedy: add "

@@ -129,6 +129,10 @@ CASES = {
     "eval --workers with --device": (
         lambda saved, tmp: eval_args(saved, data_file(tmp), tmp / "out") + ["--workers", "2", "--device", "cpu"],
         "drop --device"),
+    "eval --workers with --device-map": (
+        lambda saved, tmp: eval_args(saved, data_file(tmp), tmp / "out") + ["--workers", "2", "--device-map", "auto",
+                                                                           "--max-memory", "cpu=1GiB"],
+        "drop --device-map, --max-memory"),
     "train --config that is not UTF-8": (
         lambda saved, tmp: train_args(saved, tmp, "--config", str(data_file(tmp, '{"lr": "\u00e9"}',
                                                                            encoding="latin-1", name="c.json"))),

@@ -96,8 +96,8 @@ def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods
             whichever started it.
         ray_address: the Ray cluster for the workers (``"auto"``: the one this machine is part of); default a
             Ray instance already initialised in this process, else a new local one.
-        gpus_per_worker: GPUs each worker asks Ray for, its backbones placed on its GPU (fractions share one);
-            0 runs them on CPUs.
+        gpus_per_worker: GPUs each worker asks Ray for, its backbones placed on its GPU (fractions share one;
+            above 1, each backbone is spread over the worker's GPUs); 0 runs them on CPUs.
         threads_per_worker: CPU threads of each worker, and the CPUs it asks Ray for.
 
     Returns:

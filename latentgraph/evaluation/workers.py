@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from ..checkpoints import native
-from ..core.backbone import get_backbone
+from ..core.backbone import Backbone, get_backbone
 from ..core.system import System
 from ..errors import CheckpointError, GraphError, InputError, LatentGraphError, WorkerError
 from .answering import Batch, answer_batch
@@ -56,7 +56,8 @@ class WorkerOptions:
         workers: replicas of the system, one Ray actor each.
         address: a Ray cluster to join (``"auto"``: the one this machine belongs to); None: a Ray instance
             already initialised in this process, else a new local one sized for the workers.
-        gpus_per_worker: GPUs each worker asks Ray for (fractions share a GPU); 0 runs on CPUs.
+        gpus_per_worker: GPUs each worker asks Ray for (fractions share a GPU; above 1, each backbone is spread
+            over the worker's GPUs by ``device_map="auto"``); 0 runs on CPUs.
         threads_per_worker: CPU threads of each worker, and the CPUs it asks Ray for.
     """
 
@@ -88,7 +89,7 @@ class Replica:
     """One copy of the system on a Ray worker (the class of the Ray actors)."""
 
     def __init__(self, checkpoint: dict[str, bytes], dtypes: dict[str, torch.dtype | None], extras: bytes,
-                 threads: int, device: str):
+                 threads: int, placement: dict[str, str]):
         from ray import cloudpickle
 
         torch.set_num_threads(threads)
@@ -96,7 +97,7 @@ class Replica:
         self.code_runner, self.code_timeout = extras["code_runner"], extras["code_timeout"]
         self.problem: LatentGraphError | None = None
         try:
-            self.system = rebuild(checkpoint, dtypes, extras["tools"], device)
+            self.system = rebuild(checkpoint, dtypes, extras["tools"], placement)
         except LatentGraphError as e:  # kept for answer(): the driver then gets it as raised, not a dead actor
             self.problem = e
 
@@ -108,15 +109,16 @@ class Replica:
 
 
 def rebuild(checkpoint: dict[str, bytes], dtypes: dict[str, torch.dtype | None], tools: dict[str, list],
-            device: str) -> System:
-    """The system a checkpoint's bytes describe, its backbones loaded from their sources onto ``device``."""
+            placement: dict[str, str]) -> System:
+    """The system a checkpoint's bytes describe, its backbones loaded from their sources and placed as
+    ``placement`` says (``device=`` one device, or ``device_map="auto"`` over the worker's GPUs)."""
     config = json.loads(checkpoint[native.CONFIG_NAME])
     backbones = {}
     for agent in config["agents"]:
         source = agent["backbone"]
         try:
             backbones[agent["name"]] = get_backbone(source["name_or_path"], revision=source["revision"],
-                                                    device=device, dtype=dtypes[agent["name"]]).load()
+                                                    dtype=dtypes[agent["name"]], **placement).load()
         except CheckpointError as e:
             raise CheckpointError(f"agent '{agent['name']}' on a Ray worker: {e}; workers load backbones from "
                                   "their source, so a folder must be at that path on every node") from None
@@ -143,9 +145,15 @@ def shipped(system: System, device: str) -> tuple[dict[str, bytes], dict[str, to
     except GraphError as e:
         raise InputError(f"Ray workers rebuild the system from its config, which cannot describe it: {e}; or "
                          "evaluate in this process (no workers)") from None
-    dtypes = {name: agent.backbone.dtype if agent.backbone.device.type == device else None
+    dtypes = {name: agent.backbone.dtype if _device_kind(agent.backbone) == device else None
               for name, agent in system.agents.items()}
     return native.files(config, system.link_modules()), dtypes
+
+
+def _device_kind(backbone: Backbone) -> str:
+    """``"cpu"`` or ``"cuda"``: where the driver runs a backbone, read without loading a device-mapped one."""
+    main = backbone.device_map.main_device() if backbone.device_map is not None else backbone.device
+    return main.type
 
 
 class RayWorkers:
@@ -159,8 +167,10 @@ class RayWorkers:
     def __init__(self, system: System, options: WorkerOptions, code_runner: strict.CodeRunner | None,
                  code_timeout: float):
         self.ray, self.options = import_ray(), options
-        self.device = "cuda" if options.gpus_per_worker > 0 else "cpu"
-        self.checkpoint, self.dtypes = shipped(system, self.device)
+        device = "cuda" if options.gpus_per_worker > 0 else "cpu"
+        # a worker with several GPUs spreads each backbone over them (Ray shows it only its own)
+        self.placement = {"device_map": "auto"} if options.gpus_per_worker > 1 else {"device": device}
+        self.checkpoint, self.dtypes = shipped(system, device)
         tools = {name: agent.tools for name, agent in system.agents.items() if agent.tools}
         try:
             self.extras = self.ray.cloudpickle.dumps({"tools": tools, "code_runner": code_runner,
@@ -186,7 +196,7 @@ class RayWorkers:
         # that Ray restarts finds its arguments again
         self.shared = ray.put(self.checkpoint), ray.put(self.extras)
         checkpoint, extras = self.shared
-        self.actors = [actor_class.remote(checkpoint, self.dtypes, extras, options.threads_per_worker, self.device)
+        self.actors = [actor_class.remote(checkpoint, self.dtypes, extras, options.threads_per_worker, self.placement)
                        for _ in range(options.workers)]
         return self
 
