@@ -91,7 +91,9 @@ class Replica:
     def __init__(self, checkpoint: dict[str, bytes], dtypes: dict[str, torch.dtype | None], extras: bytes,
                  threads: int, placement: dict[str, str]):
         from ray import cloudpickle
+        from transformers.utils.logging import disable_progress_bar
 
+        disable_progress_bar()  # Ray forwards a worker's stderr: N loading bars would clutter the driver's
         torch.set_num_threads(threads)
         extras = cloudpickle.loads(extras)
         self.code_runner, self.code_timeout = extras["code_runner"], extras["code_timeout"]
