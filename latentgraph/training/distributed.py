@@ -24,9 +24,9 @@ stops the others: no rank waits forever.
 
 from __future__ import annotations
 
+import atexit
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -100,28 +100,28 @@ class Ranks:
         return outcome[0]
 
 
-@contextmanager
-def joined(device: torch.device) -> Iterator[Ranks]:
-    """The ranks of the torchrun job this process belongs to, collectives on ``device`` (NCCL on a GPU, gloo
-    otherwise); one rank outside torchrun. Starts the process group unless the caller already has, and then
-    ends it on the way out."""
+def join(device: torch.device) -> Ranks:
+    """This process's rank in its torchrun job, collectives on ``device`` (NCCL on a GPU, gloo otherwise); one
+    rank outside torchrun. Starts the process group unless the caller already has. One that this starts lasts
+    until the process exits, for later calls of ``train`` too: after ``destroy_process_group`` a new one would
+    meet the old one's addresses in torchrun's rendezvous store."""
     if not dist.is_available() or not (dist.is_initialized() or "WORLD_SIZE" in os.environ):
-        yield Ranks()
-        return
-    started = not dist.is_initialized()
+        return Ranks()
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's collectives run on the current device
-    if started:
+    if not dist.is_initialized():
         try:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         except (ValueError, RuntimeError) as e:
             raise InputError(f"WORLD_SIZE is set, as in a torchrun job, but the process group could not start "
                              f"({e}); launch with torchrun, or unset WORLD_SIZE to train in one process") from None
-    try:
-        yield Ranks(dist.get_rank(), dist.get_world_size(), device)
-    finally:
-        if started:
-            dist.destroy_process_group()
+        atexit.register(_end_group)
+    return Ranks(dist.get_rank(), dist.get_world_size(), device)
+
+
+def _end_group() -> None:
+    if dist.is_initialized():  # unless the user ended it first
+        dist.destroy_process_group()
 
 
 def local_device() -> str | None:

@@ -49,7 +49,7 @@ from ..files.atomic import recover, write_directory
 from ..files.text import read_text
 from .closed_form import initialize
 from .data import TrainExample
-from .distributed import Ranks, joined
+from .distributed import Ranks, join
 from .objectives import inner_loss, unrolled_loss
 
 STATE_NAME = "trainer_state.pt"
@@ -89,8 +89,9 @@ def train(system: System, examples: list[TrainExample], config: TrainConfig | No
     Called in each process of a torchrun job (``WORLD_SIZE`` set, or a process group already started), it trains
     data-parallel: every rank passes the same system, examples and config, takes its shard of each step's
     global batch, and the gradients are averaged over the ranks. It starts the process group if none is (NCCL
-    when the system is on a GPU, gloo otherwise; load each rank's system on ``cuda:LOCAL_RANK``) and ends it
-    after. Only rank 0 shows progress and writes; every rank returns the same log, of the global batches.
+    when the system is on a GPU, gloo otherwise; load each rank's system on ``cuda:LOCAL_RANK``), which then
+    serves later calls too and ends when the process exits. Only rank 0 shows progress and writes; every rank
+    returns the same log, of the global batches.
 
     Args:
         system: the system; only its link parameters change.
@@ -111,36 +112,36 @@ def train(system: System, examples: list[TrainExample], config: TrainConfig | No
     for p in system.parameters():
         p.data = p.data.float()  # fp32 links: bf16 gradients would drop early rounds' small contributions
         p.requires_grad_(id(p) in trained)
-    with joined(system.agents[system.answer].backbone.device) as ranks:
-        if config.init == "closed_form" and resume is None:
-            initialize(system, [f"{ex.question}\n{ex.plan or ex.answer}" for ex in examples])
-        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
-        start, log = 0, []
-        if resume is not None:
-            resume = ranks.on_first(lambda: recover(Path(resume)))  # a save killed midway may have left it aside
-            state = _trainer_state(resume)
-            start = state["step"]
-            if start > config.steps:
-                raise InputError(f"{resume} is at step {start}, past the {config.steps} steps this training runs: "
-                                 "nothing to train; raise steps (--steps) to train further")
-            log = _load_checkpoint(resume, state, system, optimizer, schedule)
-        ranks.share(list(system.parameters()))
-        bar = Progress(TextColumn("training {task.fields[stage]} links"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=Console(stderr=True),
-                       disable=not (progress and ranks.first))
-        with bar:
-            task = bar.add_task("train", total=config.steps, completed=start, stage=config.stage, loss="-")
-            for step in range(start, config.steps):
-                record = _step(system, examples, config, step, optimizer, params, ranks)
-                schedule.step()
-                log.append(record)
-                bar.update(task, advance=1, loss=f"{record['loss']:.4f}")
-                if config.save_every and (step + 1) % config.save_every == 0:
-                    ranks.on_first(partial(_save_checkpoint, output / f"checkpoint-{step + 1}", system, optimizer,
-                                           schedule, step + 1, log))
-        if output is not None:  # the system and the log in one commit, beside the checkpoint-N folders there
-            ranks.on_first(lambda: write_directory(output, {**_system_files(system), LOG_NAME: _log_bytes(log)}))
+    ranks = join(system.agents[system.answer].backbone.device)
+    if config.init == "closed_form" and resume is None:
+        initialize(system, [f"{ex.question}\n{ex.plan or ex.answer}" for ex in examples])
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
+    start, log = 0, []
+    if resume is not None:
+        resume = ranks.on_first(lambda: recover(Path(resume)))  # a save killed midway may have left it aside
+        state = _trainer_state(resume)
+        start = state["step"]
+        if start > config.steps:
+            raise InputError(f"{resume} is at step {start}, past the {config.steps} steps this training runs: "
+                             "nothing to train; raise steps (--steps) to train further")
+        log = _load_checkpoint(resume, state, system, optimizer, schedule)
+    ranks.share(list(system.parameters()))
+    bar = Progress(TextColumn("training {task.fields[stage]} links"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=Console(stderr=True),
+                   disable=not (progress and ranks.first))
+    with bar:
+        task = bar.add_task("train", total=config.steps, completed=start, stage=config.stage, loss="-")
+        for step in range(start, config.steps):
+            record = _step(system, examples, config, step, optimizer, params, ranks)
+            schedule.step()
+            log.append(record)
+            bar.update(task, advance=1, loss=f"{record['loss']:.4f}")
+            if config.save_every and (step + 1) % config.save_every == 0:
+                ranks.on_first(partial(_save_checkpoint, output / f"checkpoint-{step + 1}", system, optimizer,
+                                       schedule, step + 1, log))
+    if output is not None:  # the system and the log in one commit, beside the checkpoint-N folders there
+        ranks.on_first(lambda: write_directory(output, {**_system_files(system), LOG_NAME: _log_bytes(log)}))
     for p in system.parameters():
         p.requires_grad_(True)
     return log
