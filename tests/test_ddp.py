@@ -113,23 +113,28 @@ def test_only_rank_0_writes_each_checkpoint_once(job):
 
 
 @pytest.mark.slow
-def test_resume_under_torchrun_continues_the_uninterrupted_run(job):
-    """lg.train in each rank of a torchrun job, resumed from the CLI run's step-2 checkpoint: every rank returns
-    the whole log, only rank 0 wrote, and the links are the uninterrupted run's."""
+def test_lg_train_in_each_rank_returns_the_log_and_resumes_as_an_uninterrupted_run(job):
+    """lg.train called twice in each rank's process: a whole run, then one resumed from its step-2 checkpoint.
+    Every rank returns the whole log, only rank 0 wrote, and the resumed links are the whole run's, which are
+    the CLI's."""
     folder, source, data, _ = job
     report = folder / "report"
     report.mkdir()
     run = torchrun(str(ROOT / "tests" / "train_rank.py"), str(source), str(data), str(folder / "config.json"),
-                   str(folder / "resumed"), str(report), str(folder / "out" / "checkpoint-2"))
+                   str(folder / "api"), str(report))
     assert run.returncode == 0, run.stdout + run.stderr
     ranks = [json.loads((report / f"rank-{r}.json").read_text()) for r in range(RANKS)]
-    assert ranks[0]["log"] == ranks[1]["log"]
-    assert ranks[0]["written"] == [str(folder / "resumed" / "checkpoint-4"), str(folder / "resumed")]
+    assert ranks[0]["whole"] == ranks[1]["whole"] and ranks[0]["resumed"] == ranks[1]["resumed"]
+    api = folder / "api"
+    assert ranks[0]["written"] == [str(api / "whole" / "checkpoint-2"), str(api / "whole" / "checkpoint-4"),
+                                   str(api / "whole"), str(api / "resumed" / "checkpoint-4"), str(api / "resumed")]
     assert ranks[1]["written"] == []
-    uninterrupted = read_log(folder / "out")
-    assert_same_logs(ranks[0]["log"], uninterrupted)
-    assert ranks[0]["log"][:2] == uninterrupted[:2]  # carried over from the checkpoint as written
-    assert_same_links(folder / "resumed", load_file(folder / "out" / "links.safetensors"), atol=1e-6)
+    assert ranks[0]["resumed"][:2] == ranks[0]["whole"][:2]  # carried over from the checkpoint
+    assert_same_logs(ranks[0]["resumed"], ranks[0]["whole"])
+    assert_same_logs(ranks[0]["whole"], read_log(folder / "out"))
+    whole = load_file(api / "whole" / "links.safetensors")
+    assert_same_links(api / "resumed", whole, atol=1e-6)
+    assert_same_links(folder / "out", whole, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
-"""One rank of a torchrun job in tests/test_ddp.py: ``lg.train`` on a saved system, as a user's script would call
-it in each process. It also writes, for the test to check, ``REPORT/rank-<RANK>.json``: the log ``train``
-returned and the folders this rank wrote.
+"""One rank of a torchrun job in tests/test_ddp.py, calling ``lg.train`` as a user's script would in each
+process: a whole run into ``OUTPUT/whole``, then, in the same process, a run resumed from its step-2 checkpoint
+into ``OUTPUT/resumed``, each on the system as saved. For the test to check it writes
+``REPORT/rank-<RANK>.json``: the logs ``train`` returned and the folders this rank wrote.
 
-Usage: ``train_rank.py SYSTEM DATA CONFIG_JSON OUTPUT REPORT [RESUME]``
+Usage: ``train_rank.py SYSTEM DATA CONFIG_JSON OUTPUT REPORT``
 """
 
 import json
@@ -15,7 +16,8 @@ import latentgraph.training.loop
 from latentgraph.training.data import load_training_data
 from latentgraph.training.loop import TrainConfig, train
 
-system_dir, data, config, output, report, *resume = sys.argv[1:]
+system, data, config, output, report = map(Path, sys.argv[1:])
+examples, config = load_training_data(data), TrainConfig(**json.loads(config.read_text()))
 written = []
 real_write = latentgraph.training.loop.write_directory
 
@@ -26,6 +28,8 @@ def recorded_write(target, files):
 
 
 latentgraph.training.loop.write_directory = recorded_write
-log = train(lg.load(system_dir), load_training_data(data), TrainConfig(**json.loads(Path(config).read_text())),
-            output=output, resume=resume[0] if resume else None, progress=False)
-(Path(report) / f"rank-{os.environ['RANK']}.json").write_text(json.dumps({"log": log, "written": written}))
+whole = train(lg.load(system), examples, config, output=output / "whole", progress=False)
+resumed = train(lg.load(system), examples, config, output=output / "resumed",
+                resume=output / "whole" / "checkpoint-2", progress=False)
+(report / f"rank-{os.environ['RANK']}.json").write_text(json.dumps({"whole": whole, "resumed": resumed,
+                                                                    "written": written}))
