@@ -5,6 +5,7 @@ Each torchrun job runs 2 CPU ranks (gloo, loopback only) on a tiny system saved 
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -29,15 +30,24 @@ CHECKPOINT_FILES = ["latentgraph_config.json", "links.safetensors", "train_log.j
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node 2 ARGS`` on a free loopback port, its ranks importing this checkout."""
+    """``torchrun --nproc-per-node 2 ARGS`` on a free loopback port, its ranks importing this checkout; past the
+    timeout the launcher and its ranks (one process group) are killed."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(RANKS),
-                           "--master-addr", "127.0.0.1", "--master-port", str(port), *args],
-                          env=env, capture_output=True, text=True, timeout=180)
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(RANKS), "--master-addr",
+               "127.0.0.1", "--master-port", str(port), *args]
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as launcher:
+        try:
+            stdout, stderr = launcher.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.communicate()
+            raise
+    return subprocess.CompletedProcess(command, launcher.returncode, stdout, stderr)
 
 
 def files_in(folder: Path) -> list[str]:
