@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -324,13 +325,19 @@ def train_command(
     regime: str | None = typer.Option(None, help="teacher (published) or rollout (as at inference)."),
     steps: int | None = typer.Option(None, help="Optimizer steps."),
     lr: float | None = typer.Option(None, help="Peak learning rate."),
-    batch_size: int | None = typer.Option(None, help="Examples per micro-batch."),
+    batch_size: int | None = typer.Option(None, help="Examples per micro-batch (per rank under torchrun: a step "
+                                                     "then trains on ranks x batch size x accumulate)."),
     save_every: int | None = typer.Option(None, help="Write a checkpoint every N steps."),
     resume: Path | None = typer.Option(None, help="A checkpoint directory to continue from."),
     task: str = typer.Option("math", help="For published styles: math or code."),
 ) -> None:
-    """Train a system's links on frozen backbones; the result loads with `latentgraph run --style OUTPUT`."""
+    """Train a system's links on frozen backbones; the result loads with `latentgraph run --style OUTPUT`.
+
+    Data-parallel on N processes: `torchrun --nproc-per-node N -m latentgraph train ...` (one GPU per rank
+    where there are GPUs); it makes the updates one process makes with N times the batch size.
+    """
     from .training.data import load_training_data
+    from .training.distributed import local_device
     from .training.loop import TrainConfig, train
 
     settings = read_json(config) if config is not None else {}
@@ -344,8 +351,10 @@ def train_command(
     except ValueError as e:
         raise InputError(f"invalid training config: {e}") from None
     examples = load_training_data(data, format=data_format, offset=offset, limit=limit)
-    system = load(style, task=task)
+    system = load(style, task=task, device=local_device())
     log = train(system, examples, train_config, output=output, resume=resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for all
+        return
     console.print(f"trained {train_config.stage} links up to step {log[-1]['step']} on {len(examples)} examples: "
                   f"loss {log[0]['loss']:.4f} -> {log[-1]['loss']:.4f}; wrote {output}")
 

@@ -179,7 +179,7 @@ def cheap(tiny, monkeypatch):
 
     no_fsync(monkeypatch)
 
-    def cheap_step(system, examples, config, step, optimizer, params):
+    def cheap_step(system, examples, config, step, optimizer, params, ranks):
         optimizer.zero_grad(set_to_none=True)
         weight = 1 + sum(batches_for(step, config, len(examples))[0])
         loss = weight * sum(((p - 0.01 * (i + 1)) ** 2).mean() for i, p in enumerate(params))

@@ -14,6 +14,12 @@ reaching each link's message in each round (public reproductions found early rou
 are written in latentgraph's format plus the optimizer state; resuming one gives the same links as an
 uninterrupted run, because the data order is a function of the seed and the step.
 
+A batch's loss is the mean over its examples of each example's loss (a mean over its target tokens; see
+:func:`~latentgraph.training.objectives.example_mean`), so ``accumulate`` micro-batches and data-parallel ranks
+add up exactly to one batch. Run in each process of a torchrun job, training is data-parallel
+(:mod:`latentgraph.training.distributed`): N ranks of ``batch_size`` examples make the update one process makes
+with ``N * batch_size``, and only rank 0 writes.
+
 Every ``checkpoint-N/`` folder and the final output are written crash-safely (:mod:`latentgraph.files.atomic`):
 each is committed whole, so a kill or a full disk leaves a checkpoint complete or absent and the output
 folder complete in its old or its new version, with every ``checkpoint-N/`` already in it.
@@ -26,6 +32,7 @@ import json
 import math
 import pickle
 import random
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -42,6 +49,7 @@ from ..files.atomic import recover, write_directory
 from ..files.text import read_text
 from .closed_form import initialize
 from .data import TrainExample
+from .distributed import Ranks, join
 from .objectives import inner_loss, unrolled_loss
 
 STATE_NAME = "trainer_state.pt"
@@ -49,14 +57,18 @@ LOG_NAME = "train_log.jsonl"
 
 
 class TrainConfig(BaseModel):
-    """Everything that decides a training run (also readable from a JSON file by ``latentgraph train``)."""
+    """Everything that decides a training run (also readable from a JSON file by ``latentgraph train``).
+
+    A step trains on ``batch_size * accumulate`` examples, times the number of ranks under torchrun: the same
+    examples, and the same update, as one process with ``batch_size`` times the number of ranks.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     stage: Literal["inner", "outer", "joint"] = "outer"
     regime: Literal["teacher", "rollout"] = "rollout"  # where unrolled training's messages come from
     steps: int = Field(100, ge=1)  # optimizer steps
-    batch_size: int = Field(2, ge=1)
+    batch_size: int = Field(2, ge=1)  # examples per micro-batch, on each rank under torchrun
     accumulate: int = Field(1, ge=1)  # micro-batches per optimizer step
     lr: float = Field(1e-4, gt=0)
     warmup: int = Field(10, ge=0)  # linear warmup steps, then cosine decay to zero
@@ -74,12 +86,19 @@ def train(system: System, examples: list[TrainExample], config: TrainConfig | No
           output: str | Path | None = None, resume: str | Path | None = None, progress: bool = True) -> list[dict]:
     """Train ``system``'s links in place; returns the per-step log (also written to ``output``).
 
+    Called in each process of a torchrun job (``WORLD_SIZE`` set, or a process group already started), it trains
+    data-parallel: every rank passes the same system, examples and config, takes its shard of each step's
+    global batch, and the gradients are averaged over the ranks. It starts the process group if none is (NCCL
+    when the system is on a GPU, gloo otherwise; load each rank's system on ``cuda:LOCAL_RANK``), which then
+    serves later calls too and ends when the process exits. Only rank 0 shows progress and writes; every rank
+    returns the same log, of the global batches.
+
     Args:
         system: the system; only its link parameters change.
         examples: training data (see :mod:`latentgraph.training.data`).
         config: the run's settings (default ``TrainConfig()``).
         output: where checkpoints (``checkpoint-<step>/``), the final system and ``train_log.jsonl`` go.
-        resume: a checkpoint directory to continue from (same config and data).
+        resume: a checkpoint directory to continue from (same config and data, and as many ranks).
         progress: show a progress bar with the loss.
     """
     config = config or TrainConfig()
@@ -93,33 +112,36 @@ def train(system: System, examples: list[TrainExample], config: TrainConfig | No
     for p in system.parameters():
         p.data = p.data.float()  # fp32 links: bf16 gradients would drop early rounds' small contributions
         p.requires_grad_(id(p) in trained)
+    ranks = join(system.agents[system.answer].backbone.device)
     if config.init == "closed_form" and resume is None:
         initialize(system, [f"{ex.question}\n{ex.plan or ex.answer}" for ex in examples])
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
     start, log = 0, []
     if resume is not None:
-        resume = recover(Path(resume))  # a save killed midway may have left it aside
+        resume = ranks.on_first(lambda: recover(Path(resume)))  # a save killed midway may have left it aside
         state = _trainer_state(resume)
         start = state["step"]
         if start > config.steps:
             raise InputError(f"{resume} is at step {start}, past the {config.steps} steps this training runs: "
                              "nothing to train; raise steps (--steps) to train further")
         log = _load_checkpoint(resume, state, system, optimizer, schedule)
+    ranks.share(list(system.parameters()))
     bar = Progress(TextColumn("training {task.fields[stage]} links"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=Console(stderr=True),
-                   disable=not progress)
+                   disable=not (progress and ranks.first))
     with bar:
         task = bar.add_task("train", total=config.steps, completed=start, stage=config.stage, loss="-")
         for step in range(start, config.steps):
-            record = _step(system, examples, config, step, optimizer, params)
+            record = _step(system, examples, config, step, optimizer, params, ranks)
             schedule.step()
             log.append(record)
             bar.update(task, advance=1, loss=f"{record['loss']:.4f}")
             if config.save_every and (step + 1) % config.save_every == 0:
-                _save_checkpoint(output / f"checkpoint-{step + 1}", system, optimizer, schedule, step + 1, log)
+                ranks.on_first(partial(_save_checkpoint, output / f"checkpoint-{step + 1}", system, optimizer,
+                                       schedule, step + 1, log))
     if output is not None:  # the system and the log in one commit, beside the checkpoint-N folders there
-        write_directory(output, {**_system_files(system), LOG_NAME: _log_bytes(log)})
+        ranks.on_first(lambda: write_directory(output, {**_system_files(system), LOG_NAME: _log_bytes(log)}))
     for p in system.parameters():
         p.requires_grad_(True)
     return log
@@ -138,24 +160,29 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def batches_for(step: int, config: TrainConfig, n: int) -> list[list[int]]:
-    """The example indices of each micro-batch of optimizer step ``step``: a seeded shuffle per epoch, so
-    any step's data is known without replaying the run."""
-    per_step = config.batch_size * config.accumulate
+def batches_for(step: int, config: TrainConfig, n: int, rank: int = 0, ranks: int = 1) -> list[list[int]]:
+    """The example indices of each micro-batch of optimizer step ``step`` on rank ``rank`` of ``ranks``: a
+    seeded shuffle per epoch, so any step's data is known without replaying the run.
+
+    A step's global micro-batches hold ``ranks * batch_size`` examples each, and each rank takes its slice of
+    each: together, in rank order, they are exactly what one process with ``batch_size * ranks`` trains on."""
+    size = config.batch_size * ranks
+    per_step = size * config.accumulate
     indices = []
     for position in range(step * per_step, (step + 1) * per_step):
         epoch, offset = divmod(position, n)
         order = list(range(n))
         random.Random(config.seed * 1_000_003 + epoch).shuffle(order)
         indices.append(order[offset])
-    return [indices[i:i + config.batch_size] for i in range(0, per_step, config.batch_size)]
+    mine = slice(rank * config.batch_size, (rank + 1) * config.batch_size)
+    return [indices[start:start + size][mine] for start in range(0, per_step, size)]
 
 
 def _step(system: System, examples: list[TrainExample], config: TrainConfig, step: int,
-          optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> dict:
+          optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], ranks: Ranks) -> dict:
     optimizer.zero_grad(set_to_none=True)
     total, output_norms = 0.0, {}  # (round, link) -> squared norm of the gradient reaching the link's output
-    for micro in batches_for(step, config, len(examples)):
+    for micro in batches_for(step, config, len(examples), ranks.rank, ranks.size):
         batch = [examples[i] for i in micro]
         if config.stage == "inner":
             loss = sum(inner_loss(system, agent, batch) for agent in system.agents.values()) / len(system.agents)
@@ -170,9 +197,15 @@ def _step(system: System, examples: list[TrainExample], config: TrainConfig, ste
                         key, output_norms[key] + g.float().pow(2).sum().item()))
         (loss / config.accumulate).backward()
         total += loss.item() / config.accumulate
+    ranks.average_gradients(params)  # the global batch's gradient from here on: the norms and the clipping see it
     link_norms = {name: _norm(module.parameters()) for name, module in system.link_modules().items()}
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip).item()
     optimizer.step()
+    # A rank's loss and message gradients are its shard's: the global batch's loss is the ranks' mean, and a
+    # message gradient of a shard's mean is ranks times that of the global mean, so squared norms add up / ranks².
+    summed = ranks.sum([total, *output_norms.values()])
+    total = summed[0] / ranks.size
+    output_norms = dict(zip(output_norms, (v / ranks.size ** 2 for v in summed[1:])))
     record = {"step": step + 1, "loss": total, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
               "links": link_norms}
     if output_norms:

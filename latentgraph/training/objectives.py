@@ -83,14 +83,23 @@ def teacher_forced(agent: Agent, prompt: Encoded, targets: list[list[int]], *, l
 
 
 def cross_entropy(forced: Forced) -> torch.Tensor:
-    """Mean cross-entropy of the target tokens."""
+    """The batch's cross-entropy: each example's mean over its target tokens, then the mean over examples."""
     losses = F.cross_entropy(forced.logits.float().flatten(0, 1), forced.ids.flatten(), reduction="none")
-    weights = forced.mask.flatten().float()
-    return (losses * weights).sum() / weights.sum()
+    return example_mean(losses.view_as(forced.ids), forced.mask)
+
+
+def example_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean over examples of each example's mean over its masked-in positions (``values`` and ``mask``:
+    (B, T)). Every example weighs the same, however long its target: so a batch's loss is the mean of the
+    losses of equal parts of it, and micro-batches and data-parallel shards add up to the whole batch's
+    gradient exactly (a mean over the batch's tokens would weigh each part by its token count)."""
+    mask = mask.float()
+    return ((values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
 
 
 def inner_loss(system: System, agent: Agent, batch: list[TrainExample]) -> torch.Tensor:
-    """Cosine loss of ``agent``'s inner link against next-token input embeddings on its role targets.
+    """Cosine loss of ``agent``'s inner link against next-token input embeddings on its role targets (a mean
+    per example, as :func:`example_mean` says).
 
     The prompt is the agent's round-1 prompt with every slot filled by the sender's target text.
     """
@@ -105,8 +114,7 @@ def inner_loss(system: System, agent: Agent, batch: list[TrainExample]) -> torch
         goals = agent.backbone.embed(forced.ids)  # (B, T, H): hidden[:, t] should map to the embedding of token t
     predicted = agent.inner_link(forced.hidden.to(**placement(agent.inner_link)))  # (B, T, H)
     cosine = F.cosine_similarity(predicted.float(), goals.float().to(predicted.device), dim=-1)  # (B, T)
-    mask = forced.mask.to(cosine.device).float()
-    return ((1 - cosine) * mask).sum() / mask.sum()
+    return example_mean(1 - cosine, forced.mask.to(cosine.device))
 
 
 class TrainingStep(Step):
@@ -158,7 +166,8 @@ class TrainingStep(Step):
 
 def unrolled_loss(system: System, batch: list[TrainExample], *, regime: Regime = "rollout", rounds: int | None = None,
                   intermediate_weight: float = 0.0, grad_steps: int | None = None) -> Unrolled:
-    """The answer node's cross-entropy after unrolling ``system`` for ``rounds`` rounds on ``batch``.
+    """The answer node's cross-entropy (per example, then averaged: :func:`cross_entropy`) after unrolling
+    ``system`` for ``rounds`` rounds on ``batch``.
 
     The rounds run on the same plan and engine as :meth:`System.run <latentgraph.System.run>`, with a
     :class:`TrainingStep`. The loss is the last round's cross-entropy, plus ``intermediate_weight`` times the
