@@ -84,8 +84,9 @@ def teacher_forced(agent: Agent, prompt: Encoded, targets: list[list[int]], *, l
 
 def cross_entropy(forced: Forced) -> torch.Tensor:
     """The batch's cross-entropy: each example's mean over its target tokens, then the mean over examples."""
-    losses = F.cross_entropy(forced.logits.float().flatten(0, 1), forced.ids.flatten(), reduction="none")
-    return example_mean(losses.view_as(forced.ids), forced.mask)
+    ids = forced.ids.to(forced.logits.device)  # under a device map the head may sit on another device
+    losses = F.cross_entropy(forced.logits.float().flatten(0, 1), ids.flatten(), reduction="none")
+    return example_mean(losses.view_as(ids), forced.mask.to(ids.device))
 
 
 def example_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
