@@ -67,6 +67,25 @@ def test_disk_offload_gives_the_texts_and_latents_of_a_plain_cpu_load(backbone_d
     assert sampled[0] == sampled[1]
 
 
+def test_closed_form_fitting_reads_offloaded_weights_as_a_plain_load_does(backbone_dirs, tmp_path):
+    from latentgraph.training.closed_form import initialize
+
+    plain = pair(backbone_dirs, {"planner": {"device": "cpu"}, "solver": {"device": "cpu"}})
+    spread = pair(backbone_dirs, {"planner": {"device_map": LLAMA_ON_DISK, "offload_folder": tmp_path / "offload"},
+                                  "solver": {"device_map": "auto", "max_memory": {"cpu": 20_000}}})
+    spread.load_state_dict(plain.state_dict())  # fitting leaves some parameters as they were: start equal
+    before = {name: p.clone() for name, p in plain.state_dict().items()}
+    texts = ["What is 17 * 23? Natalia sold clips to 48 of her friends in April, and then half as many in May.",
+             "The critic reviews the plan; the solver answers in \\boxed{391}. Put the final answer in a box."]
+    initialize(plain, texts)
+    initialize(spread, texts)
+    assert spread.agents["planner"].model.get_output_embeddings().weight.device.type == "meta"  # still offloaded
+    fitted = plain.state_dict()
+    assert any(not torch.equal(before[name], fitted[name]) for name in fitted)
+    for name, value in spread.state_dict().items():
+        torch.testing.assert_close(value, fitted[name], msg=name)
+
+
 def test_placement_is_runtime_only_and_part_of_sharing_a_backbone(backbone_dirs, tmp_path):
     auto = {"device_map": "auto", "max_memory": {"cpu": "1GiB"}}
     first, second = (lg.Agent(name, backbone_dirs["llama"], **auto) for name in ("a", "b"))

@@ -23,6 +23,8 @@ shift are fitted per dimension to the targets.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -77,21 +79,36 @@ def bridge(system: System, edge: str, texts: list[str], *, max_tokens: int = 409
 def realignment(agent: Agent, hidden: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
     """The realignment matrix ``A`` (H, H), scaled so that ``hidden @ A`` has the mean input-embedding norm."""
     model = agent.model
-    w_out = model.get_output_embeddings().weight  # (V, H)
-    embed = model.get_input_embeddings()
-    width = w_out.shape[1]
-    gram = torch.zeros(width, width, dtype=torch.float64)
-    cross = torch.zeros_like(gram)
-    vocab, in_norm = w_out.shape[0], 0.0
-    for start in range(0, vocab, 32768):  # chunks: Gemma's 262k x 640 embeddings in one piece are 0.7 GB
-        ids = torch.arange(start, min(start + 32768, vocab), device=w_out.device)
-        out_rows, in_rows = w_out[ids].double().cpu(), embed(ids).double().cpu()  # (n, H) each
-        gram += out_rows.T @ out_rows
-        cross += out_rows.T @ in_rows
-        in_norm += in_rows.norm(dim=-1).sum().item()
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    with _weights_at_hand(head):
+        w_out = head.weight  # (V, H)
+        width = w_out.shape[1]
+        gram = torch.zeros(width, width, dtype=torch.float64)
+        cross = torch.zeros_like(gram)
+        vocab, in_norm = w_out.shape[0], 0.0
+        for start in range(0, vocab, 32768):  # chunks: Gemma's 262k x 640 embeddings in one piece are 0.7 GB
+            ids = torch.arange(start, min(start + 32768, vocab))
+            out_rows = w_out[ids.to(w_out.device)].double().cpu()  # (n, H)
+            in_rows = embed(ids.to(agent.backbone.device)).double().cpu()  # (n, H)
+            gram += out_rows.T @ out_rows
+            cross += out_rows.T @ in_rows
+            in_norm += in_rows.norm(dim=-1).sum().item()
     lam = ridge * gram.diagonal().mean()
     matrix = torch.linalg.solve(gram + lam * torch.eye(width, dtype=gram.dtype), cross)
     return matrix * (in_norm / vocab) / (hidden.double() @ matrix).norm(dim=-1).mean()
+
+
+@contextmanager
+def _weights_at_hand(module: nn.Module) -> Iterator[None]:
+    """Inside, ``module.weight`` holds its values even when a device map offloaded it (to the meta device):
+    accelerate brings it to the module's execution device for the time being."""
+    if getattr(module, "_hf_hook", None) is None:  # no device map: the weight is where it is
+        yield
+        return
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module):
+        yield
 
 
 def _write_realigned(agent: Agent, matrix: torch.Tensor, hidden: torch.Tensor) -> None:
@@ -111,7 +128,7 @@ def _bridge(system: System, edge: str, hidden: torch.Tensor, next_ids: torch.Ten
         dst_ids = dst.tokenizer(text, add_special_tokens=False)["input_ids"]
         if dst_ids:
             inputs.append(sent[row])
-            targets.append(dst_embed(torch.tensor(dst_ids, device=dst.model.device)).double().mean(0).cpu())
+            targets.append(dst_embed(torch.tensor(dst_ids, device=dst.backbone.device)).double().mean(0).cpu())
     if len(inputs) < 16:
         raise GraphError(f"edge '{edge}': bridge found only {len(inputs)} token pairs; give it more text")
     x, y = torch.stack(inputs), torch.stack(targets)  # (n, H_src), (n, H_dst)
@@ -131,7 +148,7 @@ def hidden_states(agent: Agent, texts: list[str], max_tokens: int) -> tuple[torc
         tokens = agent.tokenizer(text, return_tensors="pt")["input_ids"][:, : max_tokens - total]
         if tokens.shape[1] < 2:
             continue
-        out = agent.backbone.decoder(input_ids=tokens.to(agent.model.device))
+        out = agent.backbone.decoder(input_ids=tokens.to(agent.backbone.device))
         states.append(out.last_hidden_state[0, :-1].float().cpu())  # (T - 1, H): the last has no next token
         next_ids.append(tokens[0, 1:])
         total += tokens.shape[1]
