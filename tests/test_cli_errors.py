@@ -141,7 +141,7 @@ CASES = {
         lambda saved, tmp: train_args(saved, tmp, "--steps", "2", "--resume",
                                       str(checkpoint(tmp, saved, state={"step": 1, "optimizer": {}, "schedule": {}},
                                                      truncate=True))),
-        "trainer_state.pt: it is corrupt (PytorchStreamReader failed reading zip archive"),
+        "trainer_state.pt is not a latentgraph trainer state: it is corrupt (PytorchStreamReader failed reading"),
     "train --resume from a trainer state holding a refused pickle": (
         lambda saved, tmp: train_args(saved, tmp, "--steps", "2", "--resume",
                                       str(checkpoint(tmp, saved, state={"step": 1, "optimizer": Evil()}))),

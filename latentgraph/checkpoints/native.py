@@ -99,15 +99,21 @@ def check_shape(tensor: torch.Tensor, target: torch.Tensor, key: str, source: st
                               f"{tuple(target.shape)}: the checkpoint was made for other backbones or link types")
 
 
+def unpickle_safely(path: Path, what: str) -> object:
+    """``torch.load`` with ``weights_only=True``: plain containers of tensors and numbers load, anything else
+    (code, custom classes) is refused, never executed. A refusal or a corrupt file is a
+    :class:`CheckpointError` saying the file is not ``what`` and why."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, OSError) as e:
+        raise CheckpointError(f"{path} is not {what}: {unpickling_problem(e)}") from None
+
+
 def load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A published ``.pt`` state dict, unpickled with ``weights_only=True``: anything but plain tensors is
-    refused, never executed."""
+    """A published ``.pt`` state dict: anything but plain tensors is refused, never executed."""
     if not path.exists():
         raise CheckpointError(f"{path} is missing")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path} is not a plain state dict of tensors: {unpickling_problem(e)}") from None
+    state = unpickle_safely(path, "a plain state dict of tensors")
     if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                             for k, v in state.items())):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a dict of named tensors")

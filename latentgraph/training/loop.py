@@ -30,7 +30,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import pickle
 import random
 from functools import partial
 from pathlib import Path
@@ -42,9 +41,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..checkpoints import native
-from ..checkpoints.native import WEIGHTS_NAME, assign, read_weights
+from ..checkpoints.native import WEIGHTS_NAME, assign, read_weights, unpickle_safely
 from ..core.system import System
-from ..errors import CheckpointError, InputError, unpickling_problem
+from ..errors import CheckpointError, InputError
 from ..files.atomic import recover, write_directory
 from ..files.text import read_text
 from .closed_form import initialize
@@ -244,9 +243,9 @@ def _trainer_state(directory: Path) -> dict:
     if not path.exists():
         raise CheckpointError(f"{directory} is not a training checkpoint: it has no {STATE_NAME}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: {unpickling_problem(e)}; {RESUME_FIX}") from None
+        state = unpickle_safely(path, "a latentgraph trainer state")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {RESUME_FIX}") from None
     if not (isinstance(state, dict) and {"step", "optimizer", "schedule"} <= set(state)
             and isinstance(state["step"], int)):
         raise CheckpointError(f"{path} is not a latentgraph trainer state; {RESUME_FIX}")
