@@ -86,6 +86,14 @@ def test_closed_form_fitting_reads_offloaded_weights_as_a_plain_load_does(backbo
         torch.testing.assert_close(value, fitted[name], msg=name)
 
 
+def test_a_single_agent_run_loads_no_other_device_mapped_backbone(backbone_dirs, tmp_path):
+    system = pair(backbone_dirs, {"planner": {"device_map": LLAMA_ON_DISK, "offload_folder": tmp_path / "offload"},
+                                  "solver": {"device": "cpu"}})
+    out = system.run("What is 17 * 23?", mode="single", do_sample=False, max_new_tokens=3)
+    assert [list(steps) for steps in out.trace] == [["solver"]]
+    assert not system.agents["planner"].backbone.loaded and system.agents["solver"].backbone.loaded
+
+
 def test_placement_is_runtime_only_and_part_of_sharing_a_backbone(backbone_dirs, tmp_path):
     auto = {"device_map": "auto", "max_memory": {"cpu": "1GiB"}}
     first, second = (lg.Agent(name, backbone_dirs["llama"], **auto) for name in ("a", "b"))

@@ -123,8 +123,10 @@ class Plan:
                 f"turns={len(self.turns_in_order())})")
 
     def place_links(self) -> None:
-        """Put each inner link on its agent's device and each outer link on its receiver's device."""
-        for agent in self.agents.values():
+        """Put the inner link of each agent that takes a turn on its device, and each outer link on its
+        receiver's device. Agents without a turn (all but the answer node in ``"single"`` mode) are left
+        alone: reading a device-mapped backbone's device loads its weights."""
+        for agent in {id(turn.agent): turn.agent for turn in self.turns_in_order()}.values():
             agent.inner_link.to(agent.backbone.device)
         receivers = {e.name: e.dst for turn in self.turns_in_order() for e in turn.outgoing}
         for name, link in self.links.items():
