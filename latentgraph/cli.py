@@ -295,8 +295,8 @@ def eval_command(
     with console.status(f"loading {style} (the first run converts and caches the models)"):
         system = load(style, task=task, **placement(device, device_map, max_memory, offload_folder),
                       allow_unsandboxed_tools=allow_unsandboxed_tools)
-        for agent in system.agents.values():
-            if workers is None:  # Ray workers load their own copies
+        if workers is None:  # Ray workers load their own copies
+            for agent in system.agents.values():
                 agent.backbone.load()  # now, not inside the first batch's timing
     code = allow_unsandboxed_tools and any(e.kind == "code" for e in examples)
     code_runner = SandboxRunner(require=()) if code else None  # None: the default, which fails closed
