@@ -175,7 +175,7 @@ def test_a_system_file_without_links_gets_fresh_links_in_the_named_dtype(saved, 
 
 
 @pytest.mark.parametrize("bad", ["bf16", "int8", torch.int32, torch.float8_e4m3fn, None])
-def test_an_invalid_link_dtype_is_an_input_error_before_anything_loads(published_hub, saved, bad):
+def test_an_invalid_link_dtype_is_an_input_error_naming_the_values_allowed(published_hub, saved, bad):
     fix = "link_dtype must be 'auto' (each link in the dtype its file holds, as published) or a dtype links compute in"
     for load in (lambda: lg.load_style(STYLE, link_dtype=bad), lambda: lg.load("default", link_dtype=bad),
                  lambda: lg.load(str(saved), link_dtype=bad), lambda: lg.System.from_pretrained(saved, link_dtype=bad)):
