@@ -26,6 +26,8 @@ DEVICE_MAP_HELP = ("Spread each backbone over several GPUs with CPU or disk offl
 MAX_MEMORY_HELP = ("With --device-map: the most each device may hold (bytes, or a size with a unit), e.g. "
                    "0=20GiB,1=20GiB,cpu=60GiB.")
 OFFLOAD_HELP = "With --device-map: the directory for weights offloaded to disk."
+LINK_DTYPE_HELP = ("What the links compute in: float32 (exact published values, no bf16 rounding), auto (the dtype "
+                   "their files hold: bf16 for the published styles, their numerics), bfloat16, float16 or float64.")
 UNSANDBOXED_HELP = ("Run model-written code (the Python tool, code scoring) even where the sandbox lacks protections "
                     "(no bubblewrap, say), with whatever this machine has. Off: such code does not run.")
 
@@ -94,6 +96,7 @@ def run(
     max_memory: str | None = typer.Option(None, help=MAX_MEMORY_HELP),
     offload_folder: Path | None = typer.Option(None, help=OFFLOAD_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (see the docs' CLI page)."),
+    link_dtype: str = typer.Option("float32", help=LINK_DTYPE_HELP),
     allow_unsandboxed_tools: bool = typer.Option(False, "--allow-unsandboxed-tools", help=UNSANDBOXED_HELP),
     stop_tol: float | None = typer.Option(None, help="Stop early once the answer agent's mean thought changes by "
                                                      "less than this (relative) between rounds, e.g. 0.05."),
@@ -104,7 +107,7 @@ def run(
 
     with console.status(f"loading {style} (the first run converts and caches the models)"):
         system = load(style, task=task, **placement(device, device_map, max_memory, offload_folder),
-                      allow_unsandboxed_tools=allow_unsandboxed_tools)
+                      link_dtype=link_dtype, allow_unsandboxed_tools=allow_unsandboxed_tools)
         for agent in system.agents.values():
             agent.backbone.load()  # now, under the spinner, not during the first round
             if latent_steps is not None:
@@ -213,11 +216,12 @@ def convert(
 ) -> None:
     """Write a published style in latentgraph's format: safetensors links, backbones referenced by hub id.
 
-    Only configs and link files are read; backbone weights are not downloaded.
+    Only configs and link files are read; backbone weights are not downloaded. The links are written in the dtype
+    the published files hold (bf16), value for value.
     """
     from .checkpoints.published import load_style
 
-    system = load_style(style, task=task, revision=revision)
+    system = load_style(style, task=task, revision=revision, link_dtype="auto")
     system.save_pretrained(out_dir)
     console.print(f"wrote {style} ({task}) to {out_dir}: {len(system.agents)} agents, {len(system.edges)} edges, "
                   f"{system.num_parameters():,} link parameters")
@@ -256,6 +260,7 @@ def eval_command(
     device_map: str | None = typer.Option(None, help=DEVICE_MAP_HELP),
     max_memory: str | None = typer.Option(None, help=MAX_MEMORY_HELP),
     offload_folder: Path | None = typer.Option(None, help=OFFLOAD_HELP),
+    link_dtype: str = typer.Option("float32", help=LINK_DTYPE_HELP),
     allow_unsandboxed_tools: bool = typer.Option(False, "--allow-unsandboxed-tools", help=UNSANDBOXED_HELP),
     workers: int | None = typer.Option(None, help="Answer on N Ray workers, each a replica of the system (needs "
                                                   'pip install "latentgraph[ray]"); backbones load on each from '
@@ -294,7 +299,7 @@ def eval_command(
     task = task or ("code" if any(e.kind == "code" for e in examples) else "math")
     with console.status(f"loading {style} (the first run converts and caches the models)"):
         system = load(style, task=task, **placement(device, device_map, max_memory, offload_folder),
-                      allow_unsandboxed_tools=allow_unsandboxed_tools)
+                      link_dtype=link_dtype, allow_unsandboxed_tools=allow_unsandboxed_tools)
         if workers is None:  # Ray workers load their own copies
             for agent in system.agents.values():
                 agent.backbone.load()  # now, not inside the first batch's timing

@@ -12,7 +12,8 @@ Nor does code: every node needs latentgraph installed (and any link type or tool
 
 Each worker answers and scores its batches with the same function as an in-process run, on its own
 device: the driver's dtype when it runs on the driver's kind of device (CPU or GPU), so greedy rows equal
-the single-process run's; that device's default dtype otherwise. The driver writes rows as batches finish.
+the single-process run's; that device's default dtype otherwise. Links keep the dtype the driver's are in.
+The driver writes rows as batches finish.
 
 A worker that dies (its process killed, its node lost) is restarted by Ray wherever there is room, up to
 ``MAX_RESTARTS`` times, rebuilding its replica from the object store, and Ray runs the batches it held again
@@ -35,6 +36,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from ..checkpoints import native
+from ..checkpoints.link_dtype import AUTO
 from ..core.backbone import Backbone, get_backbone
 from ..core.system import System
 from ..errors import CheckpointError, GraphError, InputError, LatentGraphError, WorkerError
@@ -126,7 +128,8 @@ def rebuild(checkpoint: dict[str, bytes], dtypes: dict[str, torch.dtype | None],
                                   "their source, so a folder must be at that path on every node") from None
     system = System.from_config(config, backbones=backbones)
     weights = load_safetensors(checkpoint[native.WEIGHTS_NAME])
-    native.assign(system.link_modules(), weights, source="the link weights sent by the driver")
+    # "auto": each link in the dtype the driver's was in (the tensors were sent in it), so rows match the driver's
+    native.assign(system.link_modules(), weights, source="the link weights sent by the driver", link_dtype=AUTO)
     for name, agent_tools in tools.items():
         system.agents[name].tools = agent_tools
     return system
