@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from systems import sequential
 from typer.testing import CliRunner
 
@@ -192,6 +193,10 @@ def test_resume_refuses_results_made_differently(system, script, tmp_path):
     with pytest.raises(InputError, match="another question"):
         lg.evaluate(system, other, output=tmp_path, max_new_tokens=8, progress=False)
     system.agents["solver"].latent_steps += 1
+    with pytest.raises(InputError, match="system="):
+        lg.evaluate(system, math_examples(2), output=tmp_path, max_new_tokens=8, progress=False)
+    system.agents["solver"].latent_steps -= 1
+    system.links["planner->critic"].to(torch.bfloat16)  # the same weights, computed in another dtype
     with pytest.raises(InputError, match="system="):
         lg.evaluate(system, math_examples(2), output=tmp_path, max_new_tokens=8, progress=False)
 

@@ -206,8 +206,9 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 def fingerprint(system: System) -> str:
     """A digest of what decides a system's answers: its config (:meth:`~latentgraph.System.to_config`: agents
     with backbone source, prompts and latent steps; edges with their link configs; answer node) and its link
-    weights. Backbone weights are identified by their source only. The latentgraph version and the default
-    rounds are left out (evaluation records the rounds of every row)."""
+    weights, each with its dtype, and the dtype each backbone computes in (a bf16 link or backbone answers
+    otherwise than an fp32 one). Backbone weights are identified by their source only. The latentgraph version
+    and the default rounds are left out (evaluation records the rounds of every row)."""
     from ..checkpoints.native import link_state_dict
 
     try:
@@ -216,9 +217,10 @@ def fingerprint(system: System) -> str:
         described = [nn.Module.__repr__(system), repr(system),
                      [[a.prompt, a.feedback_prompt, a.system_prompt, a.backbone.revision]
                       for a in system.agents.values()]]
-    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
+    dtypes = {name: str(agent.backbone.dtype) for name, agent in system.agents.items()}
+    digest = hashlib.sha256(json.dumps([described, dtypes], sort_keys=True).encode())
     for name, tensor in sorted(link_state_dict(system.link_modules()).items()):
-        digest.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
+        digest.update(f"{name}:{tensor.dtype}".encode() + tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
