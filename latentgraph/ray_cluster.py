@@ -129,8 +129,9 @@ def probe(address: str) -> int:
     import ray._private.services as services
     from ray._raylet import GcsClient
 
+    # ray.init uses this machine's Ray token (if any) only for a cluster it finds itself: 'auto' without RAY_ADDRESS
+    found_by_ray = address == "auto" and not os.environ.get("RAY_ADDRESS")
     if address == "auto":
-        _enable_token_like_ray_init()
         try:
             address = services.canonicalize_bootstrap_address_or_die(address)
         except ConnectionError:
@@ -153,22 +154,15 @@ def probe(address: str) -> int:
     try:
         GcsClient(address=address)  # asks the GCS for the cluster's id: only a Ray GCS answers that
     except Exception as e:
-        if type(e).__name__ != "AuthenticationError":  # others: not a GCS (the parent's timeout ends most first)
-            print(f"no Ray GCS answers at {address} ({str(e).strip().splitlines()[0]}); {START_FIX}")
+        if type(e).__name__ == "AuthenticationError":  # a Ray GCS, which wants a token
+            if found_by_ray:
+                return 0  # ray.init will try this machine's token, if it has one
+            print("the cluster requires a token, which this process lacks: set RAY_AUTH_MODE=token and give the "
+                  "cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the head node "
+                  "prints it)")
             return 1
-        print("the cluster requires a token, which this machine lacks: set RAY_AUTH_MODE=token and give the "
-              "cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token (see `ray get-auth-token` on the head node)")
+        # not a GCS, though most such listeners make the parent's timeout end the probe first
+        print(f"no Ray GCS answers at {address} ({(str(e).strip() or type(e).__name__).splitlines()[0]}); "
+              f"{START_FIX}")
         return 1
     return 0
-
-
-def _enable_token_like_ray_init() -> None:
-    """For ``'auto'``, ``ray.init`` turns token authentication on when this machine has a token (recent Rays);
-    do the same, so the probe is refused exactly when ``ray.init`` would be."""
-    try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-    except ImportError:  # a Ray without token authentication
-        return
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
