@@ -87,7 +87,7 @@ def join_ray(address: str | None, *, local_cpus: int) -> bool:
             ``PROBE_SECONDS`` (or ``CONNECT_SECONDS``, when nothing accepts the connection); or the cluster refuses
             to be joined. The message says what to check.
     """
-    ray = import_ray("running on Ray")
+    ray = import_ray("latentgraph's Ray support")
     if ray.is_initialized():
         return False
     quiet = {"include_dashboard": False, "logging_level": logging.ERROR}
