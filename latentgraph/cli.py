@@ -265,13 +265,19 @@ def eval_command(
     workers: int | None = typer.Option(None, help="Answer on N Ray workers, each a replica of the system (needs "
                                                   'pip install "latentgraph[ray]"); backbones load on each from '
                                                   "their source. Default: in this process."),
-    ray_address: str | None = typer.Option(None, help="With --workers: the Ray cluster to join ('auto': the "
-                                                      "one this machine is part of). Default: a local Ray."),
+    ray_address: str | None = typer.Option(None, help="With --workers: the Ray cluster to join, as HOST:PORT "
+                                                      "of its head (what `ray start --head` prints) or 'auto' "
+                                                      "(the one this machine is part of). Default: a new local "
+                                                      "Ray."),
     gpus_per_worker: float = typer.Option(0, help="With --workers: GPUs per worker, its backbones on its GPU "
                                                   "(fractions share one; 0: CPUs)."),
     threads_per_worker: int = typer.Option(1, help="With --workers: CPU threads (and Ray CPUs) per worker."),
 ) -> None:
     """Evaluate a system (and its baselines) on a dataset: accuracy, tokens and time per method and round."""
+    from .ray_cluster import check_address
+
+    if ray_address is not None:
+        check_address(ray_address)  # before the slow imports below, so that a typo fails at once
     from .evaluation.datasets import load_dataset
     from .evaluation.runner import PLOT, RESULTS, SUMMARY, SandboxRunner, evaluate
 

@@ -94,8 +94,10 @@ def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods
             again, each row written once. Greedy rows equal an in-process run's on the same kind of device, but
             ``results.jsonl`` holds them in the order batches finish. A run resumes with or without workers,
             whichever started it.
-        ray_address: the Ray cluster for the workers (``"auto"``: the one this machine is part of); default a
-            Ray instance already initialised in this process, else a new local one.
+        ray_address: the Ray cluster for the workers: ``"host:port"`` of its head's GCS (what ``ray start
+            --head`` prints) or ``"auto"`` (the one this machine is part of); default a Ray instance already
+            initialised in this process, else a new local one. Checked before Ray connects: a malformed address,
+            or one where no Ray cluster answers within seconds, is an :class:`InputError`.
         gpus_per_worker: GPUs each worker asks Ray for, its backbones placed on its GPU (fractions share one;
             above 1, each backbone is spread over the worker's GPUs); 0 runs them on CPUs.
         threads_per_worker: CPU threads of each worker, and the CPUs it asks Ray for.
@@ -106,8 +108,9 @@ def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods
     Raises:
         InputError: an unknown method, bad rounds or sizes, duplicate example ids, or an ``output`` directory
             whose results were made by another system, other settings or other questions. With workers: Ray
-            not installed, bad worker options, more CPUs or GPUs than the cluster has, or a backbone given as a
-            model in memory (workers load backbones from their source).
+            not installed, bad worker options, a Ray address that is malformed or where no cluster answers, more
+            CPUs or GPUs than the cluster has, or a backbone given as a model in memory (workers load backbones
+            from their source).
         WorkerError: a Ray worker died and cannot be restarted; the finished rows are kept.
         CheckpointError: ``settings.json``, ``summary.json`` or ``plot.png`` cannot be written (a full disk,
             a read-only folder); the file keeps its old version.
