@@ -17,6 +17,8 @@ import math
 import os
 from dataclasses import dataclass
 
+from ..errors import InputError
+
 
 @dataclass(frozen=True)
 class Limit:
@@ -40,13 +42,14 @@ class Limit:
         return f"LATENTGRAPH_MAX_{self.name.upper()}"
 
     def value(self) -> int:
-        """The bound in force; ``ValueError`` with the fix when the environment variable holds no valid bound."""
-        raw = os.environ.get(self.variable)
-        if raw is None:
+        """The bound in force; :class:`~latentgraph.InputError` with the fix when the environment variable holds
+        no valid bound."""
+        raw = os.environ.get(self.variable, "")
+        if not raw.strip():  # unset, or set to nothing
             return self.default
         text = raw.strip().replace("_", "")
         if not (text.isdigit() and len(text) <= 30 and int(text) >= 1):  # 30 digits: never a slow int()
-            raise ValueError(f"the environment variable {self.variable} is {raw[:40]!r}, not a whole number >= 1: "
+            raise InputError(f"the environment variable {self.variable} is {raw[:40]!r}, not a whole number >= 1: "
                              f"set it to the most {self.unit} to allow (the default is {self.default:,}), or unset it")
         return int(text)
 
@@ -55,7 +58,7 @@ class Limit:
         when it is within the bound and the bound is valid."""
         try:
             bound = self.value()
-        except ValueError as e:
+        except InputError as e:
             return str(e)
         if count <= bound:
             return None
@@ -68,7 +71,7 @@ def shown(count: int) -> str:
     print (Python refuses to turn an int of over 4,300 digits into text)."""
     if count.bit_length() <= 200:
         return f"{count:,}"
-    return f"about 10^{math.floor((count.bit_length() - 1) * math.log10(2))}"
+    return f"about 10^{math.floor(math.log10(abs(count)))}"
 
 
 ROUNDS = Limit("rounds", 1_000, "rounds", "use fewer rounds")
