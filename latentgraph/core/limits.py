@@ -89,12 +89,12 @@ EDGES = Limit("edges", 4_096, "edges", "use fewer edges")
 """Enough to connect every pair of 64 agents (4,032 edges); each latent edge holds a link."""
 
 LINK_WIDTH = Limit("link_width", 131_072, "hidden units", "lower hidden_dim")
-"""The width (``hidden_dim``) of a link's hidden layer: 2^17 is above the widest layer of any released LLM
+"""The width (``hidden_dim``) of a link's hidden layer: 2^17 is above the layer widths of the largest open LLMs
 (Llama 3.1 405B: 16,384 hidden, 53,248 in its MLP)."""
 
 LINK_PARAMETERS = Limit("link_parameters", 2**31, "parameters per link",
                         "lower the link's hidden_dim or pick a smaller link type")
-"""About 8.6 GB in fp32, where links are kept; even the ``ln_res`` outer link between two of the widest
-backbones (16,384) has 1.3 billion parameters. Checked for every link type, before its weights are allocated."""
+"""About 8.6 GB in fp32, where links are kept; the ``ln_res`` outer link between two backbones as wide as Llama 3.1
+405B (16,384) has 1.3 billion parameters. Checked for every link type, before its weights are allocated."""
 
 LIMITS = (ROUNDS, LATENT_STEPS, AGENTS, EDGES, LINK_WIDTH, LINK_PARAMETERS)
