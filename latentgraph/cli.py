@@ -288,7 +288,7 @@ def eval_command(
         counts = [int(r) for r in rounds.split(",")] if rounds else None
     except ValueError:
         raise InputError(f"--rounds takes comma-separated integers, e.g. 1,2,3; got {rounds!r}") from None
-    check_size("--rounds", max(counts, default=None), ROUNDS)
+    check_size("--rounds", max(counts) if counts else None, ROUNDS)
     placed = [flag for flag, value in [("--device", device), ("--device-map", device_map), ("--max-memory", max_memory),
                                        ("--offload-folder", offload_folder)] if value is not None]
     if workers is not None and placed:
