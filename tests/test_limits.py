@@ -1,7 +1,7 @@
 """Absurd sizes are refused where they enter, each with one error that says how to fix it, before anything big
 is allocated (latentgraph.core.limits; prompts too long for the context, from their characters).
 
-The absurd cases run in one child process whose address space is capped at 2 GiB above what it holds after its
+The absurd cases run in one child process whose address space is capped at 1 GiB above what it holds after its
 imports: a regression that allocates fails its case with a MemoryError instead of swapping the machine, and
 one that loops is stopped by the timeout."""
 
@@ -42,6 +42,11 @@ class Context:
 
     def system(self, **agent_kwargs):
         return lg.System([self.agent(**agent_kwargs)])
+
+    def json_file(self, content) -> Path:
+        path = self.scratch / f"file-{len(list(self.scratch.iterdir()))}.json"
+        path.write_text(json.dumps(content))
+        return path
 
     def system_file(self, suffix=".json", **changes):
         """The saved system's config with ``changes`` (top-level keys; ``link`` goes on the first edge), as a
@@ -176,13 +181,18 @@ CLI_CASES = {  # name: (the command's arguments, what its one error line says)
     "run --style a system file with rounds 10**30": (
         lambda c: ["run", "Q?", "--style", str(c.system_file(rounds=HUGE))],
         "rounds: 1,000,000,000,000,000,000,000,000,000,000 exceeds latentgraph's limit of 1,000 rounds"),
+    "train --config with rounds 10**18": (
+        lambda c: ["train", "--style", str(c.saved), "--data", str(c.scratch / "data.jsonl"), "--output",
+                   str(c.scratch / "trained"), "--config", str(c.json_file({"rounds": BIG}))],
+        "invalid training config: 1 validation error for TrainConfig rounds 1,000,000,000,000,000,000 exceeds "
+        "latentgraph's limit of 1,000 rounds"),
     "run --style a system file with a link hidden_dim 3e7": (
         lambda c: ["run", "Q?", "--style", str(c.system_file(link={"type": "ln_res", "hidden_dim": 30_000_000}))],
         "edges.0.link.hidden_dim: 30,000,000 exceeds latentgraph's limit of 131,072 hidden units"),
 }
 
 
-def cap_memory(headroom: int = 2 * 2**30) -> None:
+def cap_memory(headroom: int = 2**30) -> None:
     """Cap this process's address space at ``headroom`` bytes above what it holds now."""
     held = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     resource.setrlimit(resource.RLIMIT_AS, (held + headroom, resource.getrlimit(resource.RLIMIT_AS)[1]))
