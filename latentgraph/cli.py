@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .core.limits import LATENT_STEPS, ROUNDS, Limit
 from .errors import InputError, LatentGraphError
 from .files.text import read_json
 
@@ -60,6 +61,12 @@ def placement(device: str | None, device_map: str | None, max_memory: str | None
     return {"device": device, "device_map": layout, "max_memory": limits, "offload_folder": offload_folder}
 
 
+def check_size(flag: str, value: int | None, limit: Limit) -> None:
+    """Refuse an absurd size before the system loads (a large style takes minutes to load)."""
+    if value is not None and (problem := limit.problem(value)):
+        raise InputError(f"{flag}: {problem}")
+
+
 def load(style: str, **kwargs):
     """:func:`latentgraph.load`, with its warnings as one ``warning:`` line each and without transformers'
     per-tensor progress bars (the command shows its own)."""
@@ -105,6 +112,8 @@ def run(
     from .core.engine import ThoughtsConverged
     from .core.events import AgentFinished, AgentStarted
 
+    check_size("--rounds", rounds, ROUNDS)
+    check_size("--latent-steps", latent_steps, LATENT_STEPS)
     with console.status(f"loading {style} (the first run converts and caches the models)"):
         system = load(style, task=task, **placement(device, device_map, max_memory, offload_folder),
                       link_dtype=link_dtype, allow_unsandboxed_tools=allow_unsandboxed_tools)
@@ -290,6 +299,7 @@ def eval_command(
         counts = [int(r) for r in rounds.split(",")] if rounds else None
     except ValueError:
         raise InputError(f"--rounds takes comma-separated integers, e.g. 1,2,3; got {rounds!r}") from None
+    check_size("--rounds", max(counts) if counts else None, ROUNDS)
     placed = [flag for flag, value in [("--device", device), ("--device-map", device_map), ("--max-memory", max_memory),
                                        ("--offload-folder", offload_folder)] if value is not None]
     if workers is not None and placed:

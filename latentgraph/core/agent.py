@@ -18,6 +18,7 @@ from ..errors import CheckpointError, GraphError, InputError
 from ..tools.base import Tool
 from .backbone import Backbone, get_backbone
 from .config import DEFAULT_SYSTEM_PROMPT, AgentConfig, BackboneConfig
+from .limits import LATENT_STEPS
 from .links import config_of, make_link
 from .prompt import PromptTemplate, marker, render_chat, scrub, split_at_markers
 from .speak import Generation, Sampling, generate
@@ -171,6 +172,8 @@ class Agent(nn.Module):
     def latent_steps(self, value: int) -> None:
         if not (_is_int(value) and value >= 0):
             raise GraphError(f"agent '{self.name}': latent_steps must be an integer >= 0, got {value!r}")
+        if problem := LATENT_STEPS.problem(value):
+            raise GraphError(f"agent '{self.name}': latent_steps: {problem}")
         self._latent_steps = value
 
     @property

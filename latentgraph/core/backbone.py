@@ -114,6 +114,18 @@ class Backbone:
     def max_positions(self) -> int | None:
         return getattr(self.config.get_text_config(), "max_position_embeddings", None)
 
+    @functools.cached_property
+    def longest_token(self) -> int | None:
+        """The characters of the longest entry of the tokenizer's vocabulary (None when it lists none).
+
+        No token stands for more characters of a text than its entry has (a byte-level entry has one character
+        per byte, a SentencePiece entry one per character), so a text of ``c`` characters has at least
+        ``c / longest_token`` tokens: a bound that refuses a text too long for the context before tokenizing it.
+        """
+        vocabulary = getattr(self.tokenizer, "get_vocab", None)
+        entries = vocabulary() if callable(vocabulary) else None
+        return max(map(len, entries), default=None) if entries else None
+
     @property
     def decoder(self) -> torch.nn.Module:
         """The transformer without its LM head: latent rollouts need hidden states, not logits."""

@@ -22,14 +22,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from ..errors import CheckpointError, GraphError
 from ..files.text import read_json, read_text
 from ..version import __version__
+from .limits import AGENTS, EDGES, LATENT_STEPS, ROUNDS, Limit
 
 CONFIG_NAME = "latentgraph_config.json"
 WEIGHTS_NAME = "links.safetensors"
@@ -69,6 +79,28 @@ class ConfigModel(BaseModel):
                 super().__init__(**data)
             except ValidationError as e:
                 raise GraphError(f"invalid {type(self).__name__}: {describe_errors(e)}") from None
+
+
+def within(limit: Limit) -> AfterValidator:
+    """A field validator refusing a number above ``limit`` (``None`` passes: the field's default applies)."""
+
+    def check(value: int | None) -> int | None:
+        if value is not None and (problem := limit.problem(value)):
+            raise PydanticCustomError("limit", "{problem}", {"problem": problem})
+        return value
+
+    return AfterValidator(check)
+
+
+def at_most(limit: Limit) -> BeforeValidator:
+    """A field validator refusing a list longer than ``limit`` before any of its items is validated."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, list) and (problem := limit.problem(len(value))):
+            raise PydanticCustomError("limit", "{problem}", {"problem": problem})
+        return value
+
+    return BeforeValidator(check)
 
 
 def describe_errors(error: ValidationError) -> str:
@@ -184,7 +216,7 @@ class AgentConfig(ConfigModel):
     prompt: str = "{question}"
     feedback_prompt: str | None = None
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
-    latent_steps: int = Field(32, ge=0)
+    latent_steps: Annotated[int, within(LATENT_STEPS)] = Field(32, ge=0)
     inner_link: LinkConfig = Field("ln_res", validate_default=True)
 
     @field_validator("backbone", mode="before")
@@ -228,10 +260,10 @@ class SystemConfig(ConfigModel):
 
     format_version: int = Field(FORMAT_VERSION, ge=1)
     latentgraph_version: str | None = None
-    rounds: int = Field(3, ge=1)
+    rounds: Annotated[int, within(ROUNDS)] = Field(3, ge=1)
     answer: str | None = None
-    agents: list[AgentConfig]
-    edges: list[EdgeConfig] = []
+    agents: Annotated[list[AgentConfig], at_most(AGENTS)]
+    edges: Annotated[list[EdgeConfig], at_most(EDGES)] = []
 
     def to_json(self) -> str:
         """The JSON text ``save_pretrained`` writes."""

@@ -16,7 +16,7 @@ The other built-in types are the plain variants of the paper's link ablation.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,10 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import GraphError
-from .config import LINK_CONFIGS, LinkConfig, Role, parse_link_config
+from .config import LINK_CONFIGS, LinkConfig, Role, parse_link_config, within
+from .limits import LINK_PARAMETERS, LINK_WIDTH
+
+Width = Annotated[int | None, Field(ge=1), within(LINK_WIDTH)]  # a hidden layer's width; None: the type's default
 
 
 class LnResConfig(LinkConfig):
@@ -32,7 +35,7 @@ class LnResConfig(LinkConfig):
     ``H`` for inner links, ``2 * out_dim`` for outer links)."""
 
     type: Literal["ln_res"] = "ln_res"
-    hidden_dim: int | None = Field(None, ge=1)
+    hidden_dim: Width = None
 
 
 class LinearConfig(LinkConfig):
@@ -51,7 +54,7 @@ class MLPConfig(LinkConfig):
     """Config of ``mlp`` links; ``hidden_dim`` defaults to ``out_dim``."""
 
     type: Literal["mlp"] = "mlp"
-    hidden_dim: int | None = Field(None, ge=1)
+    hidden_dim: Width = None
 
 
 class ResMLPConfig(MLPConfig):
@@ -155,10 +158,25 @@ def make_link(spec: Any, *, role: Role, in_dim: int, out_dim: int, where: str) -
     placed = {"role": role, "in_dim": in_dim, "out_dim": out_dim}
     config = config.model_copy(update={k: v for k, v in placed.items() if getattr(config, k) is None})
     check_config(config, role=role, in_dim=in_dim, out_dim=out_dim, where=where)
+    cls = _REGISTRY[(config.type, role)]
+    _check_size(cls, config, where)
     try:
-        return _REGISTRY[(config.type, role)](config)
+        return cls(config)
     except ValueError as e:
         raise GraphError(f"{where}: {e}") from None
+
+
+def _check_size(cls: type[Link], config: LinkConfig, where: str) -> None:
+    """Refuse a link with more parameters than :data:`~latentgraph.core.limits.LINK_PARAMETERS` allows, counted
+    on the meta device (shapes, no memory), so an absurd size fails here instead of allocating."""
+    try:
+        with torch.device("meta"):
+            size = sum(p.numel() for p in cls(config).parameters())
+    except Exception:  # built for real instead: that reports a config the type refuses (a ValueError), and
+        return  # runs a user type whose __init__ reads tensor values, which the meta device cannot
+    if problem := LINK_PARAMETERS.problem(size, f"this {config.type!r} link ({config.in_dim} -> {config.out_dim}) "
+                                                f"of {size:,} parameters"):
+        raise GraphError(f"{where}: {problem}")
 
 
 def config_of(link: nn.Module, where: str) -> LinkConfig:

@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import InputError
 from .agent import Agent, Message
 from .events import RUN_MODES, RunMode, format_table
+from .limits import ROUNDS
 from .prompt import PromptTemplate
 
 if TYPE_CHECKING:
@@ -134,7 +135,11 @@ class Plan:
                 link.to(self.agents[receivers[name]].backbone.device)
 
     def check_lengths(self, questions: list[str], max_new_tokens: int) -> None:
-        """Fail before any forward if a prompt plus what is appended to it exceeds a backbone's context."""
+        """Fail before any forward if a prompt plus what is appended to it exceeds a backbone's context.
+
+        A prompt with more characters than the context can hold at the tokenizer's longest token
+        (:attr:`~latentgraph.core.backbone.Backbone.longest_token`) is refused before it is tokenized, so a huge
+        question costs neither the time nor the memory of tokenizing it."""
         seen = set()
         for turn in self.turns_in_order():
             agent = turn.agent
@@ -148,8 +153,9 @@ class Plan:
             extra = sum(self.agents[e.src].latent_steps if e.mode == "latent" else max_new_tokens
                         for e in incoming.values())
             extra += max(agent.latent_steps if turn.thinks else 0, max_new_tokens if turn.speaks else 0)
-            rows = agent.tokenize(agent.render(questions, turn.template, messages))
-            for i, row in enumerate(rows):
+            rendered = agent.render(questions, turn.template, messages)
+            _check_characters(agent, rendered, extra)
+            for i, row in enumerate(agent.tokenize(rendered)):
                 needed = sum(len(p) for p in row if not isinstance(p, tuple)) + extra
                 if needed > agent.backbone.max_positions:
                     raise InputError(
@@ -159,10 +165,30 @@ class Plan:
                     )
 
 
+def _check_characters(agent: Agent, rendered: list[list[str | tuple[str]]], extra: int) -> None:
+    """Refuse, before tokenizing, a prompt whose characters cannot fit: it has at least ``characters /
+    longest_token`` tokens."""
+    longest, positions = agent.backbone.longest_token, agent.backbone.max_positions
+    if not longest:
+        return
+    for i, row in enumerate(rendered):
+        characters = sum(len(p) for p in row if isinstance(p, str))
+        needed = -(-characters // longest) + extra  # ceil(characters / longest), then what is appended
+        if needed > positions:
+            raise InputError(
+                f"agent '{agent.name}': question {i} makes a prompt of {characters:,} characters, which needs at "
+                f"least {needed:,} positions (no token of its tokenizer has more than {longest} characters; "
+                f"incoming messages and its own output need the rest) but its backbone has {positions:,}; "
+                "shorten the question (or the agent's prompts)"
+            )
+
+
 def build_plan(system: System, rounds: int, mode: RunMode = "latent") -> Plan:
     """Validate ``system`` and compile it into a :class:`Plan`; see :meth:`System.plan`."""
     if not (isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 1):
         raise InputError(f"rounds must be an integer >= 1, got {rounds!r}")
+    if problem := ROUNDS.problem(rounds):
+        raise InputError(f"rounds: {problem}")
     if mode not in RUN_MODES:
         raise InputError(f"mode must be one of {RUN_MODES}, got {mode!r}")
     system.validate()
@@ -174,13 +200,15 @@ def build_plan(system: System, rounds: int, mode: RunMode = "latent") -> Plan:
         return Plan(agents=agents, links=links, answer=system.answer, mode=mode, turns=((turn,),))
     edges = [replace(e, mode="text") if mode == "text" else e for e in system.edges.values()]
     order, plan = system.order(), []
+    sent = {name: [e for e in edges if e.src == name] for name in order}  # once, not in every round
+    received = {name: [e for e in edges if e.dst == name] for name in order}
     for r in range(1, rounds + 1):
         last, turns = r == rounds, []
         for name in order:
-            outgoing = tuple(e for e in edges if e.src == name and not (e.feedback and last))
+            outgoing = tuple(e for e in sent[name] if not (e.feedback and last))
             is_answer = name == system.answer
             if outgoing or (last and is_answer):
-                incoming = tuple(e for e in edges if e.dst == name and (r > 1 or not e.feedback))
+                incoming = tuple(e for e in received[name] if r > 1 or not e.feedback)
                 turns.append(Turn(round=r, agent=agents[name], incoming=incoming, outgoing=outgoing,
                                   thinks=any(e.mode == "latent" for e in outgoing),
                                   speaks=(last and is_answer) or any(e.mode == "text" for e in outgoing),

@@ -27,6 +27,7 @@ from .agent import Agent, _is_int, check_name
 from .config import CONFIG_NAME, CONFIG_SUFFIXES, FORMAT_VERSION, EdgeConfig, SystemConfig, read_config
 from .engine import InferenceStep, Stop, question_list, unroll
 from .events import Event, RunMode, RunOutput
+from .limits import AGENTS, EDGES, ROUNDS
 from .links import Link, config_of, make_link
 from .parallel import check_parallel
 from .plan import Plan, build_plan
@@ -83,6 +84,8 @@ class System(nn.Module):
     def rounds(self, value: int) -> None:
         if not (_is_int(value) and value >= 1):
             raise GraphError(f"rounds must be an integer >= 1, got {value!r}")
+        if problem := ROUNDS.problem(value):
+            raise GraphError(f"rounds: {problem}")
         self._rounds = value
 
     def add(self, agent: Agent) -> System:
@@ -91,6 +94,8 @@ class System(nn.Module):
             raise GraphError(f"System takes Agent objects, got {agent!r}")
         if agent.name in self.agents:
             raise GraphError(f"duplicate agent name '{agent.name}'; give each agent its own name")
+        if problem := AGENTS.problem(len(self.agents) + 1, f"a system of {len(self.agents) + 1} agents"):
+            raise GraphError(f"cannot add agent '{agent.name}': {problem}")
         try:
             self.agents[agent.name] = agent
         except KeyError:
@@ -115,6 +120,8 @@ class System(nn.Module):
                 raise GraphError(f"{where}: unknown agent '{name}'; agents are {list(self.agents)}")
         if f"{src}->{dst}" in self.edges:
             raise GraphError(f"{where} already exists; disconnect('{src}', '{dst}') first to replace it")
+        if problem := EDGES.problem(len(self.edges) + 1, f"a system of {len(self.edges) + 1} edges"):
+            raise GraphError(f"cannot add {where}: {problem}")
         slot = check_name(slot if slot is not None else src, f"{where} slot")
         if slot == QUESTION:
             raise GraphError(f"{where}: slot '{QUESTION}' is the task text; choose another slot name")

@@ -35,6 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from ..core.events import RUN_MODES
+from ..core.limits import ROUNDS
 from ..core.speak import Sampling
 from ..errors import GraphError, InputError, SandboxUnavailable
 from ..files.atomic import atomic_write_text
@@ -184,6 +185,8 @@ def _configs(system: System, methods: Sequence[str], rounds: int | Sequence[int]
     counts = [system.rounds] if rounds is None else [rounds] if isinstance(rounds, int) else list(rounds)
     if not counts or not all(isinstance(r, int) and r >= 1 for r in counts):
         raise InputError(f"rounds must be integers >= 1, got {rounds!r}")
+    if problem := ROUNDS.problem(max(counts)):
+        raise InputError(f"rounds: {problem}")
     counts = sorted(set(counts))
     return [pair for m in methods for pair in ([(m, None)] if m == "single" else [(m, r) for r in counts])]
 

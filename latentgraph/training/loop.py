@@ -33,7 +33,7 @@ import math
 import random
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -42,6 +42,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..checkpoints import native
 from ..checkpoints.native import WEIGHTS_NAME, assign, read_weights, unpickle_safely
+from ..core.config import within
+from ..core.limits import ROUNDS
 from ..core.system import System
 from ..errors import CheckpointError, InputError
 from ..files.atomic import recover, write_directory
@@ -73,7 +75,7 @@ class TrainConfig(BaseModel):
     warmup: int = Field(10, ge=0)  # linear warmup steps, then cosine decay to zero
     weight_decay: float = Field(0.0, ge=0)
     clip: float = Field(1.0, gt=0)  # max gradient norm
-    rounds: int | None = Field(None, ge=1)  # rounds to unroll (default: the system's)
+    rounds: Annotated[int | None, within(ROUNDS)] = Field(None, ge=1)  # rounds to unroll (default: the system's)
     intermediate_weight: float = Field(0.0, ge=0)  # weight of earlier rounds' answer loss
     grad_steps: int | None = Field(None, ge=1)  # rollout forwards kept in the graph (rollout regime)
     init: Literal["none", "closed_form"] = "none"  # start from latentgraph.training.closed_form's closed-form links
