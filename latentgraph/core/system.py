@@ -325,7 +325,8 @@ class System(nn.Module):
         """Load a system written by :meth:`save_pretrained`, from a directory or a hub repo.
 
         Args:
-            source: a directory, or a hub repo id (fetched through the hub cache).
+            source: a directory, or a hub repo id (fetched through the hub cache). A path that cannot be a hub
+                repo id (absolute, ``./x``, ``~/x``, ``a/b/c``) must name an existing folder.
             revision: hub revision of ``source``.
             backbones: ``{agent: backbone}`` to use instead of the saved references: a hub id, a directory,
                 a ``(model, tokenizer)`` pair or a ``Backbone``.
@@ -333,7 +334,7 @@ class System(nn.Module):
             device_map, max_memory, offload_folder: instead of ``device``, spread each backbone over several
                 GPUs with CPU or disk offload (see :class:`~latentgraph.Agent`).
         """
-        directory = native.recover(fetch(source, revision=revision))  # a save killed midway: its old version
+        directory = fetch(source, revision=revision)  # a folder a save killed midway left aside is put back
         config = read_config(directory / CONFIG_NAME)
         names = [a.name for a in config.agents]
         for name in backbones or {}:
