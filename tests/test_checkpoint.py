@@ -182,7 +182,7 @@ def test_a_path_that_cannot_be_a_hub_id_must_name_a_folder(source, tmp_path, mon
         lg.System.from_pretrained(source)
     with pytest.raises(lg.CheckpointError, match=re.escape(f"{source!r} does not exist; check the path")):
         lg.load(source)
-    with pytest.raises(lg.CheckpointError, match=re.escape(f"the backbone folder {source!r} does not exist")):
+    with pytest.raises(lg.CheckpointError, match=re.escape(f"the backbone directory {source!r} does not exist")):
         lg.Agent("a", source, device="cpu")
 
 

@@ -236,7 +236,7 @@ def get_backbone(backbone: str | Path | PreTrainedModel | Backbone, *, tokenizer
         spread = device_map_from(device, device_map, max_memory, offload_folder)
         resolved_device = resolve_device(device) if spread is None else None
         resolved_dtype = resolve_dtype(dtype, resolved_device or spread.main_device())
-        folder = local_folder(backbone, what="backbone folder")  # None: a hub id
+        folder = local_folder(backbone, what="backbone directory")  # None: a hub id
         source = str(folder) if folder is not None else str(backbone)
         key = ("source", source, revision, str(resolved_device), resolved_dtype, spread and spread.key())
         if (shared := _SHARED.get(key)) is not None:
