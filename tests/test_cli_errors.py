@@ -59,14 +59,14 @@ def evil_backbone(saved, tmp_path):
 
 
 def backbone_with_config(saved, tmp_path, config=None):
-    """The saved system, its solver's backbone a copy of that folder whose config.json is ``config`` (None:
-    no config.json)."""
+    """The saved system, its solver's backbone a copy of that folder whose config.json holds ``config`` (a dict
+    as JSON, a string as it is; None: no config.json)."""
     source = json.loads((saved / "latentgraph_config.json").read_text())["agents"][2]["backbone"]["name_or_path"]
     folder = tmp_path / "other-backbone"
     shutil.copytree(source, folder)
     (folder / "config.json").unlink()
     if config is not None:
-        (folder / "config.json").write_text(json.dumps(config))
+        (folder / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
     return with_backbone(saved, tmp_path, "solver", folder)
 
 
@@ -124,6 +124,9 @@ CASES = {
     "run on a backbone of a model type transformers does not know": (
         lambda saved, tmp: ["run", "Q?", "--style", str(backbone_with_config(saved, tmp, {"model_type": "nonesuch"}))],
         "is of model type 'nonesuch', which transformers"),
+    "run on a backbone whose config.json is not JSON": (
+        lambda saved, tmp: ["run", "Q?", "--style", str(backbone_with_config(saved, tmp, "{not json"))],
+        "other-backbone' could not be read: It looks like the config file"),
     "run --style on a folder that does not exist": (
         lambda saved, tmp: ["run", "Q?", "--style", str(tmp / "gone" / "system")],
         "system' does not exist; check the path"),

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dynami
 from ..errors import CheckpointError, GraphError, InputError, unpickling_problem
 from ..files.hub import fetch, local_folder, missing_repo_message, plain_view
 from .devices import DeviceMap, check_modules, device_map_from, devices, execution_device, resolve_device, resolve_dtype
-from .repository_code import config_refusal, model_refusal, tokenizer_refusal
+from .repository_code import config_problem, model_problem, tokenizer_problem
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Backbone:
         try:
             return AutoConfig.from_pretrained(self.name_or_path, revision=self.revision, trust_remote_code=False)
         except ValueError as e:
-            raise config_refusal(self.name_or_path, self.revision, e) from None
+            raise CheckpointError(config_problem(self.name_or_path, self.revision, e)) from None
 
     def __repr__(self) -> str:
         state = "loaded" if self._model is not None else "not loaded"
@@ -91,8 +91,8 @@ class Backbone:
                 raise CheckpointError(f"backbone {self.name_or_path!r}: {unpickling_problem(e)}; convert its "
                                       ".bin weights to safetensors, or use a checkpoint you trust") from None
             except ValueError as e:
-                if (refusal := model_refusal(self.name_or_path, self.config, e)) is not None:
-                    raise refusal from None
+                if (problem := model_problem(self.name_or_path, self.config)) is not None:
+                    raise CheckpointError(problem) from None
                 if self.device_map is None:
                     raise
                 # transformers and accelerate reject a map or limits they cannot meet
@@ -110,7 +110,7 @@ class Backbone:
                 self._tokenizer = AutoTokenizer.from_pretrained(self.name_or_path, revision=self.revision,
                                                                 trust_remote_code=False)
             except ValueError as e:
-                raise tokenizer_refusal(self.name_or_path, self.revision, self.config, e) from None
+                raise CheckpointError(tokenizer_problem(self.name_or_path, self.revision, self.config, e)) from None
         return self._tokenizer
 
     def load(self) -> Backbone:
@@ -247,7 +247,7 @@ def get_backbone(backbone: str | Path | PreTrainedModel | Backbone, *, tokenizer
         except OSError as e:
             if folder is None:
                 raise CheckpointError(missing_repo_message(source, revision, e)) from None
-            raise CheckpointError(f"backbone folder {source!r} could not be read: {e}; pass the folder the model's "
+            raise CheckpointError(f"backbone directory {source!r} could not be read: {e}; pass the folder the model's "
                                   "save_pretrained wrote, a hub id, or a loaded model") from None
     else:
         raise GraphError(f"a backbone is a hub id, a local directory or a loaded model, got {backbone!r:.80}")
