@@ -178,11 +178,11 @@ def test_missing_files(system, backbones, tmp_path):
 def test_a_path_that_cannot_be_a_hub_id_must_name_a_folder(source, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
-    with pytest.raises(lg.CheckpointError, match=re.escape(f"the folder {source!r} does not exist; check the path")):
+    with pytest.raises(lg.CheckpointError, match=re.escape(f"folder {source!r} does not exist; check the path")):
         lg.System.from_pretrained(source)
     with pytest.raises(lg.CheckpointError, match=re.escape(f"{source!r} does not exist; check the path")):
         lg.load(source)
-    with pytest.raises(lg.CheckpointError, match=re.escape(f"the backbone directory {source!r} does not exist")):
+    with pytest.raises(lg.CheckpointError, match=re.escape(f"backbone directory {source!r} does not exist")):
         lg.Agent("a", source, device="cpu")
 
 

@@ -28,13 +28,9 @@ from .atomic import recover
 LINK_FILES = ("adapter_config.json", "innerlink_config.json", "*.pt", "README.md")
 
 
-def is_local(source: str | Path) -> bool:
-    return Path(source).is_dir()
-
-
 def looks_like_path(source: str | Path) -> bool:
     """Whether ``source`` can only name a local folder: a ``Path``, or a string that is no valid hub repo id
-    (``name`` or ``owner/name``, letters, digits, ``-``, ``_`` and ``.``, not starting with ``.``)."""
+    (``name`` or ``owner/name`` of letters, digits, ``-``, ``_`` and ``.``, as huggingface_hub checks them)."""
     if isinstance(source, Path):
         return True
     try:
@@ -58,7 +54,7 @@ def local_folder(source: str | Path, what: str = "folder") -> Path | None:
         return None
     if folder.exists():
         raise CheckpointError(f"{str(source)!r} is a file, not a {what}; pass the folder that holds the files")
-    raise CheckpointError(f"the {what} {str(source)!r} does not exist; check the path (a hub repo id looks like "
+    raise CheckpointError(f"{what} {str(source)!r} does not exist; check the path (a hub repo id looks like "
                           "'org/name')")
 
 
