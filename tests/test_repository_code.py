@@ -90,19 +90,30 @@ def answering_yes(monkeypatch, tmp_path):
     monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
 
 
-def test_a_config_of_repository_code_is_refused_without_running_it(tiny, tmp_path, answering_yes):
+def custom_llama(tiny, tmp_path):
+    """A tiny Llama saved as a model type of its folder's code; returns the folder and the code's marker."""
     model, tokenizer = tiny("llama", 32)
     folder = tmp_path / "custom"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    marker = tmp_path / "ran"
-    config_code(folder, marker)
+    return config_code(folder, tmp_path / "ran"), tmp_path / "ran"
+
+
+def test_a_config_of_repository_code_is_refused_without_running_it(tiny, tmp_path, answering_yes):
+    folder, marker = custom_llama(tiny, tmp_path)
     with pytest.raises(lg.CheckpointError) as refused:
         lg.Agent("a", str(folder), device="cpu")
     message = str(refused.value)
     assert f"backbone {str(folder)!r} needs code from its repository" in message
     assert "model type 'lg_custom'" in message and "repo_code.py" in message
     assert "latentgraph never runs repository code" in message and "backbones={agent: (model, tokenizer)}" in message
+    assert not marker.exists()
+
+
+def test_trust_remote_code_from_the_model_cards_changes_nothing(published_hub, tiny, tmp_path, answering_yes):
+    folder, marker = custom_llama(tiny, tmp_path)
+    with pytest.raises(lg.CheckpointError, match="latentgraph never runs repository code"):
+        lg.load_style("distillation", device="cpu", trust_remote_code=True, backbones={"learner": str(folder)})
     assert not marker.exists()
 
 
