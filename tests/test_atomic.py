@@ -3,6 +3,7 @@ complete new version, never a mix, and no temporaries once Python sees the failu
 
 import errno
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -189,6 +190,38 @@ def test_a_kill_between_the_fallback_renames_is_recovered_by_readers(tmp_path, m
     assert killed_at(renames[1], lambda: write_directory(target, NEW)) == KILLED  # the old one is aside
     assert not target.exists() and any(".old-" in name for name in hidden(tmp_path))
     assert recover(target) == target and snapshot(target) == OLD
+
+
+def killed_between_the_fallback_renames(target, files):
+    """Kill a fallback save of ``files`` into the existing folder ``target`` between its two renames: the
+    target is missing, its old version aside."""
+    for leftover in target.parent.glob(f".{target.name}.*"):  # an earlier kill's: the save would delete it first
+        shutil.rmtree(leftover)
+    probe = target.parent / "probe"
+    shutil.copytree(target, probe)  # the same entries: a save into it makes the same operations
+    names = count(lambda: write_directory(probe, files))
+    shutil.rmtree(probe)
+    second_rename = [k for k, name in enumerate(names, start=1) if name == "rename"][1]
+    assert killed_at(second_rename, lambda: write_directory(target, files)) == KILLED
+    assert not target.exists() and any(f".{target.name}.old-" in name for name in os.listdir(target.parent))
+
+
+@needs_fork
+def test_a_folder_left_aside_is_put_back_for_a_path_inside_it(tmp_path, monkeypatch):
+    """A training output whose save was killed between the fallback renames: reading or writing one of its
+    checkpoint folders puts the output back first, whole."""
+    monkeypatch.setattr(atomic, "_renameat2", None)
+    output = tmp_path / "out"
+    write_directory(output, OLD)
+    write_directory(output / "checkpoint-2", NEW)
+    before = snapshot(output)
+    killed_between_the_fallback_renames(output, NEW)
+    assert recover(output / "checkpoint-2" / "config.json") == output / "checkpoint-2" / "config.json"
+    assert snapshot(output) == before and not any(".old-" in name for name in hidden(tmp_path))
+    killed_between_the_fallback_renames(output, NEW)
+    write_directory(output / "checkpoint-4", NEW)  # into the old output, not a new empty one beside it
+    assert snapshot(output) == {**before, "checkpoint-4": "/", **{f"checkpoint-4/{k}": v for k, v in NEW.items()}}
+    assert not any(".old-" in name for name in hidden(tmp_path))  # the killed saves' .tmp- go at the next save
 
 
 def test_a_read_only_or_forbidden_target_raises_and_keeps_the_old_folder(tmp_path):

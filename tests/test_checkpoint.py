@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 import shutil
 import stat
 
@@ -170,6 +171,36 @@ def test_missing_files(system, backbones, tmp_path):
     (tmp_path / WEIGHTS_NAME).unlink()
     with pytest.raises(lg.CheckpointError, match="links.safetensors is missing"):
         lg.System.from_pretrained(tmp_path, backbones=backbones)
+
+
+@pytest.mark.parametrize("source", ["/no/such/checkpoint", "./no-such-checkpoint", "../no/such", "~/no/such",
+                                    "no/such/checkpoint", "no such checkpoint"])
+def test_a_path_that_cannot_be_a_hub_id_must_name_a_folder(source, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(lg.CheckpointError, match=re.escape(f"folder {source!r} does not exist; check the path")):
+        lg.System.from_pretrained(source)
+    with pytest.raises(lg.CheckpointError, match=re.escape(f"{source!r} does not exist; check the path")):
+        lg.load(source)
+    with pytest.raises(lg.CheckpointError, match=re.escape(f"backbone directory {source!r} does not exist")):
+        lg.Agent("a", source, device="cpu")
+
+
+def test_a_hub_id_is_looked_up_in_the_hub_cache():
+    with pytest.raises(lg.CheckpointError, match="hub repo 'org/no-such-system' is neither cached nor reachable"):
+        lg.System.from_pretrained("org/no-such-system")
+
+
+def test_paths_under_the_home_folder_load(system, backbones, tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    system.save_pretrained(tmp_path / "ckpt")
+    assert_same_links(lg.System.from_pretrained("~/ckpt", backbones=backbones), system)
+    model, tokenizer = tiny("llama", 48)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    agent = lg.Agent("b", "~/model", device="cpu")
+    assert agent.backbone.name_or_path == str(tmp_path / "model") and agent.hidden_size == 48
+    assert agent.tokenizer.get_vocab() == tokenizer.get_vocab()
 
 
 def test_missing_required_config_key(system, backbones, tmp_path):

@@ -58,6 +58,23 @@ def evil_backbone(saved, tmp_path):
     return with_backbone(saved, tmp_path, "solver", folder)
 
 
+def backbone_with_config(saved, tmp_path, config=None):
+    """The saved system, its solver's backbone a copy of that folder whose config.json holds ``config`` (a dict
+    as JSON, a string as it is; None: no config.json)."""
+    source = json.loads((saved / "latentgraph_config.json").read_text())["agents"][2]["backbone"]["name_or_path"]
+    folder = tmp_path / "other-backbone"
+    shutil.copytree(source, folder)
+    (folder / "config.json").unlink()
+    if config is not None:
+        (folder / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    return with_backbone(saved, tmp_path, "solver", folder)
+
+
+def empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    return tmp_path / "empty"
+
+
 def eval_output(tmp_path, settings=None, rows=()):
     out = tmp_path / "eval-out"
     out.mkdir()
@@ -98,6 +115,24 @@ CASES = {
     "run on a backbone folder that does not exist": (
         lambda saved, tmp: ["run", "Q?", "--style", str(with_backbone(saved, tmp, "critic", tmp / "gone" / "model"))],
         "does not exist; check the path"),
+    "run on a backbone folder without config.json": (
+        lambda saved, tmp: ["run", "Q?", "--style", str(backbone_with_config(saved, tmp))],
+        "other-backbone' has no config.json, so it is no model folder transformers can load"),
+    "run on a backbone whose config.json has no model_type": (
+        lambda saved, tmp: ["run", "Q?", "--style", str(backbone_with_config(saved, tmp, {"hidden_size": 32}))],
+        "its config.json has no model_type"),
+    "run on a backbone of a model type transformers does not know": (
+        lambda saved, tmp: ["run", "Q?", "--style", str(backbone_with_config(saved, tmp, {"model_type": "nonesuch"}))],
+        "is of model type 'nonesuch', which transformers"),
+    "run on a backbone whose config.json is not JSON": (
+        lambda saved, tmp: ["run", "Q?", "--style", str(backbone_with_config(saved, tmp, "{not json"))],
+        "other-backbone' could not be read: It looks like the config file"),
+    "run --style on a folder that does not exist": (
+        lambda saved, tmp: ["run", "Q?", "--style", str(tmp / "gone" / "system")],
+        "system' does not exist; check the path"),
+    "run --style on a folder that holds no saved system": (
+        lambda saved, tmp: ["run", "Q?", "--style", str(empty_folder(tmp))],
+        "has no latentgraph_config.json, so it is no saved system"),
     "run on a backbone whose .bin holds a refused pickle": (
         lambda saved, tmp: ["run", "Q?", "--style", str(evil_backbone(saved, tmp)), "--max-new-tokens", "1"],
         "refused to unpickle it: it holds the global posix.system"),

@@ -325,3 +325,34 @@ def test_the_final_save_killed_at_any_file_operation_keeps_every_checkpoint(chea
     loaded = lg.System.from_pretrained(output, backbones={name: (a.model, a.tokenizer)
                                                           for name, a in cheap.system.agents.items()})
     assert all(torch.equal(v, cheap.system.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="kills are simulated in forked children")
+def test_resume_puts_back_an_output_that_a_fallback_final_save_left_aside(cheap, tmp_path, monkeypatch):
+    """Without the atomic exchange the final save renames the output, checkpoints and all, aside before
+    renaming the new one in. Killed at any step, resuming from its last checkpoint finds it (put back first
+    where it was aside) and gives the uninterrupted run's links."""
+    from faults import KILLED, count, killed_at
+
+    from latentgraph.files import atomic
+
+    monkeypatch.setattr(atomic, "_renameat2", None)
+    whole = cheap(tmp_path / "whole")
+    killed = []
+
+    def final(target, files):  # kill the final save at each operation, each time into a copy of the output
+        names = count(lambda: write(shutil.copytree(target, tmp_path / "probe"), files))
+        for k in range(1, len(names) + 1):
+            copy = shutil.copytree(target, tmp_path / f"k{k}" / "out")
+            assert killed_at(k, lambda copy=copy: write(copy, files)) == KILLED
+            killed.append(copy)
+        return write(target, files)
+
+    write = intercept(monkeypatch, "out", final)
+    cheap(tmp_path / "out")
+    monkeypatch.setattr(latentgraph.training.loop, "write_directory", write)
+    assert any(not copy.exists() for copy in killed)  # some kill came between the two renames
+    for copy in killed:
+        resumed = cheap(copy.parent / "resumed", resume=copy / "checkpoint-4")
+        assert all(torch.equal(whole[k], resumed[k]) for k in whole), copy
+        assert sorted(p.name for p in copy.iterdir())[:2] == ["checkpoint-2", "checkpoint-4"]

@@ -3,7 +3,8 @@
 A name is ``"default"`` (the embedded default system, real small backbones shipped in packages), a
 published RecursiveMAS style (``"sequential_light"``, ...), a folder written by ``save_pretrained``, or a
 system declared in a ``.json``/``.yaml`` file (with the links of a ``links.safetensors`` beside it, else
-fresh untrained links).
+fresh untrained links). A folder that a save killed midway left aside is put back first
+(:func:`~latentgraph.files.atomic.recover`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 from ..core.config import CONFIG_NAME, CONFIG_SUFFIXES, WEIGHTS_NAME
 from ..core.system import System
 from ..errors import CheckpointError
+from ..files.atomic import recover
+from ..files.hub import looks_like_path
 from .link_dtype import cast_links, check_link_dtype
 from .native import load_weights
 from .published import list_styles, load_style, style_module
@@ -55,7 +58,7 @@ def load(name: str | Path = DEFAULT, *, task: str = "math", weights: bool = True
 
             tools = {"tools": [PythonTool(require=())]}
         return load_style(name, task=task, load_weights=weights, **placement, **tools, link_dtype=link_dtype)
-    path = Path(name)
+    path = recover(Path(name).expanduser())
     if (path / CONFIG_NAME).exists():
         return System.from_pretrained(path, **placement, link_dtype=link_dtype)
     if path.suffix.lower() in CONFIG_SUFFIXES and path.is_file():
@@ -67,5 +70,10 @@ def load(name: str | Path = DEFAULT, *, task: str = "math", weights: bool = True
             warnings.warn(f"no {WEIGHTS_NAME} beside {path}: the links are freshly initialised, not trained",
                           stacklevel=2)
         return system
+    if path.is_dir():
+        raise CheckpointError(f"the folder {name!r} has no {CONFIG_NAME}, so it is no saved system: pass a folder "
+                              "written by save_pretrained, latentgraph train or latentgraph convert")
+    if looks_like_path(name) and not path.exists():
+        raise CheckpointError(f"{name!r} does not exist; check the path")
     raise CheckpointError(f"{name!r} is not '{DEFAULT}', a published style ({', '.join(list_styles())}), a "
                           f"directory with a {CONFIG_NAME} or a system file ({', '.join(CONFIG_SUFFIXES)})")

@@ -70,8 +70,9 @@ def load_style(name: str, task: str = "math", *, revision: str | dict[str, str] 
             default ones; ``[]`` for none. Styles without such an agent refuse it.
         trust_remote_code: accepted so that the published model cards' snippet
             (``load_style("distillation", device="cuda", trust_remote_code=True)``) runs as written. It changes
-            nothing: every published backbone is a standard transformers architecture, and latentgraph never
-            runs code from a repo.
+            nothing, ``True`` included: every backbone loads with ``trust_remote_code=False``, since latentgraph
+            never runs code from a model's repository (:mod:`~latentgraph.core.repository_code`), and every
+            published backbone is a standard transformers architecture, which needs none.
         link_dtype: what the links hold their parameters and compute in: ``"float32"`` (default; the published
             bf16 values load exactly), ``"auto"`` (the dtype of the link files, bf16: the published numerics),
             or another dtype (``"bfloat16"``, ``torch.float16``, ...). Links without a file (``load_weights=False``,

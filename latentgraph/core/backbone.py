@@ -1,7 +1,8 @@
 """Backbones: frozen Hugging Face causal LMs, loaded once and shared by every agent that names them.
 
 A backbone is given as a hub id, a local directory or a loaded model. Its config is read at once (so a
-graph can be validated and rendered without weights); the weights load on first use. Backbones are frozen:
+graph can be validated and rendered without weights); the weights load on first use. Code from the model's
+repository never runs (:mod:`~latentgraph.core.repository_code`). Backbones are frozen:
 eval mode, no gradients. It runs on one device, or is spread over several by a device map
 (:mod:`~latentgraph.core.devices`).
 """
@@ -20,8 +21,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
 from ..errors import CheckpointError, GraphError, InputError, unpickling_problem
-from ..files.hub import fetch, is_local, missing_repo_message, plain_view
+from ..files.hub import fetch, local_folder, missing_repo_message, plain_view
 from .devices import DeviceMap, check_modules, device_map_from, devices, execution_device, resolve_device, resolve_dtype
+from .repository_code import config_problem, model_problem, tokenizer_problem
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +43,14 @@ class Backbone:
         self.dtype = dtype
         self._model = model
         self._tokenizer = tokenizer
-        self.config = model.config if model is not None else AutoConfig.from_pretrained(source, revision=revision)
+        self.config = model.config if model is not None else self._read_config()
+
+    def _read_config(self) -> Any:
+        # trust_remote_code=False here and in every loader below: never a prompt, never the repository's code
+        try:
+            return AutoConfig.from_pretrained(self.name_or_path, revision=self.revision, trust_remote_code=False)
+        except ValueError as e:
+            raise CheckpointError(config_problem(self.name_or_path, self.revision, e)) from None
 
     def __repr__(self) -> str:
         state = "loaded" if self._model is not None else "not loaded"
@@ -77,13 +86,16 @@ class Backbone:
             elif self._device.type != "cpu":
                 kwargs["device_map"] = str(self._device)
             try:
-                model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+                model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=False, **kwargs)
             except pickle.UnpicklingError as e:
                 raise CheckpointError(f"backbone {self.name_or_path!r}: {unpickling_problem(e)}; convert its "
                                       ".bin weights to safetensors, or use a checkpoint you trust") from None
-            except ValueError as e:  # transformers and accelerate reject a map or limits they cannot meet
+            except ValueError as e:
+                if (problem := model_problem(self.name_or_path, self.config)) is not None:
+                    raise CheckpointError(problem) from None
                 if self.device_map is None:
                     raise
+                # transformers and accelerate reject a map or limits they cannot meet
                 raise InputError(f"backbone {self.name_or_path!r} could not be placed with {self.device_map}: {e}; "
                                  "change device_map, max_memory or offload_folder") from None
             if self.device_map is not None:
@@ -94,7 +106,11 @@ class Backbone:
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.name_or_path, revision=self.revision)
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.name_or_path, revision=self.revision,
+                                                                trust_remote_code=False)
+            except ValueError as e:
+                raise CheckpointError(tokenizer_problem(self.name_or_path, self.revision, self.config, e)) from None
         return self._tokenizer
 
     def load(self) -> Backbone:
@@ -232,32 +248,23 @@ def get_backbone(backbone: str | Path | PreTrainedModel | Backbone, *, tokenizer
         spread = device_map_from(device, device_map, max_memory, offload_folder)
         resolved_device = resolve_device(device) if spread is None else None
         resolved_dtype = resolve_dtype(dtype, resolved_device or spread.main_device())
-        if looks_like_path(backbone) and not Path(backbone).expanduser().is_dir():
-            raise CheckpointError(f"backbone directory {str(backbone)!r} does not exist; check the path "
-                                  "(a hub id looks like 'org/name')")
-        key = ("source", str(backbone), revision, str(resolved_device), resolved_dtype, spread and spread.key())
+        folder = local_folder(backbone, what="backbone directory")  # None: a hub id
+        source = str(folder) if folder is not None else str(backbone)
+        key = ("source", source, revision, str(resolved_device), resolved_dtype, spread and spread.key())
         if (shared := _SHARED.get(key)) is not None:
             return shared
         try:
-            made = Backbone(str(backbone), revision=revision, device=resolved_device, dtype=resolved_dtype,
+            made = Backbone(source, revision=revision, device=resolved_device, dtype=resolved_dtype,
                             tokenizer=tokenizer, device_map=spread)
         except OSError as e:
-            if not is_local(backbone) and "/" in str(backbone):
-                raise CheckpointError(missing_repo_message(str(backbone), revision, e)) from None
-            raise CheckpointError(
-                f"backbone {str(backbone)!r} not found: {e}. Pass a hub id, a local directory with a "
-                "config.json, or a loaded model."
-            ) from None
+            if folder is None:
+                raise CheckpointError(missing_repo_message(source, revision, e)) from None
+            raise CheckpointError(f"backbone directory {source!r} could not be read: {e}; pass the folder the model's "
+                                  "save_pretrained wrote, a hub id, or a loaded model") from None
     else:
         raise GraphError(f"a backbone is a hub id, a local directory or a loaded model, got {backbone!r:.80}")
     _SHARED[key] = made
     return made
-
-
-def looks_like_path(source: str | Path) -> bool:
-    """Whether ``source`` names a local folder rather than a hub repo (``org/name``)."""
-    text = str(source)
-    return isinstance(source, Path) or text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
 
 
 def _check_shared(shared: Backbone, device: torch.device | None, dtype: torch.dtype | None) -> None:

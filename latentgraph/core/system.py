@@ -334,7 +334,8 @@ class System(nn.Module):
         """Load a system written by :meth:`save_pretrained`, from a directory or a hub repo.
 
         Args:
-            source: a directory, or a hub repo id (fetched through the hub cache).
+            source: a directory, or a hub repo id (fetched through the hub cache). A path that cannot be a hub
+                repo id (absolute, ``./x``, ``~/x``, ``a/b/c``) must name an existing folder.
             revision: hub revision of ``source``.
             backbones: ``{agent: backbone}`` to use instead of the saved references: a hub id, a directory,
                 a ``(model, tokenizer)`` pair or a ``Backbone``.
@@ -346,7 +347,7 @@ class System(nn.Module):
                 (see :mod:`latentgraph.checkpoints.link_dtype`). Like placement, it is not saved.
         """
         link_dtype = check_link_dtype(link_dtype)
-        directory = native.recover(fetch(source, revision=revision))  # a save killed midway: its old version
+        directory = fetch(source, revision=revision)  # a folder a save killed midway left aside is put back
         config = read_config(directory / CONFIG_NAME)
         names = [a.name for a in config.agents]
         for name in backbones or {}:

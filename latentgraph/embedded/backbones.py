@@ -179,9 +179,10 @@ def _convert(name: str, package: _Package, spec: ModuleSpec, target: Path) -> No
 
 def _gguf_to_checkpoint(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF file into a plain checkpoint folder, in bf16 (half the size of fp32)."""
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # trust_remote_code=False, as for every backbone: latentgraph never runs code from a model's folder
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16,
-                                                 **_DENSE_GGUF)
+                                                 trust_remote_code=False, **_DENSE_GGUF)
     # Some releases leave the GGUF quantizer attached after dequantizing; save_pretrained refuses while it is.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None

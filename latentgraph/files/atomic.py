@@ -21,9 +21,9 @@ ones whose process is gone.
 Where the exchange is unavailable (not Linux, an old C library, a filesystem that refuses it), a commit
 renames the old folder aside to ``.<name>.old-<pid>-<hex>``, renames the new one in, and deletes the old
 one. A kill between those two renames leaves no folder at the target but the complete old version aside;
-:func:`recover`, which loading and the next save call, puts it back. Either way no reader ever sees a mix of
-old and new files. Concurrent saves to the same folder are not supported, and a mount point cannot be
-replaced as a whole: save into a folder inside it.
+:func:`recover`, which every loader and the next save call, puts it back (for a path inside it, too). Either
+way no reader ever sees a mix of old and new files. Concurrent saves to the same folder are not supported,
+and a mount point cannot be replaced as a whole: save into a folder inside it.
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     target = _resolve(target)
     temporary, existed, committed = None, os.path.lexists(target), False
     try:
+        recover(target)  # first: a parent folder left aside goes back, rather than a new empty one made
         os.makedirs(target.parent, exist_ok=True)
-        recover(target)
         _clean_stale(target)
         existed = os.path.lexists(target)
         if existed and not os.path.isdir(target):
@@ -124,27 +124,28 @@ def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> P
 
 
 def recover(target: str | Path) -> Path:
-    """The folder to read ``target`` from. That is ``target`` itself unless a kill cut a fallback commit
-    between its two renames: then ``target`` is missing and its complete old version lies aside, and this
-    renames it back (when the process that wrote it is gone) or else returns where it lies."""
+    """The path to read ``target`` from: ``target``, unless a kill cut a fallback commit of it (or of a folder
+    above it) between its two renames; the old version it left aside goes back, or is read there if still in use."""
     given = Path(target)
-    if not Path(os.path.abspath(given)).name:
-        return given
-    target = _resolve(given)
-    if os.path.lexists(target):
-        return given
-    asides = [(path, pid) for path, kind, pid in _siblings(target) if kind == "old"]
-    if not asides:
-        return given
-    path, pid = max(asides, key=lambda aside: _mtime(aside[0]))
-    if not _stale(path, pid):
-        return path  # a save is between its two renames right now: read the old version where it lies
-    try:
-        os.rename(path, target)
-    except OSError:
-        return path
-    _sync_directory(target.parent, strict=False)
-    return given
+    path, missing = Path(os.path.realpath(given)), []  # missing: the absent last components, innermost first
+    while not os.path.lexists(path) and path.name:
+        missing.append(path.name)
+        path = path.parent
+    for name in reversed(missing):
+        path /= name
+        asides = [(aside, pid) for aside, kind, pid in _siblings(path) if kind == "old"]
+        if not asides:
+            return given  # nothing aside: absent, as it was
+        aside, pid = max(asides, key=lambda found: _mtime(found[0]))
+        if not _stale(aside, pid):  # a save is between its two renames right now: read the old version aside
+            path = aside
+            continue
+        try:
+            os.rename(aside, path)
+            _sync_directory(path.parent, strict=False)
+        except OSError:
+            path = aside
+    return given if path == Path(os.path.realpath(given)) else path
 
 
 def _commit(temporary: Path, target: Path, existed: bool) -> None:

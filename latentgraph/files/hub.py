@@ -1,8 +1,12 @@
 """Where files come from: local directories or Hugging Face hub repos (through the local cache).
 
-Hub access goes through ``huggingface_hub``, so ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE`` and ``HF_TOKEN`` work as
-usual. A repo that is neither cached nor reachable is a :class:`CheckpointError` naming the repo and how to
-fetch it on a connected machine.
+A source that names a local folder is that folder (``~`` expanded; put back first where a save killed midway
+left it aside, see :func:`~latentgraph.files.atomic.recover`). A source that cannot be a hub repo id (an
+absolute path, ``./x``, ``~/x``, ``a/b/c``: see :func:`looks_like_path`) and names no folder is a
+:class:`CheckpointError` saying the folder does not exist. Anything else is a hub repo id: hub access goes
+through ``huggingface_hub``, so ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE`` and ``HF_TOKEN`` work as usual, and a repo
+that is neither cached nor reachable is a :class:`CheckpointError` naming the repo and how to fetch it on a
+connected machine.
 """
 
 from __future__ import annotations
@@ -15,25 +19,54 @@ from pathlib import Path
 
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..errors import CheckpointError
+from .atomic import recover
 
 # Files of a published agent repo that belong to its links, not to its base model.
 LINK_FILES = ("adapter_config.json", "innerlink_config.json", "*.pt", "README.md")
 
 
-def is_local(source: str | Path) -> bool:
-    return Path(source).is_dir()
+def looks_like_path(source: str | Path) -> bool:
+    """Whether ``source`` can only name a local folder: a ``Path``, or a string that is no valid hub repo id
+    (``name`` or ``owner/name`` of letters, digits, ``-``, ``_`` and ``.``, as huggingface_hub checks them)."""
+    if isinstance(source, Path):
+        return True
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return True
+    return False
+
+
+def local_folder(source: str | Path, what: str = "folder") -> Path | None:
+    """The local folder ``source`` names, or None when it names none and may be a hub repo id.
+
+    ``~`` is expanded, and a folder that a save killed midway left aside is put back first. A source that
+    can only be a path (:func:`looks_like_path`) and names no folder is a :class:`CheckpointError` calling it
+    the ``what``.
+    """
+    folder = recover(Path(source).expanduser())
+    if folder.is_dir():
+        return folder
+    if not looks_like_path(source):
+        return None
+    if folder.exists():
+        raise CheckpointError(f"{str(source)!r} is a file, not a {what}; pass the folder that holds the files")
+    raise CheckpointError(f"{what} {str(source)!r} does not exist; check the path (a hub repo id looks like "
+                          "'org/name')")
 
 
 def fetch(source: str | Path, *, revision: str | None = None, allow: list[str] | None = None,
           ignore: list[str] | None = None) -> Path:
-    """A local directory holding ``source``: the directory itself, or a snapshot of the hub repo.
+    """A local directory holding ``source``: the folder itself (see :func:`local_folder`), or a snapshot of
+    the hub repo.
 
     ``allow`` and ``ignore`` are glob patterns limiting what is downloaded from the hub.
     """
-    if is_local(source):
-        return Path(source)
+    if (folder := local_folder(source)) is not None:
+        return folder
     try:
         return Path(snapshot_download(str(source), revision=revision, allow_patterns=allow, ignore_patterns=ignore))
     except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
