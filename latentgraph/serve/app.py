@@ -24,9 +24,10 @@ from starlette.middleware.cors import CORSMiddleware
 from ..core.system import System
 from ..errors import LatentGraphError, RequestError
 from .batcher import Batcher, Failed, Item, Ticket
+from .limits import Limits
 from .metrics import ServerMetrics
 from .middleware import BearerAuth, BodyLimit, RequestMetrics
-from .protocol import ChatRequest, CompletionRequest, Limits, job_of, parse, prompt_questions, question_of
+from .protocol import ChatRequest, CompletionRequest, job_of, parse, prompt_questions, question_of
 from .responses import Reply, error_body, request_error_body, sse
 
 logger = logging.getLogger("latentgraph.serve")
@@ -48,7 +49,10 @@ class Service:
 
     def _load(self) -> None:
         try:
-            batcher = Batcher(self.load_system(), self.limits, self.metrics)
+            system = self.load_system()
+            for agent in system.agents.values():
+                agent.backbone.load()  # now, not in the first request
+            batcher = Batcher(system, self.limits, self.metrics)
         except Exception as e:  # reported by /health and to every request
             self.error = " ".join(str(e).split()) if isinstance(e, LatentGraphError) else repr(e)
             logger.error("the system could not be loaded: %s", self.error)

@@ -27,8 +27,9 @@ from ..core.engine import InferenceStep, unroll
 from ..core.events import AgentFinished, AgentSpoke, Event
 from ..core.system import System
 from ..errors import InputError, LatentGraphError, RequestError
+from .limits import Limits
 from .metrics import ServerMetrics
-from .protocol import Job, Limits, Row
+from .protocol import Job, Row
 from .records import event_record
 
 logger = logging.getLogger("latentgraph.serve")

@@ -16,32 +16,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..core.speak import Sampling
-from ..errors import InputError, RequestError
+from ..errors import RequestError
+from .limits import Limits
 
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a 64-bit signed integer, as OpenAI's seed
 ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What the server accepts and how it batches (the flags of ``latentgraph serve``)."""
-
-    max_batch_size: int = 16  # rows (questions times choices) decoded together
-    batch_wait_ms: float = 5.0  # how long a batch waits for more rows once it has one
-    max_queue: int = 256  # rows waiting for a batch; more get 503 with Retry-After
-    max_tokens_cap: int = 1024  # the largest max_tokens a request may ask for
-    default_max_tokens: int = 256  # when a request gives none (capped at max_tokens_cap)
-    max_question_chars: int = 32_000  # the question, transcript included
-    max_body_bytes: int = 1_000_000
-    max_n: int = 8  # choices per request (times the prompts of a text completion)
-
-    def __post_init__(self) -> None:
-        wrong = [f"--{name.replace('_', '-')} must be {'>= 0' if name == 'batch_wait_ms' else 'an integer >= 1'}, "
-                 f"got {value!r}" for name, value in vars(self).items()
-                 if not (value >= 0 if name == "batch_wait_ms" else isinstance(value, int) and value >= 1)]
-        if wrong:
-            raise InputError("invalid server limits: " + "; ".join(wrong))
 
 
 @dataclass(frozen=True)

@@ -8,16 +8,19 @@ said that none is needed, and stops cleanly on Ctrl-C (uvicorn finishes the requ
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 
+from ..core.system import System
 from ..errors import InputError
-
-API_KEY_VARIABLE = "LATENTGRAPH_API_KEY"
+from .app import create_app
+from .limits import API_KEY_VARIABLE, Limits
 
 
 def is_loopback(host: str) -> bool:
@@ -88,3 +91,32 @@ class Server:
         self.uvicorn.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout)
+
+
+def serve_system(load_system: Callable[[], System], *, name: str, host: str, port: int, limits: Limits,
+          api_key: str | None = None, allow_no_key: bool = False, cors_origins: Sequence[str] = (),
+          say: Callable[[str], None] = print) -> None:
+    """Serve the system ``load_system`` loads (in the background) until Ctrl-C; ``say`` tells the user where and
+    how to call it. An error ``load_system`` raises stops the server and is raised here."""
+    check_exposure(host, api_key, allow_no_key)
+    failure: list[BaseException] = []
+
+    def load_or_stop() -> System:
+        try:
+            return load_system()
+        except BaseException as e:
+            failure.append(e)
+            server.stop()
+            raise
+
+    app = create_app(load_or_stop, name=name, limits=limits, api_key=api_key, cors_origins=cors_origins)
+    server = Server(app, listen(host, port))
+    example = {"model": name, "messages": [{"role": "user", "content": "What is 2 + 2?"}]}
+    key = ' -H "Authorization: Bearer $LATENTGRAPH_API_KEY"' if api_key else ""
+    say(f"serving '{name}' at {server.url}/v1 (OpenAI-compatible); it answers once the system is loaded "
+        f"({server.url}/health says when). Ctrl-C stops it. Try:\n  curl {server.url}/v1/chat/completions{key} "
+        f"-H 'Content-Type: application/json' -d '{json.dumps(example)}'")
+    server.run()
+    if failure:
+        raise failure[0]
+    say("stopped")
