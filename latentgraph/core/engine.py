@@ -8,7 +8,8 @@ and names the agent or edge at fault, keeps the trace, and emits :mod:`~latentgr
 
 What a turn computes is the step's business, which is how inference and training share this loop:
 
-- :class:`InferenceStep` thinks by a latent rollout and speaks by decoding, under ``torch.no_grad``;
+- :class:`InferenceStep` thinks by a latent rollout and speaks by decoding, under ``torch.no_grad``; it
+  yields a :class:`~latentgraph.core.events.TokensDecoded` per decoding step, which the engine passes on live;
 - :class:`~latentgraph.training.objectives.TrainingStep` thinks by a rollout with gradients or by teacher forcing,
   and "speaks" the answer by teacher forcing it on its target to score its cross-entropy.
 
@@ -43,6 +44,7 @@ from .events import (
     RoundEnded,
     RunFinished,
     RunOutput,
+    TokensDecoded,
 )
 from .links import placement
 from .parallel import Outcome, batches, check_parallel, drain_in_threads
@@ -83,8 +85,9 @@ class Step(ABC):
         """The agent's thoughts: raw hidden states and what its inner link made of them, (B, m, H) each."""
 
     @abstractmethod
-    def speak(self, turn: Turn, prompt: Encoded) -> Spoken:
-        """The agent's text."""
+    def speak(self, turn: Turn, prompt: Encoded) -> Generator[Event, None, Spoken]:
+        """The agent's text: a generator that may yield events as it goes (:class:`TokensDecoded`) and
+        returns the :class:`Spoken`."""
 
     def finish(self, output: RunOutput) -> RunOutput:
         """Complete the run's output with what the step kept (called once, at the end)."""
@@ -121,12 +124,21 @@ class InferenceStep(Step):
             self.latents.setdefault(turn.round, {})[turn.name] = thoughts.hidden.cpu()
         return thoughts
 
-    def speak(self, turn: Turn, prompt: Encoded) -> Spoken:
+    def speak(self, turn: Turn, prompt: Encoded) -> Generator[Event, None, Spoken]:
         agent = turn.agent
-        with torch.no_grad():
-            spoken = agent.speak(prompt, self.sampling, self.generators.get(agent.backbone.device))
-        texts = [t.strip() for t in agent.tokenizer.batch_decode([g.ids for g in spoken], skip_special_tokens=True)]
-        return Spoken(texts=texts, tokens_out=[g.sampled for g in spoken],
+        decoding = agent.speak(prompt, self.sampling, self.generators.get(agent.backbone.device))
+        try:
+            while True:
+                try:
+                    decoded = next(decoding)
+                except StopIteration as end:
+                    spoken = end.value
+                    break
+                yield TokensDecoded(round=turn.round, agent=turn.name, texts=decoded.texts,
+                                    finished=decoded.finished)
+        finally:
+            decoding.close()  # an abandoned stream frees the cache now
+        return Spoken(texts=[g.text for g in spoken], tokens_out=[g.sampled for g in spoken],
                       tool_calls=[g.calls for g in spoken] if agent.tools else None)
 
     def finish(self, output: RunOutput) -> RunOutput:
@@ -268,7 +280,8 @@ def _run_turn(plan: Plan, turn: Turn, questions: list[str], step: Step, inbox: I
         paused += yield from _emit(AgentThought(round=r, agent=agent.name, shape=record.latent_shape,
                                                 norm=record.latent_norm, thoughts=thoughts), seen)
     if turn.speaks:
-        spoken = step.speak(turn, prompt)
+        spoken, waited = yield from _relay(step.speak(turn, prompt), seen)
+        paused += waited
         record.text, record.tokens_out, record.tool_calls = spoken.texts, spoken.tokens_out, spoken.tool_calls
         paused += yield from _emit(AgentSpoke(round=r, agent=agent.name, texts=spoken.texts,
                                               tokens_out=spoken.tokens_out, tool_calls=spoken.tool_calls), seen)
@@ -298,6 +311,18 @@ def _replay(outcome: Outcome, seen: list[Event] | None) -> Generator[Event, None
     if outcome.error is not None:
         raise outcome.error
     return outcome.value
+
+
+def _relay(run: Generator[Event, None, Spoken], seen: list[Event] | None
+           ) -> Generator[Event, None, tuple[Spoken, float]]:
+    """Yield what a step yields; return what it returned and how long the consumer kept the run suspended."""
+    paused = 0.0
+    while True:
+        try:
+            event = next(run)
+        except StopIteration as end:
+            return end.value, paused
+        paused += yield from _emit(event, seen)
 
 
 def _emit(event: Event, seen: list[Event] | None) -> Generator[Event, None, float]:

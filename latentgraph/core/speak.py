@@ -2,6 +2,8 @@
 
 Positions come from the attention mask (as in rollouts), so a row decodes the same tokens whatever else is
 in the batch. Rows that emit an end-of-sequence token stop; the batch stops when every row has.
+:func:`generate` is a generator: after each step it yields what each row newly said
+(:class:`~latentgraph.core.detokenize.Decoded`), and it returns every row's :class:`Generation`.
 
 With tools, every row runs its own tool loop. When a row closes a tool tag (``<python>…</python>``), the
 tool runs on the text between the tags and the row is then fed ``<result>…</result>`` one token per step,
@@ -14,9 +16,10 @@ from __future__ import annotations
 import re
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from transformers.generation.logits_process import (
@@ -29,6 +32,7 @@ from transformers.generation.logits_process import (
 from ..errors import InputError
 from ..tools.base import Tool
 from .backbone import Backbone, cache_kwargs
+from .detokenize import Decoded, TextStream
 from .think import positions_from_mask
 
 
@@ -69,6 +73,9 @@ class Sampling:
         return warpers
 
 
+T = TypeVar("T")
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not a count
 
@@ -104,12 +111,18 @@ class Generation:
     ids: list[int]  # every token after the prompt: sampled ones and fed tool results, end token included
     sampled: int = 0  # tokens the model chose; max_new_tokens bounds these
     calls: list[ToolCall] = field(default_factory=list)
+    text: str = ""  # what the row said: its ids decoded without special tokens, stripped
 
 
+@torch.no_grad()  # on a generator function: no_grad holds while it runs, not while it is suspended
 def generate(backbone: Backbone, embeds: torch.Tensor, mask: torch.Tensor, sampling: Sampling,
              generator: torch.Generator | None = None, *, tools: Sequence[Tool] = (),
-             max_tool_calls: int = 5) -> list[Generation]:
-    """Decode from prompt ``embeds`` (B, L, H); with ``tools``, each row runs its own tool loop."""
+             max_tool_calls: int = 5) -> Generator[Decoded, None, list[Generation]]:
+    """Decode from prompt ``embeds`` (B, L, H); with ``tools``, each row runs its own tool loop.
+
+    Yields each step's new text per row (the pieces of a row add up to its final ``text``); returns one
+    :class:`Generation` per row. :func:`run_to_end` drains it.
+    """
     model = backbone.model
     stops = set(stop_token_ids(backbone))
     pad = min(stops) if stops else 0
@@ -123,6 +136,7 @@ def generate(backbone: Backbone, embeds: torch.Tensor, mask: torch.Tensor, sampl
     rows = [Generation(ids=[]) for _ in range(embeds.shape[0])]
     results: list[deque[int]] = [deque() for _ in rows]  # tool-result tokens still to feed, per row
     done = [False] * len(rows)
+    text = TextStream(backbone.tokenizer, [() for _ in rows])
     for step in range(loop.max_steps):
         logits = out.logits[:, -1].float()  # (B, V)
         if sampling.do_sample:
@@ -141,19 +155,23 @@ def generate(backbone: Backbone, embeds: torch.Tensor, mask: torch.Tensor, sampl
                 row.ids.append(fed[-1])
                 if not results[i]:
                     loop.segment[i] = len(row.ids)  # look for the next call after the result
+                text.add(i, row.ids)
             else:
                 fed.append(sampled[i])
                 row.ids.append(sampled[i])
                 row.sampled += 1
                 if sampled[i] in stops or row.sampled == sampling.max_new_tokens:
                     done[i] = True
-                elif call := loop.closed_call(i, row):
+                    continue
+                text.add(i, row.ids)
+                if call := loop.closed_call(i, row):
                     closed.append((i, *call))
         for i, result in loop.run(closed, rows, step):
             if result is None:  # the context window is full: the row ends here
                 done[i] = True
             else:
                 results[i].extend(result)
+        yield text.step([row.ids for row in rows], done)
         if all(done):
             break
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
@@ -161,7 +179,20 @@ def generate(backbone: Backbone, embeds: torch.Tensor, mask: torch.Tensor, sampl
         tokens = torch.tensor(fed, dtype=torch.long, device=embeds.device)[:, None]  # (B, 1)
         out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
                     logits_to_keep=1, **with_cache)
+    if not text.all_ended:  # the step budget ran out first
+        yield text.step([row.ids for row in rows], [True] * len(rows))
+    for row, said in zip(rows, text.texts):
+        row.text = said
     return rows
+
+
+def run_to_end(steps: Generator[Any, None, T]) -> T:
+    """Drive a generator such as :func:`generate` to its end, dropping what it yields; what it returns."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
 
 
 class _ToolLoop:
