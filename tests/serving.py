@@ -49,10 +49,10 @@ class Served:
 
 
 @contextmanager
-def running(load_system, *, name: str = "tiny", ready: bool = True, **options):
+def running(load_system, *, name: str = "tiny", ready: bool = True, log_level: str = "warning", **options):
     """``create_app(load_system, ...)`` served by uvicorn in a thread on a free loopback port; with ``ready``,
     once /health says the system is loaded."""
-    server = Server(create_app(load_system, name=name, **options), listen("127.0.0.1", 0), log_level="warning")
+    server = Server(create_app(load_system, name=name, **options), listen("127.0.0.1", 0), log_level=log_level)
     server.start()
     served = Served(server.url, server.uvicorn.config.app.state.service)
     try:
