@@ -59,7 +59,7 @@ class Generation:
     ids: list[int]  # every token after the prompt: sampled ones and fed tool results, end token included
     sampled: int = 0  # tokens the model chose; max_new_tokens bounds these
     calls: list[ToolCall] = field(default_factory=list)
-    text: str = ""  # what the row said: its ids decoded without special tokens, stripped
+    text: str = ""  # what the row said: its ids decoded (core.detokenize), cut before a stop string, stripped
 
 
 @torch.no_grad()  # on a generator function: no_grad holds while it runs, not while it is suspended
