@@ -39,3 +39,17 @@ def test_serve_prints_its_address_answers_and_stops_on_ctrl_c(saved):
     reader.join(10)
     output = "".join(lines)
     assert output.rstrip().endswith("stopped") and "Traceback" not in output, output
+
+
+def test_serve_stops_with_one_error_line_when_the_system_fails_to_load(tmp_path, monkeypatch, capsys):
+    from latentgraph import cli
+
+    monkeypatch.setattr(sys, "argv", ["latentgraph", "serve", "--style", str(tmp_path / "gone"), "--port", "0"])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: '{tmp_path / 'gone'}' is not 'default', a published style")

@@ -196,6 +196,21 @@ def test_an_internal_error_is_a_500_without_a_traceback_and_the_server_goes_on(s
     assert_still_serving(served.url)
 
 
+def test_a_failure_after_a_stream_started_ends_it_with_an_error_event(served, system, monkeypatch):
+    def broken(prompt):
+        raise RuntimeError("boom in a secret place")
+
+    monkeypatch.setattr(system.agents["planner"], "think", broken)
+    with httpx.stream("POST", served.url + CHAT, json=chat(stream=True), timeout=WAIT) as response:
+        assert response.status_code == 200  # admitted: the stream had started when the batch failed
+        events = [json.loads(line.removeprefix("data: ")) for line in response.iter_lines() if line]
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert events[-1] == {"error": {"message": "internal error while answering; see the server's log",
+                                    "type": "server_error", "param": None, "code": None}}
+    monkeypatch.undo()
+    assert_still_serving(served.url)
+
+
 def test_an_api_key_is_required_in_constant_time_and_health_stays_open(system):
     with running(system, api_key="s3cret", cors_origins=["https://app.example"]) as served:
         for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
