@@ -77,7 +77,8 @@ class Service:
 
 def create_app(load_system: System | Callable[[], System], *, name: str, limits: Limits | None = None,
                api_key: str | None = None, cors_origins: Sequence[str] = ()) -> FastAPI:
-    """An OpenAI-compatible app serving a system under the model id ``name``.
+    """An OpenAI-compatible app serving a system under the model id ``name``. Serve a system from one app at a
+    time: the app's engine thread must be the only one running it.
 
     Args:
         load_system: the system, or a function that loads it (run in a thread when the app starts).
