@@ -88,6 +88,8 @@ CASES = {
                                                "context_length_exceeded", "too long for this system"),
     "completion logprobs": (COMPLETIONS, {"model": "tiny", "prompt": "Q", "logprobs": 1}, 400, "logprobs",
                             "unsupported_parameter", "log probabilities are not supported"),
+    "a prompt over the backbone's context": (COMPLETIONS, {"model": "tiny", "prompt": LONG}, 400, "prompt",
+                                             "context_length_exceeded", "too long for this system"),
     "a prompt of token ids": (COMPLETIONS, {"model": "tiny", "prompt": [1, 2, 3]}, 400, "prompt", None,
                               "token ids are not supported"),
     "echo": (COMPLETIONS, {"model": "tiny", "prompt": "Q", "echo": True}, 400, "echo", "unsupported_parameter",

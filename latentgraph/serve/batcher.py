@@ -140,7 +140,7 @@ class Batcher:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Let the running batch finish (up to ``timeout`` seconds), then fail what still waits."""
+        """Answer what is queued for up to ``timeout`` seconds more, then fail what still waits (503)."""
         self._queue.put(None)
         self._thread.join(timeout)
         stopping = Failed(RequestError("the server is stopping; retry on another replica or later", status=503,
@@ -212,8 +212,8 @@ class Batcher:
                 self.plan.check_lengths(questions, row.sampling.max_new_tokens)
             except InputError as e:
                 ticket.failed = True
-                ticket.put(Failed(RequestError(f"the question is too long for this system: {e}", param="messages",
-                                               code="context_length_exceeded")))
+                ticket.put(Failed(RequestError(f"the question is too long for this system: {e}",
+                                               param=ticket.job.asked_in, code="context_length_exceeded")))
             else:
                 ticket.put(Admitted())
         return not ticket.failed

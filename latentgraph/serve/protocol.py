@@ -42,6 +42,7 @@ class Job:
     include_usage: bool
     events: bool
     prompts: int  # distinct questions (usage counts each prompt once)
+    asked_in: str  # the request field the questions came from: "messages" or "prompt"
 
 
 class _Strict(BaseModel):
@@ -172,11 +173,11 @@ def job_of(request: _Request, questions: list[str], limits: Limits) -> Job:
         raise RequestError(f"'top_p' must be above 0 and at most 1, got {top_p}", param="top_p")
     if request.seed is not None and not SEED_RANGE[0] <= request.seed <= SEED_RANGE[1] - limits.max_n:
         raise RequestError(f"'seed' must be a 64-bit integer, got {request.seed}", param="seed")
+    asked_in = "messages" if isinstance(request, ChatRequest) else "prompt"
     for question in questions:
         if len(question) > limits.max_question_chars:
             raise RequestError(f"the question has {len(question)} characters, more than this server's limit of "
-                               f"{limits.max_question_chars} (--max-question-chars); shorten it",
-                               param="messages" if isinstance(request, ChatRequest) else "prompt",
+                               f"{limits.max_question_chars} (--max-question-chars); shorten it", param=asked_in,
                                code="context_length_exceeded")
     if request.stream_options is not None and not request.stream:
         raise RequestError("'stream_options' is only allowed with 'stream': true", param="stream_options")
@@ -192,7 +193,7 @@ def job_of(request: _Request, questions: list[str], limits: Limits) -> Job:
             for p, question in enumerate(questions) for i in range(n)]
     return Job(rows=rows, stream=request.stream, events=bool(request.latentgraph and request.latentgraph.events),
                include_usage=bool(request.stream_options and request.stream_options.include_usage),
-               prompts=len(questions))
+               prompts=len(questions), asked_in=asked_in)
 
 
 def _max_tokens(request: _Request, limits: Limits) -> int:
