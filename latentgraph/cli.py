@@ -1,10 +1,9 @@
-"""The ``latentgraph`` command line: run a system, render it, list and convert the published styles."""
+"""The ``latentgraph`` command line: run a system, serve it, render it, list and convert the published styles."""
 
 from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,24 +12,24 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .cli_system import (
+    DEFAULT,
+    DEVICE_MAP_HELP,
+    LINK_DTYPE_HELP,
+    MAX_MEMORY_HELP,
+    OFFLOAD_HELP,
+    UNSANDBOXED_HELP,
+    console,
+    load,
+    placement,
+)
 from .core.limits import LATENT_STEPS, ROUNDS, Limit
 from .errors import InputError, LatentGraphError
 from .files.text import read_json
+from .serve.command import serve
 
 app = typer.Typer(help="Multi-agent LLM systems that talk in latent space.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
-console = Console(stderr=True)  # progress and errors; results go to stdout
-DEFAULT = "default"
-DEVICE_MAP_HELP = ("Spread each backbone over several GPUs with CPU or disk offload (needs accelerate): auto, "
-                   "balanced, balanced_low_0, sequential, or a JSON object of module: device, e.g. "
-                   '\'{"model.embed_tokens": 0, "model.layers": 1, "lm_head": "cpu"}\'. Instead of --device.')
-MAX_MEMORY_HELP = ("With --device-map: the most each device may hold (bytes, or a size with a unit), e.g. "
-                   "0=20GiB,1=20GiB,cpu=60GiB.")
-OFFLOAD_HELP = "With --device-map: the directory for weights offloaded to disk."
-LINK_DTYPE_HELP = ("What the links compute in: float32 (exact published values, no bf16 rounding), auto (the dtype "
-                   "their files hold: bf16 for the published styles, their numerics), bfloat16, float16 or float64.")
-UNSANDBOXED_HELP = ("Run model-written code (the Python tool, code scoring) even where the sandbox lacks protections "
-                    "(no bubblewrap, say), with whatever this machine has. Off: such code does not run.")
 
 
 @app.callback()
@@ -38,48 +37,10 @@ def _commands() -> None:
     """Multi-agent LLM systems that talk in latent space."""
 
 
-def placement(device: str | None, device_map: str | None, max_memory: str | None,
-              offload_folder: Path | None) -> dict[str, Any]:
-    """The backbones' placement options of ``run`` and ``eval``, parsed for :func:`latentgraph.load`."""
-    layout: Any = device_map
-    if device_map is not None and device_map.lstrip().startswith("{"):
-        try:
-            layout = json.loads(device_map)
-        except json.JSONDecodeError as e:
-            raise InputError(f"--device-map is not a valid JSON object ({e.msg}); pass e.g. "
-                             '\'{"model.embed_tokens": 0, "model.layers": 1, "lm_head": "cpu"}\' or auto') from None
-    limits = None
-    if max_memory is not None:
-        limits = {}
-        for entry in max_memory.split(","):
-            where, equals, size = entry.strip().partition("=")
-            if not (equals and where.strip() and size.strip()):
-                raise InputError(f"--max-memory takes device=size pairs separated by commas, e.g. "
-                                 f"0=20GiB,cpu=60GiB; got {max_memory!r}")
-            where, size = where.strip(), size.strip()
-            limits[int(where) if where.isdigit() else where] = int(size) if size.isdigit() else size  # bytes
-    return {"device": device, "device_map": layout, "max_memory": limits, "offload_folder": offload_folder}
-
-
 def check_size(flag: str, value: int | None, limit: Limit) -> None:
     """Refuse an absurd size before the system loads (a large style takes minutes to load)."""
     if value is not None and (problem := limit.problem(value)):
         raise InputError(f"{flag}: {problem}")
-
-
-def load(style: str, **kwargs):
-    """:func:`latentgraph.load`, with its warnings as one ``warning:`` line each and without transformers'
-    per-tensor progress bars (the command shows its own)."""
-    from transformers.utils.logging import disable_progress_bar
-
-    from .checkpoints.loading import load as load_system
-
-    disable_progress_bar()
-    with warnings.catch_warnings(record=True) as caught:
-        system = load_system(style, **kwargs)
-    for warning in caught:
-        console.print(f"[yellow]warning:[/] {escape(str(warning.message))}", highlight=False, soft_wrap=True)
-    return system
 
 
 @app.command()
@@ -378,6 +339,9 @@ def train_command(
         return
     console.print(f"trained {train_config.stage} links up to step {log[-1]['step']} on {len(examples)} examples: "
                   f"loss {log[0]['loss']:.4f} -> {log[-1]['loss']:.4f}; wrote {output}")
+
+
+app.command()(serve)
 
 
 def main() -> None:

@@ -16,6 +16,17 @@ class InputError(LatentGraphError, ValueError):
     """The inputs of a run cannot be processed: empty batch, prompt too long, non-finite latents."""
 
 
+class RequestError(InputError):
+    """An HTTP request that ``latentgraph serve`` cannot answer. The server sends it to the client in OpenAI's
+    error shape: ``status`` is the HTTP status, ``param`` the request field at fault, ``code`` OpenAI's error
+    code (``"model_not_found"``, say), ``headers`` extra response headers (``Retry-After``)."""
+
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.param, self.code, self.headers = status, param, code, headers or {}
+
+
 class CheckpointError(LatentGraphError):
     """A checkpoint is missing, corrupt, or does not match the system it is loaded into; or a checkpoint,
     training output or result file cannot be written (a full disk, a read-only folder), its old version kept."""
