@@ -26,7 +26,7 @@ import transformers
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 import latentgraph as lg
-from latentgraph.core.speak import Sampling
+from latentgraph.core.speak import Sampling, run_to_end
 from latentgraph.evaluation.datasets import Example
 from latentgraph.evaluation.runner import evaluate
 from latentgraph.testing import tiny_tokenizer
@@ -98,7 +98,8 @@ def agreement(systems: dict, questions: list[str], max_new_tokens: int) -> None:
         agent = system.agents["planner"]
         with torch.no_grad():
             prompt = agent.encode(questions, agent.template(feedback=False), {})
-            generations[dtype] = agent.speak(prompt, Sampling(do_sample=False, max_new_tokens=max_new_tokens))
+            generations[dtype] = run_to_end(agent.speak(prompt, Sampling(do_sample=False,
+                                                                            max_new_tokens=max_new_tokens)))
     same, total = 0, 0
     for x, y in zip(generations["fp32"], generations["bf16"]):
         ids_x, ids_y = list(x.ids), list(y.ids)
@@ -115,7 +116,7 @@ def throughput(system: lg.System, device, batch: int, max_new_tokens: int, repea
         prompt = agent.encode([QUESTION] * batch, template, {})
         rollout, _ = timed(lambda: agent.think(prompt), device, repeats)
         greedy = Sampling(do_sample=False, max_new_tokens=max_new_tokens)
-        decoding, generations = timed(lambda: agent.speak(prompt, greedy), device, repeats)
+        decoding, generations = timed(lambda: run_to_end(agent.speak(prompt, greedy)), device, repeats)
     examples = [Example(id=str(i), question=f"{QUESTION} (case {i})", gold="90", kind="math") for i in range(questions)]
     synchronize(device)
     start = time.perf_counter()

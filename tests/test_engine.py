@@ -15,6 +15,7 @@ from latentgraph.core.events import (
     MessageDelivered,
     RoundEnded,
     RunFinished,
+    TokensDecoded,
 )
 from latentgraph.core.speak import Sampling
 from latentgraph.testing import tiny_backbone
@@ -70,13 +71,17 @@ def test_a_plan_is_a_snapshot_and_checks_its_arguments(tiny):
         system.plan()
 
 
-def expected_events(plan):
-    """The (event, round, agent or edge) sequence a plan must produce, built from its turns."""
+def expected_events(plan, output):
+    """The (event, round, agent or edge) sequence a plan must produce, built from its turns; a speaking turn
+    emits one TokensDecoded per decoding step: as many as its longest row's tokens (``output``'s trace)."""
     sequence = []
     for r, turns in enumerate(plan.turns, start=1):
         for turn in turns:
             sequence.append(("AgentStarted", r, turn.name))
-            sequence += [("AgentThought", r, turn.name)] * turn.thinks + [("AgentSpoke", r, turn.name)] * turn.speaks
+            sequence += [("AgentThought", r, turn.name)] * turn.thinks
+            if turn.speaks:
+                steps = max(output.trace[r - 1][turn.name].tokens_out)
+                sequence += [("TokensDecoded", r, turn.name)] * steps + [("AgentSpoke", r, turn.name)]
             sequence += [("MessageDelivered", r, e.name) for e in turn.outgoing]
             sequence.append(("AgentFinished", r, turn.name))
         sequence.append(("RoundEnded", r, None))
@@ -94,7 +99,7 @@ def test_stream_yields_each_step_in_order_and_ends_with_the_output_of_run(tiny):
     events = [first, *events]
     out = system.run(QUESTIONS[:2], **GREEDY)
     assert [(type(e).__name__, e.round, getattr(e, "agent", getattr(e, "edge", None))) for e in events] == \
-        expected_events(system.plan())
+        expected_events(system.plan(), out)
     assert isinstance(events[-1], RunFinished)
     final = events[-1].output
     assert final.texts == out.texts and not final.stopped_early and final.rounds_run == 3
@@ -180,8 +185,8 @@ def test_a_stop_before_the_answer_node_ran_answers_from_what_it_received(make):
     out = events[-1].output
     assert out.rounds_run == 1 and list(out.trace[0]) == ["a", "b"] and out.trace[0]["b"].latents_in == 2
     assert out.texts == system.run(QUESTIONS[:2], rounds=1, **GREEDY).texts
-    assert [type(e).__name__ for e in events[-5:]] == ["AgentStarted", "AgentSpoke", "AgentFinished", "RoundEnded",
-                                                        "RunFinished"]
+    names = [type(e).__name__ for e in events if not isinstance(e, TokensDecoded)]
+    assert names[-5:] == ["AgentStarted", "AgentSpoke", "AgentFinished", "RoundEnded", "RunFinished"]
 
 
 def test_thoughts_converged_stops_once_the_answer_nodes_thoughts_settle(tiny):

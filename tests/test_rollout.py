@@ -6,7 +6,7 @@ from conftest import ALL_ARCHS
 
 from latentgraph.core.backbone import get_backbone
 from latentgraph.core.links import make_link
-from latentgraph.core.speak import Sampling, generate
+from latentgraph.core.speak import Sampling, generate, run_to_end
 from latentgraph.core.think import latent_rollout, positions_from_mask
 
 
@@ -46,12 +46,13 @@ def test_rollout_and_decoding_do_not_depend_on_padding(tiny, arch):
     greedy = Sampling(do_sample=False, max_new_tokens=6)
     with torch.no_grad():
         batch = latent_rollout(backbone, inner, embeds, mask, steps=6)
-        batch_tokens = generate(backbone, embeds, mask, greedy)
+        batch_tokens = run_to_end(generate(backbone, embeds, mask, greedy))
         for i in range(3):
             real = mask[i].bool()
             alone = latent_rollout(backbone, inner, embeds[i:i + 1, real], mask[i:i + 1, real], steps=6)
             assert (alone.hidden[0] - batch.hidden[i]).abs().max() <= 1e-4
-            assert generate(backbone, embeds[i:i + 1, real], mask[i:i + 1, real], greedy) == [batch_tokens[i]]
+            alone = run_to_end(generate(backbone, embeds[i:i + 1, real], mask[i:i + 1, real], greedy))
+            assert alone == [batch_tokens[i]]
 
 
 def test_positions_count_real_tokens_only():
@@ -73,13 +74,17 @@ def test_sampling_is_seeded_and_respects_top_k(tiny):
     embeds, mask = _padded_batch(backbone, [6, 9])
     sampling = Sampling(do_sample=True, temperature=1.0, top_p=1.0, top_k=1, max_new_tokens=5)
     with torch.no_grad():
-        top1 = generate(backbone, embeds, mask, sampling, torch.Generator().manual_seed(1))
-        greedy = generate(backbone, embeds, mask, Sampling(do_sample=False, max_new_tokens=5))
+        top1 = run_to_end(generate(backbone, embeds, mask, sampling, generators(1)))
+        greedy = run_to_end(generate(backbone, embeds, mask, Sampling(do_sample=False, max_new_tokens=5)))
         free = Sampling(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=5)
-        a = generate(backbone, embeds, mask, free, torch.Generator().manual_seed(3))
-        b = generate(backbone, embeds, mask, free, torch.Generator().manual_seed(3))
+        a = run_to_end(generate(backbone, embeds, mask, free, generators(3)))
+        b = run_to_end(generate(backbone, embeds, mask, free, generators(3)))
     assert top1 == greedy  # top_k=1 sampling is greedy
     assert a == b
+
+
+def generators(seed, rows=2):
+    return [torch.Generator().manual_seed(seed) for _ in range(rows)]
 
 
 def test_decoding_stops_rows_at_their_end_token(tiny):
@@ -92,7 +97,7 @@ def test_decoding_stops_rows_at_their_end_token(tiny):
         model.lm_head.bias = torch.nn.Parameter(torch.zeros(len(tokenizer)))
         model.lm_head.bias.data[eos] = 1e4  # every step prefers the end token
         try:
-            out = generate(backbone, embeds, mask, Sampling(do_sample=False, max_new_tokens=5))
+            out = run_to_end(generate(backbone, embeds, mask, Sampling(do_sample=False, max_new_tokens=5)))
         finally:
             model.lm_head.bias = bias
     assert [g.ids for g in out] == [[eos], [eos]]

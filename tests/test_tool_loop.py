@@ -9,7 +9,7 @@ from scripted import scripted_backbone
 
 import latentgraph as lg
 from latentgraph.core.backbone import get_backbone
-from latentgraph.core.speak import Sampling, generate
+from latentgraph.core.speak import Sampling, generate, run_to_end
 from latentgraph.tools import Tool
 
 # Row "alpha" calls the calculator after 4 tokens, row "beta" searches after 3, row "gamma" never calls.
@@ -60,7 +60,7 @@ GREEDY = Sampling(do_sample=False, max_new_tokens=12)
 
 
 def test_rows_call_tools_at_their_own_steps_and_results_are_spliced_in(scripted):
-    rows = generate(scripted, *encode(scripted, PROMPTS), GREEDY, tools=[Calculator(), Lookup()])
+    rows = run_to_end(generate(scripted, *encode(scripted, PROMPTS), GREEDY, tools=[Calculator(), Lookup()]))
     texts = [decode(scripted, g) for g in rows]
     assert texts[0] == "a1 a2 <calc> 6*7 </calc> <result> 42 </result> so done <eos>"
     assert texts[1] == "b1 <search> capital </search> <result> paris </result> so done <eos>"
@@ -75,9 +75,9 @@ def test_rows_call_tools_at_their_own_steps_and_results_are_spliced_in(scripted)
 
 
 def test_a_row_without_calls_decodes_as_if_alone_and_without_tools(scripted):
-    together = generate(scripted, *encode(scripted, PROMPTS), GREEDY, tools=[Calculator(), Lookup()])
-    alone = generate(scripted, *encode(scripted, PROMPTS[2:]), GREEDY, tools=[Calculator(), Lookup()])
-    no_tools = generate(scripted, *encode(scripted, PROMPTS), GREEDY)
+    together = run_to_end(generate(scripted, *encode(scripted, PROMPTS), GREEDY, tools=[Calculator(), Lookup()]))
+    alone = run_to_end(generate(scripted, *encode(scripted, PROMPTS[2:]), GREEDY, tools=[Calculator(), Lookup()]))
+    no_tools = run_to_end(generate(scripted, *encode(scripted, PROMPTS), GREEDY))
     assert together[2].ids == alone[0].ids == no_tools[2].ids
     # without tools nothing is fed: the closing tag is followed by the script
     assert decode(scripted, no_tools[0]) == "a1 a2 <calc> 6*7 </calc> so done <eos>"
@@ -89,7 +89,7 @@ def test_the_cached_continuation_equals_a_full_re_encode(scripted):
     seen = []
     hook = scripted.model.lm_head.register_forward_hook(lambda module, args, out: seen.append(out[:, -1]))
     try:
-        rows = generate(scripted, embeds, mask, GREEDY, tools=[Calculator(), Lookup()])
+        rows = run_to_end(generate(scripted, embeds, mask, GREEDY, tools=[Calculator(), Lookup()]))
     finally:
         hook.remove()
     cached = torch.stack(seen, dim=1)  # (B, steps, V): step s predicts token s
@@ -103,8 +103,8 @@ def test_the_cached_continuation_equals_a_full_re_encode(scripted):
 
 
 def test_the_tool_call_budget_is_per_row(scripted):
-    rows = generate(scripted, *encode(scripted, PROMPTS), GREEDY, tools=[Calculator(), Lookup()],
-                    max_tool_calls=0)
+    rows = run_to_end(generate(scripted, *encode(scripted, PROMPTS), GREEDY, tools=[Calculator(), Lookup()],
+                                      max_tool_calls=0))
     assert [c.output.startswith("error: the limit of 0 tool calls") for c in rows[0].calls + rows[1].calls] == [
         True, True]
 
@@ -112,7 +112,7 @@ def test_the_tool_call_budget_is_per_row(scripted):
 def test_a_result_that_does_not_fit_the_context_ends_the_row(scripted):
     model, tokenizer = scripted_backbone(SCRIPT, WORDS, max_positions=2 + 12 + 2)  # prompt 2, no room for results
     small = get_backbone(model, tokenizer=tokenizer)
-    (row,) = generate(small, *encode(small, ["question alpha"]), GREEDY, tools=[Calculator()])
+    (row,) = run_to_end(generate(small, *encode(small, ["question alpha"]), GREEDY, tools=[Calculator()]))
     assert decode(small, row) == "a1 a2 <calc> 6*7 </calc>"
     assert [(c.input, c.output) for c in row.calls] == [("6*7", "")]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Container, Generator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -18,9 +18,11 @@ from ..errors import CheckpointError, GraphError, InputError
 from ..tools.base import Tool
 from .backbone import Backbone, get_backbone
 from .config import DEFAULT_SYSTEM_PROMPT, AgentConfig, BackboneConfig
+from .detokenize import Decoded
 from .links import config_of, make_link
 from .prompt import PromptTemplate, marker, render_chat, scrub, split_at_markers
-from .speak import Generation, Sampling, generate
+from .sampling import Sampling
+from .speak import Generation, generate
 from .think import Thoughts, latent_rollout
 
 
@@ -266,8 +268,12 @@ class Agent(nn.Module):
         return latent_rollout(self.backbone, self.inner_link, prompt.embeds, prompt.mask, self.latent_steps,
                               use_cache=use_cache, grad_steps=grad_steps)
 
-    def speak(self, prompt: Encoded, sampling: Sampling, generator: torch.Generator | None = None
-              ) -> list[Generation]:
-        """Decode text, calling the agent's tools when it writes their tags; one :class:`Generation` per row."""
-        return generate(self.backbone, prompt.embeds, prompt.mask, sampling, generator, tools=self.tools,
-                        max_tool_calls=self.max_tool_calls)
+    def speak(self, prompt: Encoded, sampling: Sampling | Sequence[Sampling],
+              generators: Sequence[torch.Generator | None] | None = None, *, cancelled: Container[int] = ()
+              ) -> Generator[Decoded, None, list[Generation]]:
+        """Decode text, calling the agent's tools when it writes their tags: a generator that yields each
+        step's new text per row and returns one :class:`Generation` per row. ``sampling``: one for every row or
+        one per row; ``generators``: one per row; ``cancelled``: rows to end (see
+        :func:`~latentgraph.core.speak.generate`; ``run_to_end(agent.speak(...))`` gives just the rows)."""
+        return generate(self.backbone, prompt.embeds, prompt.mask, sampling, generators, tools=self.tools,
+                        max_tool_calls=self.max_tool_calls, cancelled=cancelled)

@@ -8,7 +8,8 @@ and names the agent or edge at fault, keeps the trace, and emits :mod:`~latentgr
 
 What a turn computes is the step's business, which is how inference and training share this loop:
 
-- :class:`InferenceStep` thinks by a latent rollout and speaks by decoding, under ``torch.no_grad``;
+- :class:`InferenceStep` thinks by a latent rollout and speaks by decoding, under ``torch.no_grad``; it
+  yields a :class:`~latentgraph.core.events.TokensDecoded` per decoding step, which the engine passes on live;
 - :class:`~latentgraph.training.objectives.TrainingStep` thinks by a rollout with gradients or by teacher forcing,
   and "speaks" the answer by teacher forcing it on its target to score its cross-entropy.
 
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
-from .agent import Encoded, Message
+from .agent import Encoded, Message, _is_int
 from .events import (
     AgentFinished,
     AgentSpoke,
@@ -43,11 +44,13 @@ from .events import (
     RoundEnded,
     RunFinished,
     RunOutput,
+    TokensDecoded,
 )
 from .links import placement
 from .parallel import Outcome, batches, check_parallel, drain_in_threads
 from .plan import Plan, Turn, answer_turn
-from .speak import Sampling, ToolCall
+from .sampling import Sampling, per_row_sampling, per_row_seeds
+from .speak import ToolCall
 from .think import Thoughts
 
 Inbox = dict[str, dict[str, Message]]  # per receiver (every agent has one), per slot
@@ -71,8 +74,9 @@ class Step(ABC):
 
     differentiable: bool = False
 
-    def start(self, plan: Plan) -> None:  # noqa: B027 (a step without per-device state keeps this no-op)
-        """Make per-device state before the first turn (turns may then run at once, in threads)."""
+    def start(self, plan: Plan, questions: list[str]) -> None:  # noqa: B027 (a step without state keeps this no-op)
+        """Check the step against the batch and make per-device state before the first turn (turns may then run
+        at once, in threads)."""
 
     def encode(self, turn: Turn, questions: list[str], messages: dict[str, Message]) -> Encoded:
         """The agent's prompt for this turn, with its incoming messages in their slots."""
@@ -83,8 +87,9 @@ class Step(ABC):
         """The agent's thoughts: raw hidden states and what its inner link made of them, (B, m, H) each."""
 
     @abstractmethod
-    def speak(self, turn: Turn, prompt: Encoded) -> Spoken:
-        """The agent's text."""
+    def speak(self, turn: Turn, prompt: Encoded) -> Generator[Event, None, Spoken]:
+        """The agent's text: a generator that may yield events as it goes (:class:`TokensDecoded`) and
+        returns the :class:`Spoken`."""
 
     def finish(self, output: RunOutput) -> RunOutput:
         """Complete the run's output with what the step kept (called once, at the end)."""
@@ -95,20 +100,45 @@ class InferenceStep(Step):
     """Inference: think by a KV-cached latent rollout, speak by decoding; no gradients.
 
     Args:
-        sampling: how text is decoded.
-        seed: seeds one generator per device, so sampling is reproducible.
+        sampling: how text is decoded: one :class:`~latentgraph.core.sampling.Sampling` for every question, or a
+            list with one per question (rows with different settings decode in one batch).
+        seed: seeds sampling: one integer for every question, or a list with one integer (or None, unseeded) per
+            question. Each question draws from a generator of its own, seeded with its seed, so it samples the
+            same text whatever it is batched with.
         return_latents: keep every agent's raw hidden states (on CPU) for ``RunOutput.latents``.
     """
 
-    def __init__(self, sampling: Sampling, *, seed: int | None = None, return_latents: bool = False):
+    def __init__(self, sampling: Sampling | Sequence[Sampling], *, seed: int | Sequence[int | None] | None = None,
+                 return_latents: bool = False):
+        per_row_sampling(sampling, None)  # the types now, the lengths against the batch in start()
+        per_row_seeds(seed, None)
         self.sampling, self.seed = sampling, seed
-        self.generators: dict[torch.device, torch.Generator] = {}
+        self.rows: list[Sampling] = []  # per row, once the batch is known
+        self.generators: dict[torch.device, list[torch.Generator | None]] = {}
+        self.cancelled: set[int] = set()  # rows to decode no further (cancel() adds to it from any thread)
         self.latents: dict[int, dict[str, torch.Tensor]] | None = {} if return_latents else None
 
-    def start(self, plan: Plan) -> None:
-        if self.seed is not None:  # one generator per device where an agent runs
-            for device in {turn.agent.backbone.device for turn in plan.turns_in_order()}:
-                self.generators.setdefault(device, torch.Generator(device=device).manual_seed(self.seed))
+    def cancel(self, row: int) -> None:
+        """End question ``row``'s decoding at the next decoding step, with the text it has; agents that speak
+        later end it at once. Thread-safe: call it from any thread (when a client went away, say); thinking
+        goes on as it was."""
+        if not _is_int(row) or row < 0 or (self.rows and row >= len(self.rows)):
+            batch = f"0 to {len(self.rows) - 1}" if self.rows else "0 or more"
+            raise InputError(f"cancel() takes the index of a question in the batch ({batch}), got {row!r}")
+        self.cancelled.add(row)  # one atomic set operation: decoding only tests membership
+
+    def check_batch(self, batch: int) -> None:
+        """Raise an InputError unless per-question settings and seeds come one per question."""
+        per_row_sampling(self.sampling, batch)
+        per_row_seeds(self.seed, batch)
+
+    def start(self, plan: Plan, questions: list[str]) -> None:
+        self.rows = per_row_sampling(self.sampling, len(questions))
+        seeds = per_row_seeds(self.seed, len(questions))
+        if any(seed is not None for seed in seeds):  # per device where an agent speaks, one generator per row
+            for device in {turn.agent.backbone.device for turn in plan.turns_in_order() if turn.speaks}:
+                self.generators[device] = [None if seed is None else torch.Generator().manual_seed(seed)
+                                           for seed in seeds]
 
     def encode(self, turn: Turn, questions: list[str], messages: dict[str, Message]) -> Encoded:
         with torch.no_grad():
@@ -121,12 +151,22 @@ class InferenceStep(Step):
             self.latents.setdefault(turn.round, {})[turn.name] = thoughts.hidden.cpu()
         return thoughts
 
-    def speak(self, turn: Turn, prompt: Encoded) -> Spoken:
+    def speak(self, turn: Turn, prompt: Encoded) -> Generator[Event, None, Spoken]:
         agent = turn.agent
-        with torch.no_grad():
-            spoken = agent.speak(prompt, self.sampling, self.generators.get(agent.backbone.device))
-        texts = [t.strip() for t in agent.tokenizer.batch_decode([g.ids for g in spoken], skip_special_tokens=True)]
-        return Spoken(texts=texts, tokens_out=[g.sampled for g in spoken],
+        decoding = agent.speak(prompt, self.rows, self.generators.get(agent.backbone.device),
+                               cancelled=self.cancelled)
+        try:
+            while True:
+                try:
+                    decoded = next(decoding)
+                except StopIteration as end:
+                    spoken = end.value
+                    break
+                yield TokensDecoded(round=turn.round, agent=turn.name, texts=decoded.texts,
+                                    finished=decoded.finished)
+        finally:
+            decoding.close()  # an abandoned stream frees the cache now
+        return Spoken(texts=[g.text for g in spoken], tokens_out=[g.sampled for g in spoken],
                       tool_calls=[g.calls for g in spoken] if agent.tools else None)
 
     def finish(self, output: RunOutput) -> RunOutput:
@@ -208,7 +248,7 @@ def unroll(plan: Plan, questions: list[str], step: Step, *, stop: Stop | None = 
     """
     parallel = check_parallel(parallel)
     plan.place_links()
-    step.start(plan)
+    step.start(plan, questions)
     if isinstance(stop, StopCriterion):
         stop.reset(plan)
     trace: list[dict[str, AgentStep]] = []
@@ -268,7 +308,8 @@ def _run_turn(plan: Plan, turn: Turn, questions: list[str], step: Step, inbox: I
         paused += yield from _emit(AgentThought(round=r, agent=agent.name, shape=record.latent_shape,
                                                 norm=record.latent_norm, thoughts=thoughts), seen)
     if turn.speaks:
-        spoken = step.speak(turn, prompt)
+        spoken, waited = yield from _relay(step.speak(turn, prompt), seen)
+        paused += waited
         record.text, record.tokens_out, record.tool_calls = spoken.texts, spoken.tokens_out, spoken.tool_calls
         paused += yield from _emit(AgentSpoke(round=r, agent=agent.name, texts=spoken.texts,
                                               tokens_out=spoken.tokens_out, tool_calls=spoken.tool_calls), seen)
@@ -298,6 +339,18 @@ def _replay(outcome: Outcome, seen: list[Event] | None) -> Generator[Event, None
     if outcome.error is not None:
         raise outcome.error
     return outcome.value
+
+
+def _relay(run: Generator[Event, None, Spoken], seen: list[Event] | None
+           ) -> Generator[Event, None, tuple[Spoken, float]]:
+    """Yield what a step yields; return what it returned and how long the consumer kept the run suspended."""
+    paused = 0.0
+    while True:
+        try:
+            event = next(run)
+        except StopIteration as end:
+            return end.value, paused
+        paused += yield from _emit(event, seen)
 
 
 def _emit(event: Event, seen: list[Event] | None) -> Generator[Event, None, float]:

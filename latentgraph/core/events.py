@@ -1,8 +1,9 @@
 """What a run reports: typed events as it goes, and its :class:`RunOutput` at the end.
 
 :func:`~latentgraph.core.engine.unroll` emits, for each agent's turn, in this order: :class:`AgentStarted`;
-:class:`AgentThought` when it thinks; :class:`AgentSpoke` when it speaks; one :class:`MessageDelivered` per
-outgoing edge; :class:`AgentFinished` with its :class:`AgentStep`. Each round closes with
+:class:`AgentThought` when it thinks; when it speaks, one :class:`TokensDecoded` per decoding step (when it
+decodes: not in training), then :class:`AgentSpoke`; one :class:`MessageDelivered` per outgoing edge;
+:class:`AgentFinished` with its :class:`AgentStep`. Each round closes with
 :class:`RoundEnded`, and the run with :class:`RunFinished`, which carries the :class:`RunOutput`.
 :meth:`System.stream <latentgraph.System.stream>` yields these events as they happen;
 :meth:`System.run <latentgraph.System.run>` drains them and returns the output.
@@ -107,6 +108,22 @@ class AgentThought(Event):
     shape: tuple[int, ...]  # (B, m, H)
     norm: float  # mean L2 norm of the raw hidden states
     thoughts: Thoughts = field(repr=False)  # the raw states and what the inner link made of them
+
+
+@dataclass(frozen=True)
+class TokensDecoded(Event):
+    """One decoding step of a speaking agent, for every row of the batch.
+
+    ``texts[i]`` is what row ``i`` newly said since the agent's previous ``TokensDecoded`` in this turn ("" when
+    nothing new can be shown yet); ``finished[i]`` says whether the row has ended (end token, ``max_new_tokens``,
+    a stop string, cancelled, or context full). A row's pieces add up exactly to its text in :class:`AgentSpoke`:
+    text that may still change is held back (whitespace at the end, an incomplete multi-byte character, the
+    possible start of a stop string) and leading whitespace is never shown.
+    """
+
+    agent: str
+    texts: list[str]
+    finished: list[bool]
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 Positions come from the attention mask (as in rollouts), so a row decodes the same tokens whatever else is
 in the batch. Rows that emit an end-of-sequence token stop; the batch stops when every row has.
+:func:`generate` is a generator: after each step it yields what each row newly said
+(:class:`~latentgraph.core.detokenize.Decoded`), and it returns every row's :class:`Generation`.
 
 With tools, every row runs its own tool loop. When a row closes a tool tag (``<python>…</python>``), the
 tool runs on the text between the tags and the row is then fed ``<result>…</result>`` one token per step,
@@ -14,67 +16,20 @@ from __future__ import annotations
 import re
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Container, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
-from ..errors import InputError
 from ..tools.base import Tool
 from .backbone import Backbone, cache_kwargs
+from .detokenize import Decoded, TextStream
+from .sampling import Sampling, TokenPicker, per_row_sampling
 from .think import positions_from_mask
 
-
-@dataclass(frozen=True)
-class Sampling:
-    """How text is decoded. The defaults are the published ones (temperature 0.6, top-p 0.95)."""
-
-    do_sample: bool = True
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int | None = None
-    max_new_tokens: int = 256
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not isinstance(self.do_sample, bool):
-            problems.append(f"do_sample must be True or False, got {self.do_sample!r}")
-        if not _is_number(self.temperature) or (self.do_sample and not self.temperature > 0):
-            problems.append(f"temperature must be a number > 0 when sampling, got {self.temperature!r}")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
-            problems.append(f"top_k must be an integer >= 1 or None, got {self.top_k!r}")
-        if problems:
-            raise InputError("invalid decoding settings: " + "; ".join(problems))
-
-    def warpers(self) -> LogitsProcessorList:
-        warpers = LogitsProcessorList()
-        if self.do_sample:
-            if self.temperature != 1.0:
-                warpers.append(TemperatureLogitsWarper(self.temperature))
-            if self.top_k is not None:
-                warpers.append(TopKLogitsWarper(self.top_k))
-            if self.top_p < 1.0:
-                warpers.append(TopPLogitsWarper(self.top_p))
-        return warpers
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not a count
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+T = TypeVar("T")
 
 
 def stop_token_ids(backbone: Backbone) -> list[int]:
@@ -104,17 +59,28 @@ class Generation:
     ids: list[int]  # every token after the prompt: sampled ones and fed tool results, end token included
     sampled: int = 0  # tokens the model chose; max_new_tokens bounds these
     calls: list[ToolCall] = field(default_factory=list)
+    text: str = ""  # what the row said: its ids decoded without special tokens, stripped
 
 
-def generate(backbone: Backbone, embeds: torch.Tensor, mask: torch.Tensor, sampling: Sampling,
-             generator: torch.Generator | None = None, *, tools: Sequence[Tool] = (),
-             max_tool_calls: int = 5) -> list[Generation]:
-    """Decode from prompt ``embeds`` (B, L, H); with ``tools``, each row runs its own tool loop."""
+@torch.no_grad()  # on a generator function: no_grad holds while it runs, not while it is suspended
+def generate(backbone: Backbone, embeds: torch.Tensor, mask: torch.Tensor, sampling: Sampling | Sequence[Sampling],
+             generators: Sequence[torch.Generator | None] | None = None, *, tools: Sequence[Tool] = (),
+             max_tool_calls: int = 5, cancelled: Container[int] = ()) -> Generator[Decoded, None, list[Generation]]:
+    """Decode from prompt ``embeds`` (B, L, H); with ``tools``, each row runs its own tool loop.
+
+    ``sampling``: one :class:`Sampling` for every row, or one per row. ``generators``: one per row (None: the
+    row draws from torch's global generator); a row samples from its own only. ``cancelled``: rows found in
+    it (another thread may add them, to a set, while this runs) end at the next step with the text they have.
+    Yields each step's new text per row (the pieces of a row add up to its final ``text``); returns one
+    :class:`Generation` per row. :func:`run_to_end` drains it.
+    """
     model = backbone.model
-    stops = set(stop_token_ids(backbone))
-    pad = min(stops) if stops else 0
-    warpers = sampling.warpers()
-    loop = _ToolLoop(backbone, tools, max_tool_calls, prompt_length=embeds.shape[1], sampling=sampling)
+    settings = per_row_sampling(sampling, embeds.shape[0])
+    budget = [s.max_new_tokens for s in settings]
+    ends = set(stop_token_ids(backbone))
+    pad = min(ends) if ends else 0
+    pick = TokenPicker(settings, generators)
+    loop = _ToolLoop(backbone, tools, max_tool_calls, prompt_length=embeds.shape[1], budget=budget)
     cache = backbone.new_cache()
     positions = positions_from_mask(mask)
     with_cache = cache_kwargs(model, cache)
@@ -123,15 +89,10 @@ def generate(backbone: Backbone, embeds: torch.Tensor, mask: torch.Tensor, sampl
     rows = [Generation(ids=[]) for _ in range(embeds.shape[0])]
     results: list[deque[int]] = [deque() for _ in rows]  # tool-result tokens still to feed, per row
     done = [False] * len(rows)
+    text = TextStream(backbone.tokenizer, [s.stop for s in settings])
     for step in range(loop.max_steps):
-        logits = out.logits[:, -1].float()  # (B, V)
-        if sampling.do_sample:
-            probs = torch.softmax(warpers(None, logits), dim=-1)  # (B, V)
-            if generator is not None:  # it lives where the embeddings run; a device map may put the head elsewhere
-                probs = probs.to(generator.device)
-            sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1).tolist()  # (B,)
-        else:
-            sampled = logits.argmax(dim=-1).tolist()  # (B,)
+        sampled = pick(out.logits[:, -1].float(), [row.sampled for row in rows])  # (B,)
+        _cancel(done, cancelled)
         fed, closed = [], []
         for i, row in enumerate(rows):
             if done[i]:
@@ -141,11 +102,12 @@ def generate(backbone: Backbone, embeds: torch.Tensor, mask: torch.Tensor, sampl
                 row.ids.append(fed[-1])
                 if not results[i]:
                     loop.segment[i] = len(row.ids)  # look for the next call after the result
+                done[i] = text.add(i, row.ids)  # a stop string in a tool result ends the row too
             else:
                 fed.append(sampled[i])
                 row.ids.append(sampled[i])
                 row.sampled += 1
-                if sampled[i] in stops or row.sampled == sampling.max_new_tokens:
+                if sampled[i] in ends or row.sampled == budget[i] or text.add(i, row.ids):
                     done[i] = True
                 elif call := loop.closed_call(i, row):
                     closed.append((i, *call))
@@ -154,6 +116,8 @@ def generate(backbone: Backbone, embeds: torch.Tensor, mask: torch.Tensor, sampl
                 done[i] = True
             else:
                 results[i].extend(result)
+        yield text.step([row.ids for row in rows], done)
+        _cancel(done, cancelled)  # rows cancelled while the consumer held this step need no more forwards
         if all(done):
             break
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
@@ -161,25 +125,45 @@ def generate(backbone: Backbone, embeds: torch.Tensor, mask: torch.Tensor, sampl
         tokens = torch.tensor(fed, dtype=torch.long, device=embeds.device)[:, None]  # (B, 1)
         out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
                     logits_to_keep=1, **with_cache)
+    if not text.all_ended:  # the step budget ran out first
+        yield text.step([row.ids for row in rows], [True] * len(rows))
+    for row, said in zip(rows, text.texts):
+        row.text = said
     return rows
+
+
+def _cancel(done: list[bool], cancelled: Container[int]) -> None:
+    """Mark the cancelled rows done (membership tests only: another thread may be adding to ``cancelled``)."""
+    for i in range(len(done)):
+        if i in cancelled:
+            done[i] = True
+
+
+def run_to_end(steps: Generator[Any, None, T]) -> T:
+    """Drive a generator such as :func:`generate` to its end, dropping what it yields; what it returns."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
 
 
 class _ToolLoop:
     """Finds closed tool tags in a row's text, runs the tools and turns their answers into tokens."""
 
     def __init__(self, backbone: Backbone, tools: Sequence[Tool], max_calls: int, prompt_length: int,
-                 sampling: Sampling):
+                 budget: list[int]):
         self.tokenizer = backbone.tokenizer
         self.tools = {tool.tag.lower(): tool for tool in tools}
         tags = "|".join(re.escape(tag) for tag in self.tools)
         self.pattern = re.compile(rf"<({tags})>(.*?)</\1\s*>", re.IGNORECASE | re.DOTALL) if tools else None
         self.max_calls = max_calls
         limit = backbone.max_positions
-        # result tokens must leave room for the rest of the row's sampling budget
-        self.room = (limit - prompt_length - sampling.max_new_tokens) if limit else None
+        # per row, result tokens must leave room for the rest of its sampling budget (max_new_tokens)
+        self.room = [limit - prompt_length - tokens for tokens in budget] if limit else None
         self.fed: dict[int, int] = {}  # per row: result tokens fed so far
         self.segment: dict[int, int] = {}  # per row: where in its ids the text after its last result starts
-        self.max_steps = sampling.max_new_tokens + (self.room if self.room is not None else 1 << 20)
+        self.max_steps = (limit - prompt_length) if limit else max(budget) + (1 << 20)
 
     def closed_call(self, i: int, row: Generation) -> tuple[Tool, str] | None:
         """The tool and its input, when the row's last token closed a tool tag."""
@@ -199,7 +183,7 @@ class _ToolLoop:
         for (i, tool, text), (output, seconds) in zip(closed, answers):
             head, body, tail = (self._encode(s) for s in ("\n<result>\n", output, "\n</result>\n"))
             if self.room is not None:
-                space = self.room - self.fed.get(i, 0) - len(head) - len(tail)
+                space = self.room[i] - self.fed.get(i, 0) - len(head) - len(tail)
                 if space < 1:
                     rows[i].calls.append(ToolCall(tool.name, text, "", seconds, step))
                     fed.append((i, None))

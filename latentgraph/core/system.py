@@ -30,7 +30,7 @@ from .links import Link, config_of, make_link
 from .parallel import check_parallel
 from .plan import Plan, build_plan
 from .prompt import QUESTION
-from .speak import Sampling
+from .sampling import Sampling
 from .validation import graph_problems
 
 Mode = Literal["latent", "text"]
@@ -205,12 +205,14 @@ class System(nn.Module):
 
     def stream(self, questions: str | list[str], *, rounds: int | None = None, mode: RunMode = "latent",
                do_sample: bool = True, temperature: float = 0.6, top_p: float = 0.95, top_k: int | None = None,
-               max_new_tokens: int = 256, seed: int | None = None, return_latents: bool = False,
+               max_new_tokens: int = 256, seed: int | list[int | None] | None = None, return_latents: bool = False,
                stop: Stop | None = None, parallel: bool | None = None) -> Iterator[Event]:
         """Run the system like :meth:`run`, yielding its :mod:`~latentgraph.core.events` as they happen.
 
         Inputs are checked at once (before the first event); the last event is a
-        :class:`~latentgraph.core.events.RunFinished` whose ``output`` is what :meth:`run` returns.
+        :class:`~latentgraph.core.events.RunFinished` whose ``output`` is what :meth:`run` returns. Each agent
+        that decodes yields a :class:`~latentgraph.core.events.TokensDecoded` per decoding step, as its tokens
+        come (agents run at once in threads yield theirs when their batch of turns has finished).
         """
         questions = question_list(questions)
         if stop is not None and not callable(stop):
@@ -218,14 +220,15 @@ class System(nn.Module):
                              f"latentgraph.core.engine.ThoughtsConverged(tol=0.05), got {stop!r}")
         sampling = Sampling(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
                             max_new_tokens=max_new_tokens)
+        step = InferenceStep(sampling, seed=seed, return_latents=return_latents)
+        step.check_batch(len(questions))
         plan = self.plan(rounds, mode)
         plan.check_lengths(questions, sampling.max_new_tokens)
-        return unroll(plan, questions, InferenceStep(sampling, seed=seed, return_latents=return_latents), stop=stop,
-                      parallel=check_parallel(parallel))
+        return unroll(plan, questions, step, stop=stop, parallel=check_parallel(parallel))
 
     def run(self, questions: str | list[str], *, rounds: int | None = None, mode: RunMode = "latent",
             do_sample: bool = True, temperature: float = 0.6, top_p: float = 0.95, top_k: int | None = None,
-            max_new_tokens: int = 256, seed: int | None = None, return_latents: bool = False,
+            max_new_tokens: int = 256, seed: int | list[int | None] | None = None, return_latents: bool = False,
             stop: Stop | None = None, parallel: bool | None = None) -> RunOutput:
         """Run the system on a batch of questions.
 
@@ -234,8 +237,11 @@ class System(nn.Module):
         edge a text edge (the text-communication baseline); ``"single"``, the answer node alone, once, with
         its slots left empty (the single-agent baseline). Decoding samples with the published settings by
         default; ``do_sample=False`` is greedy; ``max_new_tokens`` also bounds each text message. ``seed``
-        makes sampling reproducible. ``return_latents`` keeps every agent's raw hidden states (on CPU) in
-        ``RunOutput.latents``.
+        makes sampling reproducible: an integer for every question, or a list with one integer (or None) per
+        question. Each question samples from a generator of its own seeded with its seed, so it gets the same
+        text batched with others as alone. (Earlier versions shared one generator among a batch's questions:
+        the same seed now samples other text than it did then.) ``return_latents`` keeps every agent's raw
+        hidden states (on CPU) in ``RunOutput.latents``.
 
         ``stop`` ends the run early: after each round but the last it is called on the round's events (a
         list of :mod:`~latentgraph.core.events`); when it returns True, the answer node speaks in that round,

@@ -35,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from ..core.events import RUN_MODES
-from ..core.speak import Sampling
+from ..core.sampling import Sampling
 from ..errors import GraphError, InputError, SandboxUnavailable
 from ..files.atomic import atomic_write_text
 from ..files.text import read_json

@@ -33,6 +33,7 @@ from .responses import Reply, error_body, request_error_body, sse
 
 logger = logging.getLogger("latentgraph.serve")
 LOADING_RETRY = "5"  # seconds a client should wait while the system loads
+CLIENT_GONE = 499  # the status (nginx's) counted for a request whose client went away before its answer
 
 
 class Service:
@@ -162,9 +163,11 @@ async def _complete(request: Request, service: Service, *, chat: bool) -> Respon
     items = ticket.items()
     reply = Reply(job, service.name, chat=chat)
     try:
-        first = await anext(items, None)  # admitted (the question fits), or failed
+        first = await anext(items, None)  # admitted (the question fits), failed, or None: the client went away
         if isinstance(first, Failed):
             raise first.error
+        if first is None:
+            return Response(status_code=CLIENT_GONE)
         if job.stream:
             stream = _stream(reply, items, ticket, watcher)
             watcher = None  # the stream owns it now
@@ -174,7 +177,7 @@ async def _complete(request: Request, service: Service, *, chat: bool) -> Respon
             if isinstance(item, Failed):
                 raise item.error
             reply.add(item)
-        return JSONResponse(reply.whole())
+        return JSONResponse(reply.whole()) if ticket.finished else Response(status_code=CLIENT_GONE)
     finally:
         if watcher is not None:
             _finish(ticket, watcher)

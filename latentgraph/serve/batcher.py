@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.engine import InferenceStep, unroll
-from ..core.events import AgentFinished, AgentSpoke, Event
+from ..core.events import AgentFinished, AgentSpoke, Event, RunFinished
 from ..core.system import System
 from ..errors import InputError, LatentGraphError, RequestError
 from .limits import Limits
@@ -155,10 +155,17 @@ class Batcher:
         return ticket
 
     def _serve(self) -> None:
-        while (entries := self._gather()) is not None:
-            live = [entry for entry in entries if self._admit(*entry)]
-            for group in _groups(live):
-                self._decode(group)
+        while self._answer_batch():
+            pass
+
+    def _answer_batch(self) -> bool:
+        """Gather a batch and answer it (its rows are let go when this returns); False: the batcher stops."""
+        entries = self._gather()
+        if entries is None:
+            return False
+        for group in _groups([entry for entry in entries if self._admit(*entry)]):
+            self._decode(group)
+        return True
 
     def _gather(self) -> list[tuple[Ticket, Row]] | None:
         """The next batch: the first row to come, and those that come within the wait (None: stop)."""
@@ -201,11 +208,12 @@ class Batcher:
         self.metrics.batch_size.observe(len(group))
         rows = [row for _, row in group]
         events = unroll(self.plan, [row.question for row in rows], InferenceStep(rows[0].sampling, seed=rows[0].seed))
+        finished: dict[int, Finished] = {}  # by position, sent once the run is over (after its last event)
         try:
             for event in events:
                 if all(ticket.cancelled for ticket, _ in group):
                     break
-                self._deliver(event, group)
+                self._deliver(event, group, finished)
         except LatentGraphError as e:
             self._fail(group, RequestError(f"the system failed on this batch: {e}", status=500))
         except Exception:
@@ -215,7 +223,7 @@ class Batcher:
             events.close()
         self.metrics.cancelled.inc(sum(ticket.cancelled for ticket, _ in group))
 
-    def _deliver(self, event: Event, group: list[tuple[Ticket, Row]]) -> None:
+    def _deliver(self, event: Event, group: list[tuple[Ticket, Row]], finished: dict[int, Finished]) -> None:
         final = event.round == self.plan.rounds and getattr(event, "agent", None) == self.plan.answer
         for position, (ticket, row) in enumerate(group):
             if ticket.cancelled:
@@ -225,11 +233,14 @@ class Batcher:
             if final and isinstance(event, AgentSpoke) and (text := _cut(event.texts[position], row.stop)):
                 ticket.put(Delta(row.index, text))
             elif final and isinstance(event, AgentFinished):
-                text, made = event.step.text[position], event.step.tokens_out[position]
+                step = event.step
+                text, made = step.text[position], step.tokens_out[position]
                 full = made >= row.sampling.max_new_tokens and _cut(text, row.stop) == text
-                ticket.put(Finished(row.index, "length" if full else "stop", event.step.tokens_in[position], made))
-                self.metrics.tokens.inc(event.step.tokens_in[position], kind="prompt")
+                finished[position] = Finished(row.index, "length" if full else "stop", step.tokens_in[position], made)
+                self.metrics.tokens.inc(step.tokens_in[position], kind="prompt")
                 self.metrics.tokens.inc(made, kind="completion")
+            elif isinstance(event, RunFinished):
+                ticket.put(finished[position])
 
     def _fail(self, group: list[tuple[Ticket, Row]], error: RequestError) -> None:
         for ticket in {id(ticket): ticket for ticket, _ in group}.values():

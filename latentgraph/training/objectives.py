@@ -16,6 +16,7 @@ other agents send comes from one of two regimes:
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from ..core.agent import Agent, Encoded, Message
 from ..core.engine import Spoken, Step, unroll
-from ..core.events import AgentThought, MessageDelivered
+from ..core.events import AgentThought, Event, MessageDelivered
 from ..core.links import placement
 from ..core.plan import Turn
 from ..core.think import Thoughts, positions_from_mask
@@ -157,7 +158,8 @@ class TrainingStep(Step):
         hidden = _first_steps(forced.hidden, agent.latent_steps)  # (B, m, H)
         return Thoughts(hidden=hidden, embeds=agent.inner_link(hidden.to(**placement(agent.inner_link))))
 
-    def speak(self, turn: Turn, prompt: Encoded) -> Spoken:
+    def speak(self, turn: Turn, prompt: Encoded) -> Generator[Event, None, Spoken]:
+        yield from ()  # teacher forcing decodes nothing, so there is nothing to stream
         if not turn.is_answer:
             raise GraphError(f"agent '{turn.name}' speaks on a text edge; training through text edges is not "
                              "supported: their messages are not differentiable")
