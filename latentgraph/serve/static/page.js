@@ -130,6 +130,11 @@ function draw(graph) {
   const drawing = graph.svg ? graphvizDrawing(graph.svg) : null;
   const svg = drawing || fallbackDrawing(graph);
   $("graph").replaceChildren(svg);
+  // As wide as the panel, within limits: a wide graph keeps most of its natural size (its panel scrolls) to stay
+  // readable, a small one grows a little, not to a poster.
+  const natural = svg.viewBox.baseVal.width;
+  svg.style.minWidth = `${Math.round(0.8 * natural)}px`;
+  svg.style.maxWidth = `${Math.round(1.3 * natural)}px`;
   const note = $("graph-note");
   note.hidden = Boolean(drawing);
   note.textContent = drawing ? "" : `A simple layout drawn by the page: ${graph.note || "Graphviz's drawing failed"}.`;
@@ -262,6 +267,11 @@ function flashEdge(name) {
 // Once the answer is over, whatever order the events came in: every agent that took part shows as done.
 function settle() {
   for (const agent of page.lit) light(agent, "done");
+  for (const [name, timer] of page.flashes) {
+    clearTimeout(timer);
+    page.edges.get(name).classList.remove("is-delivering");
+  }
+  page.flashes.clear();
 }
 
 // The agent that sends on an edge: from the graph, else from the edge's name ("src->dst").
