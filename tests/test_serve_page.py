@@ -105,7 +105,7 @@ def ask(page, question: str, **settings) -> None:
     for name, value in settings.items():
         page.fill(f"#{name.replace('_', '-')}", str(value))
     page.click("#submit")
-    page.wait_for_selector("#answer:not([data-state=streaming])")
+    page.wait_for_selector("#answer[data-state=done], #answer[data-state=error]")
 
 
 def drawn(page, selector: str) -> list[str]:
