@@ -131,7 +131,8 @@ def test_the_page_and_its_files_need_no_key_but_the_graph_does(system):
         page = httpx.get(served.url + "/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert "default-src 'self'" in page.headers["content-security-policy"]
-        for asset, kind in [("page.js", "javascript"), ("page.css", "text/css")]:
+        for asset, kind in [("page.js", "javascript"), ("drawing.js", "javascript"), ("timeline.js", "javascript"),
+                            ("page.css", "text/css")]:
             response = httpx.get(f"{served.url}/static/{asset}")
             assert response.status_code == 200 and kind in response.headers["content-type"]
             assert response.text == (STATIC / asset).read_text()

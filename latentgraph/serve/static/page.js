@@ -1,11 +1,12 @@
 // The live page of `latentgraph serve`: draws the system, streams an answer with the agents' events, lights
 // each agent as it thinks, speaks and delivers, and fills a timeline with one row per round. Plain JavaScript
-// talking only to the server that sent it; see docs/serve.md.
-"use strict";
+// talking only to the server that sent it (a module: strict, run once the page is parsed); see docs/serve.md.
+
+import { drawGraph } from "./drawing.js";
+import { Timeline } from "./timeline.js";
 
 const KEY_STORAGE = "latentgraph.apiKey"; // the API key, for this tab only (sessionStorage)
 const ACTIVITIES = ["thinking", "speaking", "delivering", "done"];
-const SVG_NS = "http://www.w3.org/2000/svg";
 const LOADING_RETRY_MS = 2000; // while the server loads its system
 const FLASH_MS = 900; // how long an edge stays lit after a message went over it
 
@@ -18,8 +19,7 @@ const page = {
   edges: new Map(), // edge name ("src->dst") -> its <g class="edge">
   flashes: new Map(), // edge name -> the timer that unlights it
   lit: new Set(),
-  rounds: new Map(), // round -> its timeline row
-  turns: new Map(), // "round/agent" -> what the turn did so far, and its cell
+  timeline: new Timeline($("timeline").tBodies[0]),
   controller: null, // aborts the answer being streamed
   handleEvent,
   resetRun,
@@ -127,121 +127,14 @@ async function loadGraph() {
 }
 
 function draw(graph) {
-  const drawing = graph.svg ? graphvizDrawing(graph.svg) : null;
-  const svg = drawing || fallbackDrawing(graph);
-  $("graph").replaceChildren(svg);
-  // As wide as the panel, within limits: a wide graph keeps most of its natural size (its panel scrolls) to stay
-  // readable, a small one grows a little, not to a poster.
-  const natural = svg.viewBox.baseVal.width;
-  svg.style.minWidth = `${Math.round(0.8 * natural)}px`;
-  svg.style.maxWidth = `${Math.round(1.3 * natural)}px`;
+  const drawing = drawGraph(graph);
+  $("graph").replaceChildren(drawing.svg);
   const note = $("graph-note");
-  note.hidden = Boolean(drawing);
-  note.textContent = drawing ? "" : `A simple layout drawn by the page: ${graph.note || "Graphviz's drawing failed"}.`;
-  page.nodes.clear();
-  page.edges.clear();
-  // Graphviz puts each node and edge in a group whose <title> is its name; the page's own drawing too.
-  for (const group of svg.querySelectorAll("g.node")) {
-    const name = group.querySelector("title").textContent;
-    group.dataset.agent = name;
-    page.nodes.set(name, group);
-  }
-  for (const group of svg.querySelectorAll("g.edge")) {
-    page.edges.set(group.querySelector("title").textContent, group);
-  }
-}
-
-// Graphviz's SVG as an element of this page, scaled to its box; null if it does not parse.
-function graphvizDrawing(text) {
-  const parsed = new DOMParser().parseFromString(text, "image/svg+xml");
-  if (parsed.querySelector("parsererror")) return null;
-  const svg = document.importNode(parsed.documentElement, true);
-  svg.removeAttribute("width");
-  svg.removeAttribute("height");
-  svg.classList.add("drawing");
-  return svg;
-}
-
-function svgElement(name, attributes = {}, text = null) {
-  const element = document.createElementNS(SVG_NS, name);
-  for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, value);
-  if (text !== null) element.textContent = text;
-  return element;
-}
-
-// Without Graphviz: agents in columns by their depth along the forward edges, feedback edges dashed below.
-function fallbackDrawing(graph) {
-  const width = 190, height = 66, gapX = 90, gapY = 34, pad = 24, loop = 56;
-  const depth = new Map(graph.agents.map((agent) => [agent.name, 0]));
-  const forward = graph.edges.filter((edge) => !edge.feedback);
-  for (let pass = 0; pass < graph.agents.length; pass++) { // longest paths in a DAG settle within n passes
-    for (const edge of forward) depth.set(edge.dst, Math.max(depth.get(edge.dst), depth.get(edge.src) + 1));
-  }
-  const columns = [];
-  for (const agent of graph.agents) (columns[depth.get(agent.name)] ||= []).push(agent);
-  const tallest = Math.max(...columns.map((column) => column.length));
-  const box = new Map();
-  columns.forEach((column, c) => column.forEach((agent, r) => {
-    const offset = ((tallest - column.length) * (height + gapY)) / 2;
-    box.set(agent.name, { x: pad + c * (width + gapX), y: pad + offset + r * (height + gapY) });
-  }));
-  const hasFeedback = graph.edges.some((edge) => edge.feedback);
-  const total = {
-    width: 2 * pad + columns.length * (width + gapX) - gapX,
-    height: 2 * pad + tallest * (height + gapY) - gapY + (hasFeedback ? loop : 0),
-  };
-  const svg = svgElement("svg", { viewBox: `0 0 ${total.width} ${total.height}`, class: "drawing fallback",
-    role: "img", "aria-label": "the system's graph" });
-  const marker = svgElement("marker", { id: "arrow", viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 7,
-    markerHeight: 7, orient: "auto-start-reverse" });
-  marker.append(svgElement("path", { d: "M0,0 L10,5 L0,10 z", class: "arrowhead" }));
-  const defs = svgElement("defs");
-  defs.append(marker);
-  svg.append(defs);
-  for (const edge of graph.edges) svg.append(fallbackEdge(edge, box.get(edge.src), box.get(edge.dst), width, height, loop));
-  for (const agent of graph.agents) svg.append(fallbackNode(agent, box.get(agent.name), width, height));
-  return svg;
-}
-
-function fallbackEdge(edge, from, to, width, height, loop) {
-  const group = svgElement("g", { class: edge.feedback ? "edge feedback" : "edge" });
-  group.append(svgElement("title", {}, `${edge.src}->${edge.dst}`));
-  let points;
-  if (!edge.feedback) { // right side of the sender to left side of the receiver
-    const [x0, y0, x3, y3] = [from.x + width, from.y + height / 2, to.x, to.y + height / 2];
-    const bend = (x3 - x0) / 2;
-    points = [[x0, y0], [x0 + bend, y0], [x3 - bend, y3], [x3, y3]];
-  } else { // under the boxes, from the sender's bottom back to the receiver's
-    const [x0, x3] = edge.src === edge.dst ? [from.x + width * 0.7, to.x + width * 0.3]
-      : [from.x + width / 2, to.x + width / 2];
-    const [y0, y3] = [from.y + height, to.y + height];
-    const low = Math.max(y0, y3) + loop;
-    points = [[x0, y0], [x0, low], [x3, low], [x3, y3]];
-  }
-  const [p0, p1, p2, p3] = points;
-  group.append(svgElement("path", { d: `M${p0} C${p1} ${p2} ${p3}`, "marker-end": "url(#arrow)" }));
-  const middle = [0, 1].map((i) => (p0[i] + 3 * p1[i] + 3 * p2[i] + p3[i]) / 8); // the curve at t = 1/2
-  const label = edge.mode === "text" ? "text" : edge.link_type || "latent";
-  group.append(svgElement("text", { x: middle[0], y: middle[1] - 6, "text-anchor": "middle", class: "label" },
-    edge.slot !== edge.src ? `${label}, slot ${edge.slot}` : label));
-  return group;
-}
-
-function fallbackNode(agent, at, width, height) {
-  const group = svgElement("g", { class: "node" });
-  group.append(svgElement("title", {}, agent.name));
-  if (agent.answer) {
-    group.append(svgElement("rect", { x: at.x - 4, y: at.y - 4, width: width + 8, height: height + 8, rx: 13,
-      class: "ring" }));
-  }
-  group.append(svgElement("rect", { x: at.x, y: at.y, width, height, rx: 10 }));
-  const backbone = agent.backbone.split("/").pop();
-  const lines = [agent.answer ? `${agent.name} (answer)` : agent.name,
-    backbone.length > 28 ? `${backbone.slice(0, 27)}…` : backbone,
-    `hidden ${agent.hidden_size}, ${agent.latent_steps} latent steps`];
-  lines.forEach((line, i) => group.append(svgElement("text", { x: at.x + width / 2, y: at.y + 20 + i * 17,
-    "text-anchor": "middle", class: i === 0 ? "name" : "detail" }, line)));
-  return group;
+  note.hidden = !drawing.drawnByPage;
+  const why = graph.note || "Graphviz's drawing did not parse";
+  note.textContent = drawing.drawnByPage ? `A simple layout drawn by the page: ${why}.` : "";
+  page.nodes = drawing.nodes;
+  page.edges = drawing.edges;
 }
 
 // ---- lighting the agents -----------------------------------------------------------------------------------
@@ -280,98 +173,31 @@ function senderOf(edgeName) {
   return edge ? edge.src : edgeName.split("->")[0];
 }
 
-// ---- the timeline ------------------------------------------------------------------------------------------
-
-function rowOf(round) {
-  let row = page.rounds.get(round);
-  if (row) return row;
-  row = document.createElement("tr");
-  row.dataset.round = round;
-  row.dataset.state = "pending";
-  const head = document.createElement("th");
-  head.scope = "row";
-  head.textContent = `Round ${round}`;
-  row.append(head);
-  const later = [...page.rounds.entries()].filter(([r]) => r > round).sort(([a], [b]) => a - b)[0];
-  $("timeline").tBodies[0].insertBefore(row, later ? later[1] : null); // rows stay in order of rounds
-  page.rounds.set(round, row);
-  return row;
-}
-
-function turnOf(round, agent) {
-  const key = `${round}/${agent}`;
-  let turn = page.turns.get(key);
-  if (turn) return turn;
-  const cell = document.createElement("td");
-  cell.dataset.agent = agent;
-  turn = { cell, agent, round, started: false, thought: null, said: "", spoke: null, tokens: null, tools: 0,
-    delivered: new Map(), seconds: null, finished: false };
-  rowOf(round).append(cell);
-  page.turns.set(key, turn);
-  renderTurn(turn);
-  return turn;
-}
-
-// A turn's cell from what is known of it: the same whatever order its events came in.
-function renderTurn(turn) {
-  const did = [];
-  if (turn.thought !== null) did.push(`thought ${turn.thought} steps`);
-  if (turn.tokens !== null) did.push(`said ${turn.tokens} tokens`);
-  if (turn.tools) did.push(`${turn.tools} tool calls`);
-  const deliveries = [...turn.delivered.entries()].sort(([a], [b]) => a.localeCompare(b))
-    .map(([receiver, later]) => (later ? `${receiver} (next round)` : receiver));
-  if (deliveries.length) did.push(`→ ${deliveries.join(", ")}`);
-  const active = turn.started || did.length > 0 || turn.said;
-  const state = turn.finished ? "done" : active ? "active" : "pending";
-  const said = turn.spoke !== null ? turn.spoke : turn.said;
-  const parts = [["who", turn.agent], ["what", did.join(" · ") || (state === "pending" ? "waiting" : "…")]];
-  if (said) parts.push(["said", said]);
-  parts.push(["time", turn.seconds !== null ? `${turn.seconds.toFixed(3)} s` : ""]);
-  turn.cell.replaceChildren(...parts.map(([name, text]) => {
-    const line = document.createElement("div");
-    line.className = name;
-    line.textContent = text;
-    return line;
-  }));
-  turn.cell.dataset.state = state;
-  turn.cell.title = said;
-  const row = turn.cell.parentElement; // a round is over once each of its turns is (its RoundEnded may not come)
-  if ([...row.cells].every((cell) => cell.tagName === "TH" || cell.dataset.state === "done")) row.dataset.state = "done";
-}
-
 function resetRun() {
-  $("timeline").tBodies[0].replaceChildren();
-  page.rounds.clear();
-  page.turns.clear();
   page.lit.clear();
   for (const node of page.nodes.values()) {
     node.classList.remove(...ACTIVITIES.map((name) => `is-${name}`));
     delete node.dataset.lit;
   }
-  if (!page.graph) return;
-  page.graph.turns.forEach((agents, r) => agents.forEach((agent) => turnOf(r + 1, agent)));
+  page.timeline.reset(page.graph ? page.graph.turns : []);
 }
 
 // ---- the events --------------------------------------------------------------------------------------------
 
 // One record of latentgraph/serve/records.py: light its agent, and note it in its turn's cell.
 function handleEvent(event) {
-  const round = event.round;
-  if (event.type === "RoundEnded") {
-    rowOf(round).dataset.state = "done";
-    return;
-  }
+  const timeline = page.timeline;
   if (event.type === "MessageDelivered") {
     const sender = senderOf(event.edge);
     light(sender, "delivering");
     flashEdge(event.edge);
-    const turn = turnOf(round, sender);
+    const turn = timeline.turn(event.round, sender);
     turn.delivered.set(event.receiver, Boolean(event.next_round));
-    renderTurn(turn);
+    timeline.show(turn);
     return;
   }
-  if (typeof event.agent !== "string") return; // an event the page does not show
-  const turn = turnOf(round, event.agent);
+  if (typeof event.agent !== "string") return; // an event the page does not show (RoundEnded, say)
+  const turn = timeline.turn(event.round, event.agent);
   switch (event.type) {
     case "AgentStarted":
       light(event.agent, "thinking");
@@ -399,7 +225,7 @@ function handleEvent(event) {
     default:
       light(event.agent, "thinking");
   }
-  renderTurn(turn);
+  timeline.show(turn);
 }
 
 // ---- asking ------------------------------------------------------------------------------------------------
@@ -474,7 +300,8 @@ async function ask(submitted) {
     setAnswer(answer, "done");
     const seconds = ((performance.now() - started) / 1000).toFixed(2);
     const tokens = usage ? `${usage.completion_tokens} tokens, ` : "";
-    $("answer-meta").textContent = `finished (${finish === "length" ? "max tokens reached" : finish}), ${tokens}${seconds} s`;
+    const why = finish === "length" ? "max tokens reached" : finish;
+    $("answer-meta").textContent = `finished (${why}), ${tokens}${seconds} s`;
     setStatus("ready", "idle");
   } catch (error) {
     if (error.name === "AbortError") {
