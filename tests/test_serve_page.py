@@ -186,7 +186,7 @@ def test_the_page_streams_the_apis_answer_lights_every_agent_and_times_each_turn
             sender = record["edge"].split("->")[0]
             assert record["receiver"] in cells[record["round"], sender].split("→")[1]
     spoke = next(record for record in records if record["type"] == "AgentSpoke")
-    assert f"said {spoke['tokens_out']} tokens" in cells[3, "solver"]
+    assert f"said {spoke['tokens_out']} tokens" in cells[3, "solver"] and spoke["text"] in cells[3, "solver"]
     visit.assert_clean()
 
 
@@ -208,6 +208,12 @@ def test_events_in_any_order_fill_the_same_timeline(served, system, open_page):
     lit, rows = seen[0]
     assert lit == sorted(system.agents)
     assert all(cell["state"] == "done" for row in rows for cell in row)
+    # Before an agent's AgentSpoke, its cell shows what it said so far: the pieces of its TokensDecoded events.
+    spoke = next(event for event in events if event["type"] == "AgentSpoke")
+    pieces = [event["text"] for event in events if event["type"] == "TokensDecoded"]
+    assert len(pieces) > 1 and "".join(pieces) == spoke["text"]
+    page.evaluate(feed, [event for event in events if event["type"] != "AgentSpoke"])
+    assert timeline(page)[2][2]["lines"][2] == spoke["text"]
     visit.assert_clean()
 
 
