@@ -1,5 +1,6 @@
-"""Take the live page's screenshot for docs/serve.md: serve the embedded default system on a free loopback port,
-ask a question in the system's Chromium (driven by Playwright), and save the page once the answer is in.
+"""Take the live page's screenshots for docs/serve.md: serve the embedded default system on a free loopback port,
+ask a question in the system's Chromium (driven by Playwright), and save the page while the answer agent speaks
+and once the answer is in.
 
 Needs the ``real`` and ``test`` extras and Chromium at /usr/bin/chromium. On two CPU cores the answer takes a few
 minutes. Run: ``python docs/gen_serve_screenshot.py``.
@@ -18,7 +19,7 @@ from latentgraph.embedded.default_system import default_system
 from latentgraph.serve.app import create_app
 from latentgraph.serve.server import Server, listen
 
-OUT = Path(__file__).parent / "assets" / "serve-page.png"
+ASSETS = Path(__file__).parent / "assets"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 
@@ -46,10 +47,15 @@ def main() -> None:
             page.fill("#question", args.question)
             page.fill("#max-tokens", str(args.max_tokens))
             page.click("#submit")
+            page.mouse.move(0, 0)  # no hover effects in the pictures
+            page.wait_for_selector("#graph g.node.is-speaking", timeout=args.timeout * 1000)
+            # A few words in (polled here: the page's security policy forbids the eval wait_for_function needs).
+            while page.get_attribute("#answer", "data-state") == "streaming" and len(page.inner_text("#answer")) < 12:
+                page.wait_for_timeout(100)
+            page.screenshot(path=str(ASSETS / "serve-page-live.png"), full_page=True)
             page.wait_for_selector("#answer:not([data-state=streaming])", timeout=args.timeout * 1000)
-            page.mouse.move(0, 0)  # no hover effects in the picture
-            page.screenshot(path=str(OUT), full_page=True)
-            print(f"{OUT}: {page.eval_on_selector('#answer', 'e => e.textContent')!r}")
+            page.screenshot(path=str(ASSETS / "serve-page.png"), full_page=True)
+            print(f"{ASSETS}/serve-page*.png: {page.eval_on_selector('#answer', 'e => e.textContent')!r}")
             browser.close()
     finally:
         server.stop()

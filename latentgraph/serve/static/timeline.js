@@ -58,7 +58,8 @@ export class Timeline {
     if (deliveries.length) did.push(`→ ${deliveries.join(", ")}`);
     const state = turn.finished ? "done" : turn.started || did.length || turn.said ? "active" : "pending";
     const said = turn.spoke !== null ? turn.spoke : turn.said; // the whole text, else the pieces so far
-    const lines = [["who", turn.agent], ["what", did.join(" · ") || (state === "pending" ? "waiting" : "…")]];
+    const doing = { pending: "waiting", active: turn.said ? "speaking…" : "…", done: "" }[state];
+    const lines = [["who", turn.agent], ["what", did.join(" · ") || doing]];
     if (said) lines.push(["said", said]);
     lines.push(["time", turn.seconds !== null ? `${turn.seconds.toFixed(3)} s` : ""]);
     turn.cell.replaceChildren(...lines.map(([name, text]) => {
