@@ -4,6 +4,7 @@ traceback. One table: each case prepares its files, runs the command and names w
 import json
 import os
 import shutil
+import socket
 import sys
 
 import pytest
@@ -75,6 +76,18 @@ def eval_args(saved, data, out):
 def train_args(saved, tmp_path, *extra):
     return ["train", "--style", str(saved), "--data", str(data_file(tmp_path)), "--format", "gsm8k",
             "--output", str(tmp_path / "trained"), *extra]
+
+
+HELD = []  # sockets kept open for the length of the session
+
+
+def busy_port() -> int:
+    """A loopback port another socket listens on."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    HELD.append(held)
+    return held.getsockname()[1]
 
 
 ROW = {"id": "data-1", "method": "latent", "rounds": 3, "sample": 0, "question": QUESTION["question"]}
@@ -151,6 +164,18 @@ CASES = {
                                       str(checkpoint(tmp, saved, state={"step": 2, "optimizer": {},
                                                                         "schedule": {}}, step=2))),
         "is at step 2, past the 1 steps this training runs: nothing to train"),
+    "serve on an address other machines can reach without an API key": (
+        lambda saved, tmp: ["serve", "--style", str(saved), "--host", "0.0.0.0", "--port", "0"],
+        "refusing to serve on 0.0.0.0 without an API key"),
+    "serve --max-batch-size 0": (
+        lambda saved, tmp: ["serve", "--style", str(saved), "--port", "0", "--max-batch-size", "0"],
+        "--max-batch-size must be an integer >= 1, got 0"),
+    "serve on a port in use": (
+        lambda saved, tmp: ["serve", "--style", str(saved), "--port", str(busy_port())],
+        "cannot listen on 127.0.0.1:"),
+    "serve --device-map that is not JSON": (
+        lambda saved, tmp: ["serve", "--style", str(saved), "--port", "0", "--device-map", "{0: 1"],
+        "--device-map is not a valid JSON object"),
 }
 
 

@@ -11,7 +11,7 @@ from systems import QUESTIONS
 from test_tool_loop import PROMPTS, SCRIPT, WORDS, Calculator, Lookup
 
 import latentgraph as lg
-from latentgraph.core.detokenize import TextStream, reported
+from latentgraph.core.detokenize import TextStream
 from latentgraph.core.engine import InferenceStep, unroll
 from latentgraph.core.events import AgentSpoke, AgentStarted, TokensDecoded
 from latentgraph.core.sampling import Sampling
@@ -122,12 +122,68 @@ def test_a_character_split_over_tokens_is_shown_once_complete():
 
 
 def test_stray_bytes_and_special_tokens_stream_as_their_decoded_text():
+    """On a byte-level tokenizer the text is the tokens decoded at once, whatever bytes they hold."""
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     for _ in range(20):
         ids = torch.randint(0, len(tokenizer), (30,)).tolist()  # lone continuation bytes, specials, spaces
         pieces, final = stream_tokens(tokenizer, ids)
-        assert "".join(pieces) == final == reported(tokenizer, ids)
+        assert "".join(pieces) == final == tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def sentencepiece_tokenizer():
+    """A BPE tokenizer in the SentencePiece style: Metaspace, and byte fallback to <0xNN> tokens."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from latentgraph.testing import _CORPUS
+
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.pre_tokenizer = pre_tokenizers.Metaspace()
+    trained.train_from_iterator(_CORPUS.splitlines(), trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                                          special_tokens=["<unk>", "</s>"]))
+    learned = json.loads(trained.to_str())["model"]
+    vocab = dict(learned["vocab"])
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    bpe.decoder = decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback(), decoders.Fuse()])
+    bpe.add_special_tokens(["<unk>", "</s>"])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", eos_token="</s>")
+
+
+def test_a_sentencepiece_style_tokenizer_streams_its_text_exactly():
+    """Metaspace decoding drops the space of a text's first word, and byte fallback spells characters out of
+    vocabulary as byte tokens: the decoded windows still add up to the text of all the tokens."""
+    tokenizer = sentencepiece_tokenizer()
+    text = "Step 1: héllo € 日本"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids[1:]) != tokenizer.decode(ids)[len(tokenizer.decode(ids[:1])):]  # not concatenative
+    assert "<0xE2>" in tokenizer.convert_ids_to_tokens(ids)
+    pieces, final = stream_tokens(tokenizer, ids)
+    assert "".join(pieces) == final == text
+    torch.manual_seed(0)
+    for _ in range(20):
+        ids = torch.randint(0, len(tokenizer), (30,)).tolist()
+        pieces, final = stream_tokens(tokenizer, ids)
+        assert "".join(pieces) == final
+        whole = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        assert final == whole or "\ufffd" in whole  # the same text, but where bytes are not UTF-8
+
+
+def test_a_stray_byte_after_a_shown_character_does_not_change_it():
+    """Byte fallback decodes a run of byte tokens that is not UTF-8 as one U+FFFD per byte: "é" and a stray
+    continuation byte decode together as three of them. What was shown stays."""
+    tokenizer = sentencepiece_tokenizer()
+    vocab = tokenizer.get_vocab()
+    ids = tokenizer("Step 1: hé", add_special_tokens=False)["input_ids"] + [vocab["<0x82>"], vocab["l"]]
+    assert tokenizer.decode(ids) == "Step 1: h\ufffd\ufffd\ufffdl"
+    pieces, final = stream_tokens(tokenizer, ids)
+    assert "".join(pieces) == final == "Step 1: hé\ufffdl"
 
 
 def test_training_emits_no_token_events(tiny):

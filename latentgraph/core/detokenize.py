@@ -1,8 +1,8 @@
 """Incremental detokenization: what each row of a decoding batch has newly said at each step.
 
-A row's text is what the run reports for it in the end: its tokens decoded without special tokens, cut just
-before the first stop string, and stripped of surrounding whitespace. While the row decodes, a step shows
-only text that can no longer change, so the pieces a row shows add up to its final text exactly:
+A row's text is its tokens decoded without special tokens, cut just before the first stop string, and
+stripped of surrounding whitespace. While the row decodes, a step shows only text that can no longer change,
+so the pieces a row shows add up to its final text exactly:
 
 - leading whitespace is dropped, and trailing whitespace waits until something else follows it (the final
   strip would remove it);
@@ -11,8 +11,10 @@ only text that can no longer change, so the pieces a row shows add up to its fin
 
 Each step decodes only a short window of the newest tokens, not the whole row: the tokens since the text
 last grew, together with the ones before them, whose text is subtracted (some tokenizers decode a token
-differently at the start of a text). Decoding never cleans up spaces before punctuation: a cleanup would
-change text already shown.
+differently at the start of a text). The row's text is made of these windows. It is the text of all its
+tokens decoded at once, except in two ways that would change text already shown: spaces before punctuation
+are never cleaned up, and where a byte-fallback tokenizer (SentencePiece's ``<0xNN>`` tokens) meets bytes
+that are not UTF-8, the characters already complete stay as they were shown.
 """
 
 from __future__ import annotations
@@ -43,13 +45,6 @@ def earliest(text: str, stops: Sequence[str], start: int = 0) -> int | None:
     return min(found) if found else None
 
 
-def reported(tokenizer: Any, ids: Sequence[int], stops: Sequence[str] = ()) -> str:
-    """A row's final text: its tokens decoded, cut before the first stop string, stripped."""
-    text = decode(tokenizer, ids)
-    cut = earliest(text, stops)
-    return (text if cut is None else text[:cut]).strip()
-
-
 class RowText:
     """One row's text as its tokens come in."""
 
@@ -65,11 +60,11 @@ class RowText:
 
     def add(self, tokenizer: Any, ids: Sequence[int]) -> bool:
         """Take in the row's tokens (all of them, the new ones last); True when a stop string now ends it."""
-        text = decode(tokenizer, ids[self.window:])
-        if len(text) <= len(self.before) or text.endswith(INCOMPLETE):
+        new = self._pending(tokenizer, ids)
+        if not new or new.endswith(INCOMPLETE):
             return False  # nothing new yet (a special token), or a character still incomplete
         searched = len(self.raw)
-        self.raw += text[len(self.before):]
+        self.raw += new
         self.window, self.read = self.read, len(ids)
         self.before = decode(tokenizer, ids[self.window:self.read])
         # a stop string that ends in the new text begins at most longest - 1 characters before it
@@ -89,9 +84,24 @@ class RowText:
         new, self.shown = raw[self.shown:end], max(self.shown, end)
         return new
 
-    def last_text(self, final: str) -> str:
-        """What is left to show of the row's ``final`` text, once it has ended."""
+    def final_text(self, tokenizer: Any, ids: Sequence[int]) -> str:
+        """The row's text, once it has ended: cut before its first stop string, stripped."""
+        text = self.raw + self._pending(tokenizer, ids)
+        cut = earliest(text, self.stops)
+        return (text if cut is None else text[:cut]).strip()
+
+    def rest(self, final: str) -> str:
+        """What is left to show of the row's ``final`` text."""
         return final[self.shown - self.start:] if self.start is not None else final
+
+    def _pending(self, tokenizer: Any, ids: Sequence[int]) -> str:
+        """The text of the tokens that are not in ``raw`` yet."""
+        text = decode(tokenizer, ids[self.window:])
+        if text.startswith(self.before):
+            return text[len(self.before):]
+        # The window's first tokens now decode otherwise: a byte-fallback tokenizer turns a whole run of byte
+        # tokens into U+FFFD once it is not UTF-8, complete characters included. The new tokens on their own.
+        return decode(tokenizer, ids[self.read:])
 
     def _held_for_stops(self) -> int:
         """How many characters at the end of ``raw`` could be the start of a stop string."""
@@ -126,8 +136,8 @@ class TextStream:
                 texts.append("")
             elif done[i]:
                 self.ended[i] = True
-                self.texts[i] = reported(self.tokenizer, ids[i], row.stops)
-                texts.append(row.last_text(self.texts[i]))
+                self.texts[i] = row.final_text(self.tokenizer, ids[i])
+                texts.append(row.rest(self.texts[i]))
             else:
                 texts.append(row.new_text())
             finished.append(self.ended[i])

@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -110,9 +110,8 @@ class InferenceStep(Step):
 
     def __init__(self, sampling: Sampling | Sequence[Sampling], *, seed: int | Sequence[int | None] | None = None,
                  return_latents: bool = False):
-        per_row_sampling(sampling, None)  # the types now, the lengths against the batch in start()
-        per_row_seeds(seed, None)
         self.sampling, self.seed = sampling, seed
+        self.check_batch(None)  # the types now, the lengths against the batch in start()
         self.rows: list[Sampling] = []  # per row, once the batch is known
         self.generators: dict[torch.device, list[torch.Generator | None]] = {}
         self.cancelled: set[int] = set()  # rows to decode no further (cancel() adds to it from any thread)
@@ -127,14 +126,12 @@ class InferenceStep(Step):
             raise InputError(f"cancel() takes the index of a question in the batch ({batch}), got {row!r}")
         self.cancelled.add(row)  # one atomic set operation: decoding only tests membership
 
-    def check_batch(self, batch: int) -> None:
-        """Raise an InputError unless per-question settings and seeds come one per question."""
-        per_row_sampling(self.sampling, batch)
-        per_row_seeds(self.seed, batch)
+    def check_batch(self, batch: int | None) -> tuple[list[Sampling], list[int | None]]:
+        """Each question's settings and seed; an InputError unless lists of them come one per question."""
+        return per_row_sampling(self.sampling, batch), per_row_seeds(self.seed, batch)
 
     def start(self, plan: Plan, questions: list[str]) -> None:
-        self.rows = per_row_sampling(self.sampling, len(questions))
-        seeds = per_row_seeds(self.seed, len(questions))
+        self.rows, seeds = self.check_batch(len(questions))
         if any(seed is not None for seed in seeds):  # per device where an agent speaks, one generator per row
             for device in {turn.agent.backbone.device for turn in plan.turns_in_order() if turn.speaks}:
                 self.generators[device] = [None if seed is None else torch.Generator().manual_seed(seed)
@@ -153,19 +150,15 @@ class InferenceStep(Step):
 
     def speak(self, turn: Turn, prompt: Encoded) -> Generator[Event, None, Spoken]:
         agent = turn.agent
-        decoding = agent.speak(prompt, self.rows, self.generators.get(agent.backbone.device),
-                               cancelled=self.cancelled)
-        try:
-            while True:
+        generators = self.generators.get(agent.backbone.device)
+        with closing(agent.speak(prompt, self.rows, generators, cancelled=self.cancelled)) as decoding:
+            while True:  # closing: a stream abandoned here frees the decoding's cache at once
                 try:
                     decoded = next(decoding)
                 except StopIteration as end:
                     spoken = end.value
                     break
-                yield TokensDecoded(round=turn.round, agent=turn.name, texts=decoded.texts,
-                                    finished=decoded.finished)
-        finally:
-            decoding.close()  # an abandoned stream frees the cache now
+                yield TokensDecoded(round=turn.round, agent=turn.name, texts=decoded.texts, finished=decoded.finished)
         return Spoken(texts=[g.text for g in spoken], tokens_out=[g.sampled for g in spoken],
                       tool_calls=[g.calls for g in spoken] if agent.tools else None)
 

@@ -34,8 +34,8 @@ def batches(plan: Plan, round_: int, parallel: bool | None) -> list[list[Turn]]:
 
     ``parallel=None``: turns share a batch when their backbones share no device. ``True``: on one device
     too, as long as they share no backbone (accelerate's offload hooks swap a module's weights in and out,
-    one forward at a time) and do not both speak on one device (they would draw from its sampling generator
-    in a racy order). ``False``: one turn per batch. Either way no two turns of a batch share a tokenizer
+    one forward at a time) and do not both speak on one device (they would draw from its rows' sampling
+    generators in a racy order). ``False``: one turn per batch. Either way no two turns of a batch share a tokenizer
     object: a fast tokenizer refuses to be used from two threads at once.
     """
     if parallel is False:

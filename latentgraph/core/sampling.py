@@ -135,7 +135,10 @@ class TokenPicker:
                 groups.setdefault((s.temperature, s.top_p, s.top_k), []).append(i)
         self.groups = [(settings[rows[0]].warpers(), rows) for rows in groups.values()]
         self.whole = len(self.groups) == 1 and len(self.groups[0][1]) == len(settings)  # every row alike
-        self.draws = [_uniforms(s.max_new_tokens, g) if s.do_sample else [] for s, g in zip(settings, generators)]
+        self.draws = torch.zeros(len(settings), max(s.max_new_tokens for s in settings))  # (B, T), on the CPU
+        for i, (s, generator) in enumerate(zip(settings, generators)):
+            if s.do_sample:
+                self.draws[i, :s.max_new_tokens] = _uniforms(s.max_new_tokens, generator)
         self._indices: list[torch.Tensor] | None = None  # each group's rows, on the logits' device
 
     def __call__(self, logits: torch.Tensor, counts: Sequence[int]) -> list[int]:
@@ -154,14 +157,15 @@ class TokenPicker:
     def _sample(self, scores: torch.Tensor, warpers: LogitsProcessorList, rows: list[int], counts: Sequence[int]
                 ) -> torch.Tensor:
         probs = torch.softmax(warpers(None, scores), dim=-1)  # (b, V)
-        uniform = [self.draws[i][min(counts[i], len(self.draws[i]) - 1)] for i in rows]
-        return inverse_transform(probs, torch.tensor(uniform, device=probs.device))
+        last = self.draws.shape[1] - 1  # a row that has ended may have used all its draws
+        uniform = self.draws[rows, [min(counts[i], last) for i in rows]]  # (b,)
+        return inverse_transform(probs, uniform.to(probs.device))
 
 
-def _uniforms(count: int, generator: torch.Generator | None) -> list[float]:
-    """``count`` uniform numbers in [0, 1) from ``generator`` (the global one when None), in float32."""
+def _uniforms(count: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``count`` uniform numbers in [0, 1) from ``generator`` (torch's global one when None), on the CPU."""
     device = generator.device if generator is not None else "cpu"
-    return torch.rand(count, generator=generator, device=device).tolist()
+    return torch.rand(count, generator=generator, device=device).cpu()
 
 
 def inverse_transform(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,7 @@ class Generation:
     ids: list[int]  # every token after the prompt: sampled ones and fed tool results, end token included
     sampled: int = 0  # tokens the model chose; max_new_tokens bounds these
     calls: list[ToolCall] = field(default_factory=list)
-    text: str = ""  # what the row said: its ids decoded without special tokens, stripped
+    text: str = ""  # what the row said: its ids decoded (core.detokenize), cut before a stop string, stripped
 
 
 @torch.no_grad()  # on a generator function: no_grad holds while it runs, not while it is suspended
@@ -68,8 +68,9 @@ def generate(backbone: Backbone, embeds: torch.Tensor, mask: torch.Tensor, sampl
              max_tool_calls: int = 5, cancelled: Container[int] = ()) -> Generator[Decoded, None, list[Generation]]:
     """Decode from prompt ``embeds`` (B, L, H); with ``tools``, each row runs its own tool loop.
 
-    ``sampling``: one :class:`Sampling` for every row, or one per row. ``generators``: one per row (None: the
-    row draws from torch's global generator); a row samples from its own only. ``cancelled``: rows found in
+    ``sampling``: one :class:`Sampling` for every row, or one per row; a row ends at its end token, its
+    ``max_new_tokens`` or its first stop string. ``generators``: one per row (None: the row draws from torch's
+    global generator); a row samples from its own only. ``cancelled``: rows found in
     it (another thread may add them, to a set, while this runs) end at the next step with the text they have.
     Yields each step's new text per row (the pieces of a row add up to its final ``text``); returns one
     :class:`Generation` per row. :func:`run_to_end` drains it.
@@ -125,7 +126,7 @@ def generate(backbone: Backbone, embeds: torch.Tensor, mask: torch.Tensor, sampl
         tokens = torch.tensor(fed, dtype=torch.long, device=embeds.device)[:, None]  # (B, 1)
         out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
                     logits_to_keep=1, **with_cache)
-    if not text.all_ended:  # the step budget ran out first
+    if not text.all_ended:  # rows cancelled while the last step was held, or the step budget ran out
         yield text.step([row.ids for row in rows], [True] * len(rows))
     for row, said in zip(rows, text.texts):
         row.text = said

@@ -22,6 +22,8 @@ from ..errors import InputError
 from .app import create_app
 from .limits import API_KEY_VARIABLE, Limits
 
+BACKLOG = 2048  # connections waiting to be accepted, as uvicorn's default
+
 
 def is_loopback(host: str) -> bool:
     """Whether only this machine can reach ``host``."""
@@ -48,13 +50,14 @@ def model_id(style: str) -> str:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` (port 0: a free one), or an error saying why it cannot be."""
+    """A socket listening on ``host:port`` (port 0: a free one), or an error saying why it cannot."""
     host = host.strip("[]")
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        sock.listen(BACKLOG)  # now: a client that connects before uvicorn starts waits instead of being refused
     except OSError as e:
         raise InputError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host") from None
     sock.set_inheritable(True)
