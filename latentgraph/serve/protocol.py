@@ -128,7 +128,8 @@ def parse(kind: type[_Request], body: bytes) -> _Request:
     try:
         request = kind.model_validate_json(body)
     except ValidationError as e:
-        raise _request_error(e.errors()[0]) from None
+        message, param = _problem(e.errors()[0])
+        raise RequestError(message, param=param) from None
     if unsupported := request.unsupported():
         name = unsupported[0]
         why = "log probabilities are" if "logprobs" in name else f"'{name}' is"
@@ -137,22 +138,22 @@ def parse(kind: type[_Request], body: bytes) -> _Request:
     return request
 
 
-def _request_error(error: dict) -> RequestError:
-    """Pydantic's first error as our message: the field's path and what it must be."""
+def _problem(error: dict) -> tuple[str, str | None]:
+    """Pydantic's first error in our words, and the field at fault: its path and what it must be."""
     param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
     kind = error["type"]
     if kind == "json_invalid":
-        return RequestError(f"the request body is not valid JSON ({error['msg'].removeprefix('Invalid JSON: ')}); "
-                            "send one JSON object")
+        return (f"the request body is not valid JSON ({error['msg'].removeprefix('Invalid JSON: ')}); send one "
+                "JSON object"), None
     if kind in ("model_type", "dict_type") and not param:
-        return RequestError("the request body must be a JSON object")
+        return "the request body must be a JSON object", None
     must = {"missing": "is required", "int_type": "must be an integer", "float_type": "must be a number",
             "string_type": "must be a string", "bool_type": "must be true or false", "list_type": "must be a list",
             "model_type": "must be an object", "dict_type": "must be an object",
             "int_from_float": "must be an integer"}.get(kind)
     if kind == "literal_error":
         must = f"must be one of {error['ctx']['expected']}"
-    return RequestError(f"'{param}' {must or error['msg']}", param=param)
+    return f"'{param}' {must or error['msg']}", param
 
 
 def job_of(request: _Request, questions: list[str], limits: Limits) -> Job:
