@@ -1,13 +1,17 @@
-"""The built wheel ships the styles: installed into another venv, it lists and loads them outside the checkout."""
+"""The built wheel ships the styles and the live page's files: installed into another venv, it lists and loads the
+styles outside the checkout."""
 
 import os
 import site
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
+
+from latentgraph.serve.page import STATIC
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +32,9 @@ def test_wheel_installs_and_loads_a_style_outside_the_checkout(published_hub, tm
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path / "dist"),
                     str(ROOT)], check=True, capture_output=True, timeout=600)
     wheel = next((tmp_path / "dist").glob("latentgraph-*.whl"))
+    page_files = {f"latentgraph/serve/static/{path.name}" for path in STATIC.iterdir()}
+    assert "latentgraph/serve/static/index.html" in page_files
+    assert page_files <= set(zipfile.ZipFile(wheel).namelist())  # the live page's files ship
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"

@@ -3,8 +3,8 @@
 ``create_app(load_system, name=...)`` returns the app. It loads the system in the background when it starts
 (``GET /health`` is 503 until then), answers ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/models``
 through one :class:`~latentgraph.serve.batcher.Batcher`, and reports ``/metrics``. Every error reaches the
-client in OpenAI's JSON shape with its status. The path ``/`` is left free (for a page mounted later with
-``app.mount``), and a deployment can wrap the same app (Ray Serve's ``serve.ingress``, say).
+client in OpenAI's JSON shape with its status. ``/`` is the live page, with ``/v1/graph`` (see
+:mod:`~latentgraph.serve.page`), and a deployment can wrap the same app (Ray Serve's ``serve.ingress``, say).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .batcher import Batcher, Failed, Item, Ticket
 from .limits import Limits
 from .metrics import ServerMetrics
 from .middleware import BearerAuth, BodyLimit, RequestMetrics
+from .page import add_page_routes
 from .protocol import ChatRequest, CompletionRequest, job_of, parse, prompt_questions, question_of
 from .responses import Reply, error_body, request_error_body, sse
 
@@ -41,6 +42,7 @@ class Service:
     def __init__(self, load_system: Callable[[], System], name: str, limits: Limits):
         self.load_system, self.name, self.limits = load_system, name, limits
         self.metrics = ServerMetrics(queue_depth=lambda: self.batcher.depth if self.batcher else 0)
+        self.system: System | None = None  # once loaded
         self.batcher: Batcher | None = None
         self.error: str | None = None  # why loading failed
         self.created = int(time.time())
@@ -59,7 +61,7 @@ class Service:
             logger.error("the system could not be loaded: %s", self.error)
             return
         batcher.start()
-        self.batcher = batcher
+        self.system, self.batcher = system, batcher
 
     def stop(self) -> None:
         if self.batcher is not None:
@@ -98,6 +100,7 @@ def create_app(load_system: System | Callable[[], System], *, name: str, limits:
     app = FastAPI(title="latentgraph", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     _add_routes(app, service)
+    add_page_routes(app, service)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=service.limits.max_body_bytes)
     if api_key:
