@@ -15,6 +15,7 @@ from rich.table import Table
 from .cli_system import (
     DEFAULT,
     DEVICE_MAP_HELP,
+    LINK_DTYPE_HELP,
     MAX_MEMORY_HELP,
     OFFLOAD_HELP,
     UNSANDBOXED_HELP,
@@ -56,6 +57,7 @@ def run(
     max_memory: str | None = typer.Option(None, help=MAX_MEMORY_HELP),
     offload_folder: Path | None = typer.Option(None, help=OFFLOAD_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (see the docs' CLI page)."),
+    link_dtype: str = typer.Option("float32", help=LINK_DTYPE_HELP),
     allow_unsandboxed_tools: bool = typer.Option(False, "--allow-unsandboxed-tools", help=UNSANDBOXED_HELP),
     stop_tol: float | None = typer.Option(None, help="Stop early once the answer agent's mean thought changes by "
                                                      "less than this (relative) between rounds, e.g. 0.05."),
@@ -66,7 +68,7 @@ def run(
 
     with console.status(f"loading {style} (the first run converts and caches the models)"):
         system = load(style, task=task, **placement(device, device_map, max_memory, offload_folder),
-                      allow_unsandboxed_tools=allow_unsandboxed_tools)
+                      link_dtype=link_dtype, allow_unsandboxed_tools=allow_unsandboxed_tools)
         for agent in system.agents.values():
             agent.backbone.load()  # now, under the spinner, not during the first round
             if latent_steps is not None:
@@ -175,11 +177,12 @@ def convert(
 ) -> None:
     """Write a published style in latentgraph's format: safetensors links, backbones referenced by hub id.
 
-    Only configs and link files are read; backbone weights are not downloaded.
+    Only configs and link files are read; backbone weights are not downloaded. The links are written in the dtype
+    the published files hold (bf16), value for value.
     """
     from .checkpoints.published import load_style
 
-    system = load_style(style, task=task, revision=revision)
+    system = load_style(style, task=task, revision=revision, link_dtype="auto")
     system.save_pretrained(out_dir)
     console.print(f"wrote {style} ({task}) to {out_dir}: {len(system.agents)} agents, {len(system.edges)} edges, "
                   f"{system.num_parameters():,} link parameters")
@@ -218,17 +221,24 @@ def eval_command(
     device_map: str | None = typer.Option(None, help=DEVICE_MAP_HELP),
     max_memory: str | None = typer.Option(None, help=MAX_MEMORY_HELP),
     offload_folder: Path | None = typer.Option(None, help=OFFLOAD_HELP),
+    link_dtype: str = typer.Option("float32", help=LINK_DTYPE_HELP),
     allow_unsandboxed_tools: bool = typer.Option(False, "--allow-unsandboxed-tools", help=UNSANDBOXED_HELP),
     workers: int | None = typer.Option(None, help="Answer on N Ray workers, each a replica of the system (needs "
                                                   'pip install "latentgraph[ray]"); backbones load on each from '
                                                   "their source. Default: in this process."),
-    ray_address: str | None = typer.Option(None, help="With --workers: the Ray cluster to join ('auto': the "
-                                                      "one this machine is part of). Default: a local Ray."),
+    ray_address: str | None = typer.Option(None, help="With --workers: the Ray cluster to join, as HOST:PORT "
+                                                      "of its head (what `ray start --head` prints) or 'auto' "
+                                                      "(the one this machine is part of). Default: a new local "
+                                                      "Ray."),
     gpus_per_worker: float = typer.Option(0, help="With --workers: GPUs per worker, its backbones on its GPU "
                                                   "(fractions share one; 0: CPUs)."),
     threads_per_worker: int = typer.Option(1, help="With --workers: CPU threads (and Ray CPUs) per worker."),
 ) -> None:
     """Evaluate a system (and its baselines) on a dataset: accuracy, tokens and time per method and round."""
+    from .ray_cluster import check_address
+
+    if ray_address is not None:
+        check_address(ray_address)  # before the slow imports below, so that a typo fails at once
     from .evaluation.datasets import load_dataset
     from .evaluation.runner import PLOT, RESULTS, SUMMARY, SandboxRunner, evaluate
 
@@ -256,7 +266,7 @@ def eval_command(
     task = task or ("code" if any(e.kind == "code" for e in examples) else "math")
     with console.status(f"loading {style} (the first run converts and caches the models)"):
         system = load(style, task=task, **placement(device, device_map, max_memory, offload_folder),
-                      allow_unsandboxed_tools=allow_unsandboxed_tools)
+                      link_dtype=link_dtype, allow_unsandboxed_tools=allow_unsandboxed_tools)
         if workers is None:  # Ray workers load their own copies
             for agent in system.agents.values():
                 agent.backbone.load()  # now, not inside the first batch's timing

@@ -21,6 +21,8 @@ DEVICE_MAP_HELP = ("Spread each backbone over several GPUs with CPU or disk offl
 MAX_MEMORY_HELP = ("With --device-map: the most each device may hold (bytes, or a size with a unit), e.g. "
                    "0=20GiB,1=20GiB,cpu=60GiB.")
 OFFLOAD_HELP = "With --device-map: the directory for weights offloaded to disk."
+LINK_DTYPE_HELP = ("What the links compute in: float32 (exact published values, no bf16 rounding), auto (the dtype "
+                   "their files hold: bf16 for the published styles, their numerics), bfloat16, float16 or float64.")
 UNSANDBOXED_HELP = ("Run model-written code (the Python tool, code scoring) even where the sandbox lacks protections "
                     "(no bubblewrap, say), with whatever this machine has. Off: such code does not run.")
 

@@ -101,6 +101,10 @@ CASES = {
     "run on a backbone whose .bin holds a refused pickle": (
         lambda saved, tmp: ["run", "Q?", "--style", str(evil_backbone(saved, tmp)), "--max-new-tokens", "1"],
         "refused to unpickle it: it holds the global posix.system"),
+    "run --link-dtype bf16": (
+        lambda saved, tmp: ["run", "Q?", "--style", str(saved), "--link-dtype", "bf16"],
+        "link_dtype must be 'auto' (each link in the dtype its file holds, as published) or a dtype links compute "
+        "in: 'float32' (the default), 'bfloat16'"),
     "render to an unknown format": (
         lambda saved, tmp: ["render", str(saved), "-o", str(tmp / "x.exe")],
         "'.exe' is not a Graphviz output format"),
@@ -120,6 +124,9 @@ CASES = {
     "eval --temperature while greedy": (
         lambda saved, tmp: eval_args(saved, data_file(tmp), tmp / "out") + ["--temperature", "0.6"],
         "add --sample"),
+    "eval --link-dtype int8": (
+        lambda saved, tmp: eval_args(saved, data_file(tmp), tmp / "out") + ["--link-dtype", "int8"],
+        "got 'int8'"),
     "eval --workers 0": (
         lambda saved, tmp: eval_args(saved, data_file(tmp), tmp / "out") + ["--workers", "0"],
         "workers must be an integer >= 1"),

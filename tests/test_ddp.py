@@ -106,7 +106,11 @@ def test_two_ranks_make_the_updates_of_one_process_with_twice_the_batch(job, tmp
     log = train(system, load_training_data(data), config, progress=False)
     system.save_pretrained(tmp_path / "one-process")
     assert_same_logs(read_log(folder / "out"), log)
-    assert_same_links(folder / "out", load_file(tmp_path / "one-process" / "links.safetensors"))
+    # Adam divides each update by the root of its gradient's second moment: where a gradient is nearly zero, the
+    # reordering of the all-reduced sum against the one-process sum moves the update by up to ~1% of lr (seen:
+    # 1.1e-4 on one of 8192 weights at lr 1e-2), so the links agree to 2% of one step's size
+    assert_same_links(folder / "out", load_file(tmp_path / "one-process" / "links.safetensors"),
+                      atol=0.02 * CONFIG["lr"])
     start = load_file(source / "links.safetensors")
     moved = load_file(folder / "out" / "links.safetensors")
     assert max((moved[k] - start[k]).abs().max().item() for k in start) > 1e-3  # not an equality of untrained links

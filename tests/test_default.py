@@ -95,3 +95,13 @@ def _latent(steps):
     from latentgraph.core.agent import Message
 
     return Message(latent=torch.zeros(1, steps, 576))
+
+
+def test_link_dtype_puts_the_cached_links_in_that_dtype(system):
+    import latentgraph as lg
+
+    bf16 = lg.load("default", device="cpu", link_dtype="bfloat16")
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(x.bfloat16(), y) for x, y in zip(system.state_dict().values(), bf16.state_dict().values()))
+    auto = lg.load("default", device="cpu", link_dtype="auto")  # the cache holds the fitted links in fp32
+    assert {p.dtype for p in auto.parameters()} == {torch.float32}

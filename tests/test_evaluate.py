@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from systems import sequential
 from typer.testing import CliRunner
 
@@ -194,6 +195,13 @@ def test_resume_refuses_results_made_differently(system, script, tmp_path):
     system.agents["solver"].latent_steps += 1
     with pytest.raises(InputError, match="system="):
         lg.evaluate(system, math_examples(2), output=tmp_path, max_new_tokens=8, progress=False)
+    system.agents["solver"].latent_steps -= 1
+    link = system.links["planner->critic"]
+    link.to(torch.bfloat16).to(torch.float32)  # weights that bf16 holds exactly
+    lg.evaluate(system, math_examples(2), output=tmp_path / "dtype", max_new_tokens=8, progress=False)
+    link.to(torch.bfloat16)  # the same values, computed in another dtype
+    with pytest.raises(InputError, match="system="):
+        lg.evaluate(system, math_examples(2), output=tmp_path / "dtype", max_new_tokens=8, progress=False)
 
 
 @pytest.mark.parametrize("examples, kwargs, message", [

@@ -7,6 +7,7 @@ run of a tiny saved system whose backbones load by path, as workers need."""
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -233,14 +234,42 @@ def test_more_than_the_cluster_holds_is_an_input_error(ray_instance, system, opt
     assert not (tmp_path / "results.jsonl").exists()
 
 
-def test_a_cluster_that_cannot_be_joined_is_an_input_error(system, monkeypatch, tmp_path):
-    def no_cluster(**_):
-        raise ConnectionError("Could not find any running Ray instance.")  # what ray.init says then
+def join_in_child(address: str, how: str, token: bool = True) -> subprocess.CompletedProcess:
+    """Another process joins Ray through join_ray, its probe included: by ``host:port``, or by 'auto' reading
+    RAY_ADDRESS; with this process's Ray settings, or without the token mode ray.init set here."""
+    env = {name: value for name, value in os.environ.items() if token or name != "RAY_AUTH_MODE"}
+    if how == "auto":
+        env["RAY_ADDRESS"] = address
+    code = ("import sys, ray\nfrom latentgraph.ray_cluster import join_ray\ntry:\n    started = join_ray(sys.argv[1], "
+            "local_cpus=1)\nexcept Exception as e:\n    sys.exit(f'{type(e).__name__}: {e}')\n"
+            "print(started, ray.cluster_resources()['CPU'])")
+    return subprocess.run([sys.executable, "-c", code, address if how == "host:port" else "auto"],
+                          capture_output=True, text=True, timeout=120, env=env)
 
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", no_cluster)
-    with pytest.raises(InputError, match=r"cannot join the Ray cluster at 'auto' .*ray start --head"):
-        lg.evaluate(system, EXAMPLES, output=tmp_path, workers=2, ray_address="auto", **SETTINGS)
+
+@pytest.fixture(scope="module")
+def loopback_address(ray_instance):
+    """This module's Ray instance by the loopback address of its GCS."""
+    return "127.0.0.1:" + ray.get_runtime_context().gcs_address.rpartition(":")[2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["host:port", "auto"])
+def test_a_running_cluster_is_joined_by_its_address(loopback_address, how):
+    done = join_in_child(loopback_address, how)
+    assert done.stdout.split() == ["True", "2.0"], done.stderr  # joined this 2-CPU instance, not a new 1-CPU one
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["host:port", "auto"])
+def test_a_cluster_that_wants_a_token_says_so_at_once(loopback_address, how):
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        pytest.skip("this Ray started its instance without token authentication")
+    done = join_in_child(loopback_address, how, token=False)  # ray.init would retry for 20 s, then fail vaguely
+    shown = loopback_address if how == "host:port" else "auto"
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"InputError: cannot join the Ray cluster at '{shown}': the cluster requires a token, which this process "
+        "lacks: set RAY_AUTH_MODE=token"), done.stderr
 
 
 def test_cli_worker_flags_reach_ray(ray_instance, saved, tmp_path, monkeypatch, capsys):

@@ -32,6 +32,7 @@ from torch import nn
 from ..core.config import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, SystemConfig, read_config
 from ..errors import CheckpointError, unpickling_problem
 from ..files.atomic import recover, write_directory
+from .link_dtype import DEFAULT, LinkDtype, load_link_state
 
 __all__ = ["CONFIG_NAME", "FORMAT_VERSION", "WEIGHTS_NAME", "assign", "check_shape", "files", "link_state_dict",
            "load_pickled_state_dict", "load_weights", "read_config", "read_weights", "recover", "save"]
@@ -56,10 +57,11 @@ def files(config: SystemConfig, modules: dict[str, nn.Module]) -> dict[str, byte
     return {CONFIG_NAME: config.to_json().encode(), WEIGHTS_NAME: safetensors_bytes(tensors, metadata={"format": "pt"})}
 
 
-def load_weights(directory: str | Path, modules: dict[str, nn.Module]) -> None:
-    """Copy ``directory``'s ``links.safetensors`` into ``modules``; every tensor they need is required."""
+def load_weights(directory: str | Path, modules: dict[str, nn.Module], *, link_dtype: LinkDtype = DEFAULT) -> None:
+    """Copy ``directory``'s ``links.safetensors`` into ``modules``, in ``link_dtype`` (see :mod:`.link_dtype`);
+    every tensor they need is required."""
     weights = Path(directory) / WEIGHTS_NAME
-    assign(modules, read_weights(weights), source=str(weights))
+    assign(modules, read_weights(weights), source=str(weights), link_dtype=link_dtype)
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -72,8 +74,10 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}); save the system again") from None
 
 
-def assign(modules: dict[str, nn.Module], state: dict[str, torch.Tensor], *, source: str) -> None:
-    """Copy ``state`` (keys as in :func:`link_state_dict`) into ``modules``; every key is required."""
+def assign(modules: dict[str, nn.Module], state: dict[str, torch.Tensor], *, source: str,
+           link_dtype: LinkDtype = DEFAULT) -> None:
+    """Copy ``state`` (keys as in :func:`link_state_dict`) into ``modules``, each module put in ``link_dtype``
+    first (``"auto"``: the dtype of its tensors in ``state``); every key is required."""
     expected = link_state_dict(modules)
     missing = sorted(set(expected) - set(state))
     if missing:
@@ -86,7 +90,8 @@ def assign(modules: dict[str, nn.Module], state: dict[str, torch.Tensor], *, sou
         check_shape(state[key], target, key, source)
     for owner, module in modules.items():
         prefix = f"{owner}."
-        module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=False)
+        load_link_state(module, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, link_dtype,
+                        strict=False)
 
 
 def check_shape(tensor: torch.Tensor, target: torch.Tensor, key: str, source: str) -> None:

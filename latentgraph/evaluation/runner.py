@@ -94,8 +94,10 @@ def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods
             again, each row written once. Greedy rows equal an in-process run's on the same kind of device, but
             ``results.jsonl`` holds them in the order batches finish. A run resumes with or without workers,
             whichever started it.
-        ray_address: the Ray cluster for the workers (``"auto"``: the one this machine is part of); default a
-            Ray instance already initialised in this process, else a new local one.
+        ray_address: the Ray cluster for the workers: ``"host:port"`` of its head's GCS (what ``ray start
+            --head`` prints) or ``"auto"`` (the one this machine is part of); default a Ray instance already
+            initialised in this process, else a new local one. Checked before Ray connects: a malformed address,
+            or one where no Ray cluster answers within seconds, is an :class:`InputError`.
         gpus_per_worker: GPUs each worker asks Ray for, its backbones placed on its GPU (fractions share one;
             above 1, each backbone is spread over the worker's GPUs); 0 runs them on CPUs.
         threads_per_worker: CPU threads of each worker, and the CPUs it asks Ray for.
@@ -106,8 +108,9 @@ def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods
     Raises:
         InputError: an unknown method, bad rounds or sizes, duplicate example ids, or an ``output`` directory
             whose results were made by another system, other settings or other questions. With workers: Ray
-            not installed, bad worker options, more CPUs or GPUs than the cluster has, or a backbone given as a
-            model in memory (workers load backbones from their source).
+            not installed, bad worker options, a Ray address that is malformed or where no cluster answers, more
+            CPUs or GPUs than the cluster has, or a backbone given as a model in memory (workers load backbones
+            from their source).
         WorkerError: a Ray worker died and cannot be restarted; the finished rows are kept.
         CheckpointError: ``settings.json``, ``summary.json`` or ``plot.png`` cannot be written (a full disk,
             a read-only folder); the file keeps its old version.
@@ -206,8 +209,9 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 def fingerprint(system: System) -> str:
     """A digest of what decides a system's answers: its config (:meth:`~latentgraph.System.to_config`: agents
     with backbone source, prompts and latent steps; edges with their link configs; answer node) and its link
-    weights. Backbone weights are identified by their source only. The latentgraph version and the default
-    rounds are left out (evaluation records the rounds of every row)."""
+    weights, each with its dtype, and the dtype each backbone computes in (a bf16 link or backbone answers
+    otherwise than an fp32 one). Backbone weights are identified by their source only. The latentgraph version
+    and the default rounds are left out (evaluation records the rounds of every row)."""
     from ..checkpoints.native import link_state_dict
 
     try:
@@ -216,9 +220,10 @@ def fingerprint(system: System) -> str:
         described = [nn.Module.__repr__(system), repr(system),
                      [[a.prompt, a.feedback_prompt, a.system_prompt, a.backbone.revision]
                       for a in system.agents.values()]]
-    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
+    dtypes = {name: str(agent.backbone.dtype) for name, agent in system.agents.items()}
+    digest = hashlib.sha256(json.dumps([described, dtypes], sort_keys=True).encode())
     for name, tensor in sorted(link_state_dict(system.link_modules()).items()):
-        digest.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
+        digest.update(f"{name}:{tensor.dtype}".encode() + tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

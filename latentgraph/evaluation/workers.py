@@ -12,7 +12,8 @@ Nor does code: every node needs latentgraph installed (and any link type or tool
 
 Each worker answers and scores its batches with the same function as an in-process run, on its own
 device: the driver's dtype when it runs on the driver's kind of device (CPU or GPU), so greedy rows equal
-the single-process run's; that device's default dtype otherwise. The driver writes rows as batches finish.
+the single-process run's; that device's default dtype otherwise. Links keep the dtype the driver's are in.
+The driver writes rows as batches finish.
 
 A worker that dies (its process killed, its node lost) is restarted by Ray wherever there is room, up to
 ``MAX_RESTARTS`` times, rebuilding its replica from the object store, and Ray runs the batches it held again
@@ -25,7 +26,6 @@ it reaches the driver as it was raised.
 from __future__ import annotations
 
 import json
-import logging
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,15 +35,16 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from ..checkpoints import native
+from ..checkpoints.link_dtype import AUTO
 from ..core.backbone import Backbone, get_backbone
 from ..core.system import System
 from ..errors import CheckpointError, GraphError, InputError, LatentGraphError, WorkerError
+from ..ray_cluster import check_address, import_ray, join_ray
 from .answering import Batch, answer_batch
 
 if TYPE_CHECKING:
     from . import strict
 
-INSTALL_HINT = 'evaluation on Ray workers needs Ray: pip install "latentgraph[ray]"'
 MAX_RESTARTS = 3  # per worker, and reruns per batch: a batch that kills every worker it meets ends the run
 IN_FLIGHT = 2  # batches queued on each worker: one running, the next waiting, so no worker idles on the driver
 
@@ -54,8 +55,9 @@ class WorkerOptions:
 
     Args:
         workers: replicas of the system, one Ray actor each.
-        address: a Ray cluster to join (``"auto"``: the one this machine belongs to); None: a Ray instance
-            already initialised in this process, else a new local one sized for the workers.
+        address: a Ray cluster to join, as ``host:port`` of its GCS or ``"auto"`` (the one this machine belongs
+            to); None: a Ray instance already initialised in this process, else a new local one sized for the
+            workers. See :func:`~latentgraph.ray_cluster.join_ray`.
         gpus_per_worker: GPUs each worker asks Ray for (fractions share a GPU; above 1, each backbone is spread
             over the worker's GPUs by ``device_map="auto"``); 0 runs on CPUs.
         threads_per_worker: CPU threads of each worker, and the CPUs it asks Ray for.
@@ -74,15 +76,8 @@ class WorkerOptions:
             raise InputError(f"threads_per_worker must be an integer >= 1, got {self.threads_per_worker!r}")
         if not (isinstance(self.gpus_per_worker, (int, float)) and self.gpus_per_worker >= 0):
             raise InputError(f"gpus_per_worker must be a number >= 0 (0: run on CPUs), got {self.gpus_per_worker!r}")
-
-
-def import_ray() -> Any:
-    """The ``ray`` module, or an :class:`InputError` with the command that installs it."""
-    try:
-        import ray
-    except ImportError:
-        raise InputError(INSTALL_HINT) from None
-    return ray
+        if self.address is not None:
+            check_address(self.address)  # its form now; whether a cluster answers there when workers start
 
 
 class Replica:
@@ -126,7 +121,8 @@ def rebuild(checkpoint: dict[str, bytes], dtypes: dict[str, torch.dtype | None],
                                   "their source, so a folder must be at that path on every node") from None
     system = System.from_config(config, backbones=backbones)
     weights = load_safetensors(checkpoint[native.WEIGHTS_NAME])
-    native.assign(system.link_modules(), weights, source="the link weights sent by the driver")
+    # "auto": each link in the dtype the driver's was in (the tensors were sent in it), so rows match the driver's
+    native.assign(system.link_modules(), weights, source="the link weights sent by the driver", link_dtype=AUTO)
     for name, agent_tools in tools.items():
         system.agents[name].tools = agent_tools
     return system
@@ -168,7 +164,7 @@ class RayWorkers:
 
     def __init__(self, system: System, options: WorkerOptions, code_runner: strict.CodeRunner | None,
                  code_timeout: float):
-        self.ray, self.options = import_ray(), options
+        self.ray, self.options = import_ray("evaluation on Ray workers"), options
         device = "cuda" if options.gpus_per_worker > 0 else "cpu"
         # a worker with several GPUs spreads each backbone over them (Ray shows it only its own)
         self.placement = {"device_map": "auto"} if options.gpus_per_worker > 1 else {"device": device}
@@ -186,7 +182,7 @@ class RayWorkers:
 
     def __enter__(self) -> RayWorkers:
         ray, options = self.ray, self.options
-        self.started = _connect(ray, options)
+        self.started = join_ray(options.address, local_cpus=options.workers * options.threads_per_worker)
         try:
             _check_resources(ray, options)
         except InputError:
@@ -248,22 +244,6 @@ def _rows(ray: Any, ref: Any) -> list[dict]:
                           f"{str(e).splitlines()[0][:200]}); one that never started often lacks latentgraph on its "
                           f"node, one that died {MAX_RESTARTS + 1} times may run out of memory. The rows finished so "
                           "far are kept: run the evaluation again to resume") from None
-
-
-def _connect(ray: Any, options: WorkerOptions) -> bool:
-    """Join the Ray instance of ``options`` (or the one already initialised); True when this started it."""
-    if ray.is_initialized():
-        return False
-    quiet = {"include_dashboard": False, "logging_level": logging.ERROR}
-    try:
-        if options.address is None:  # a local instance with room for exactly the workers asked for
-            ray.init(num_cpus=options.workers * options.threads_per_worker, **quiet)
-        else:
-            ray.init(address=options.address, **quiet)
-    except ConnectionError as e:
-        raise InputError(f"cannot join the Ray cluster at {options.address!r} ({e}); start one with `ray start "
-                         "--head`, pass its address, or leave the address out for a local Ray instance") from None
-    return True
 
 
 def _check_resources(ray: Any, options: WorkerOptions) -> None:
