@@ -23,8 +23,7 @@ from ..core.system import System
 from .app import create_app
 from .limits import Limits
 from .middleware import ASGIApp, Receive, Scope, Send
-
-REPLICA_HEADER = "X-Latentgraph-Replica"  # names the replica that answered (so whose /metrics a scrape read)
+from .proxy import REPLICA_HEADER
 
 
 @serve.ingress()  # the app comes from __serve_build_asgi_app__, once the constructor has loaded the system
@@ -60,7 +59,7 @@ def _load_with_backbones(style: str, load_options: dict[str, Any]) -> System:
 
 
 class NamesReplica:
-    """Adds :data:`REPLICA_HEADER` to every response: which replica answered."""
+    """Adds :data:`~latentgraph.serve.proxy.REPLICA_HEADER` to every response: which replica answered."""
 
     def __init__(self, app: ASGIApp, replica: str):
         self.app, self.replica = app, replica.encode()

@@ -4,7 +4,8 @@ system, on a local Ray instance or a Ray cluster, for more requests than one pro
 Each replica (:class:`~latentgraph.serve.replica.Replica`) loads its own copy of the system from the choice made
 on the command line and batches the requests it gets. Ray Serve's HTTP proxy listens on ``--host``/``--port``
 and spreads requests over the replicas that are up. A replica that dies is replaced by Ray Serve; a request it
-was answering ends with an error (Ray Serve's 500, or a stream cut short), and those on the other replicas go on.
+was answering ends with an error (a 500, in OpenAI's shape as every error is: see :mod:`~latentgraph.serve.proxy`;
+or a stream cut short, without its ``[DONE]``), and those on the other replicas go on.
 
 Ray Serve runs once per Ray cluster and listens where it was first started, so this module starts it, with our
 address, and refuses a cluster where it already runs; it shuts Serve down when serving stops, and Ray too if it
@@ -13,6 +14,7 @@ started it. Light to import: Ray loads when the replicas start.
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from collections.abc import Callable, Sequence
@@ -21,6 +23,7 @@ from typing import Any
 
 from ..errors import InputError, WorkerError
 from ..ray_cluster import check_address, join_ray
+from . import proxy
 from .limits import Limits
 from .server import check_exposure, listen
 
@@ -76,8 +79,9 @@ class Deployed:
     """
 
     def __init__(self, style: str, load_options: dict[str, Any], options: ReplicaOptions, *, name: str,
-                 host: str, port: int, limits: Limits, api_key: str | None = None, cors_origins: Sequence[str] = ()):
-        self.style, self.options = style, options
+                 host: str, port: int, limits: Limits, api_key: str | None = None, cors_origins: Sequence[str] = (),
+                 say: Callable[[str], None] = lambda line: None):
+        self.style, self.options, self.say = style, options, say
         self.load_options = load_options | options.placement()
         self.app_options = {"name": name, "limits": limits, "api_key": api_key, "cors_origins": tuple(cors_origins),
                             "threads": options.threads_per_replica}
@@ -100,14 +104,20 @@ class Deployed:
         try:
             _check_resources(ray, options)
             _check_no_serve(serve)
+            self.say(f"starting Ray Serve and {options.replicas} replicas of '{self.app_options['name']}' (each "
+                     "loads the system)")
             self.started_serve = True
-            serve.start(http_options={"host": self.host.strip("[]"), "port": self.port}, logging_config=QUIET)
+            serve.start(http_options={"host": self.host.strip("[]"), "port": self.port}, logging_config=QUIET,
+                        controller_options={"runtime_env": {"env_vars": proxy.CALLBACK}})  # the proxies inherit it
             limits = self.app_options["limits"]
             deployment = serve.deployment(
                 replica.Replica, name="Replica", num_replicas=options.replicas,
                 ray_actor_options={"num_cpus": options.threads_per_replica, "num_gpus": options.gpus_per_replica},
                 # every request that the replica's own queue would take, so that batches fill and its 503s apply
-                max_ongoing_requests=limits.max_batch_size + limits.max_queue)
+                max_ongoing_requests=limits.max_batch_size + limits.max_queue,
+                # the start fails once each replica has failed to load the system, without one that did: a wrong
+                # choice fails as soon as it can (later, dead replicas are replaced however often they die)
+                max_constructor_retry_count=options.replicas)
             try:
                 serve.run(deployment.bind(self.style, self.load_options, **self.app_options), name=APP,
                           route_prefix="/", logging_config=QUIET)
@@ -139,9 +149,10 @@ def serve_replicas(style: str, load_options: dict[str, Any], options: ReplicaOpt
     """Serve ``style`` (loaded by each replica with ``load_options`` and its placement) from replicas on Ray Serve
     until ``until`` returns (by default: until Ctrl-C or SIGTERM); ``say`` tells the user where."""
     check_exposure(host, api_key, allow_no_key)
-    say(f"starting Ray Serve and {options.replicas} replicas of '{name}' (each loads the system)")
+    _import_serve()  # before anything else: without Ray Serve, one error line
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # not its start-up chatter: we say where it listens
     with Deployed(style, load_options, options, name=name, host=host, port=port, limits=limits, api_key=api_key,
-                  cors_origins=cors_origins) as deployed:
+                  cors_origins=cors_origins, say=say) as deployed:
         say(f"serving '{name}' from {options.replicas} replicas at {deployed.url}/v1 (OpenAI-compatible, on Ray "
             "Serve); /health and /metrics answer for the replica a request reaches. Ctrl-C stops it.")
         (until or wait_for_stop)()
