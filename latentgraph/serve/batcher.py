@@ -8,8 +8,9 @@ ticket, in the event loop, as items: :class:`Admitted` once its question fits th
 of the answer's text, :class:`Record`\\ s of the agents' events when asked for, and :class:`Finished` with
 its token counts; or :class:`Failed`.
 
-Batching never changes a row's result: the engine decodes each row as it would alone. Rows whose client went
-away are dropped before their batch starts, and a batch whose every row is cancelled stops at its next event.
+Batching never changes a row's result: the engine decodes each row as it would alone, with its own settings
+and its own generator. A row whose client went away is dropped before its batch starts, or stops decoding at
+its next step; a batch whose every row is cancelled stops at its next event.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.engine import InferenceStep, unroll
-from ..core.events import AgentFinished, AgentSpoke, Event, RunFinished
+from ..core.events import AgentFinished, Event, RunFinished, TokensDecoded
 from ..core.system import System
 from ..errors import InputError, LatentGraphError, RequestError
 from .limits import Limits
@@ -65,6 +66,11 @@ class Failed:
 
 
 Item = Admitted | Delta | Record | Finished | Failed
+
+
+def _internal() -> RequestError:
+    """What a request hears of an unexpected failure (its details go to the server's log only)."""
+    return RequestError("internal error while answering; see the server's log", status=500)
 _CANCELLED = object()  # wakes a consumer whose client went away
 
 
@@ -76,6 +82,7 @@ class Ticket:
         self.cancelled = False  # set in the event loop, read by the engine thread
         self.finished = False  # every row finished (read in the event loop)
         self.checked = self.failed = False  # engine thread only
+        self.running: list[tuple[InferenceStep, int]] = []  # the step decoding each of its rows, and the row's place
         self._loop = loop
         self._items: asyncio.Queue = asyncio.Queue()
 
@@ -106,6 +113,8 @@ class Ticket:
         ticket stays as it is."""
         if not (self.cancelled or self.finished):
             self.cancelled = True
+            for step, row in list(self.running):
+                step.cancel(row)  # thread-safe: the row stops at its next decoding step
             self._items.put_nowait(_CANCELLED)
 
 
@@ -163,8 +172,12 @@ class Batcher:
         entries = self._gather()
         if entries is None:
             return False
-        for group in _groups([entry for entry in entries if self._admit(*entry)]):
-            self._decode(group)
+        try:
+            if live := [entry for entry in entries if self._admit(*entry)]:
+                self._decode(live)
+        except Exception:  # the engine thread must outlive any batch: its requests fail, the next batch runs
+            logger.exception("the engine failed on a batch of %d rows", len(entries))  # no question is logged
+            self._fail(entries, _internal())
         return True
 
     def _gather(self) -> list[tuple[Ticket, Row]] | None:
@@ -204,23 +217,29 @@ class Batcher:
         return not ticket.failed
 
     def _decode(self, group: list[tuple[Ticket, Row]]) -> None:
-        """Unroll the plan on a group of rows, sending each ticket what concerns its rows."""
+        """Unroll the plan on a batch of rows, each with its own settings and seed, sending each ticket what
+        concerns its rows."""
         self.metrics.batch_size.observe(len(group))
         rows = [row for _, row in group]
-        events = unroll(self.plan, [row.question for row in rows], InferenceStep(rows[0].sampling, seed=rows[0].seed))
+        step = InferenceStep([row.sampling for row in rows], seed=[row.seed for row in rows])
+        for position, (ticket, _) in enumerate(group):
+            ticket.running.append((step, position))
+        events = unroll(self.plan, [row.question for row in rows], step)
         finished: dict[int, Finished] = {}  # by position, sent once the run is over (after its last event)
         try:
             for event in events:
                 if all(ticket.cancelled for ticket, _ in group):
-                    break
+                    break  # no one waits for this batch: stop it, thinking included
                 self._deliver(event, group, finished)
         except LatentGraphError as e:
             self._fail(group, RequestError(f"the system failed on this batch: {e}", status=500))
         except Exception:
             logger.exception("the engine failed on a batch of %d rows", len(group))  # no question is logged
-            self._fail(group, RequestError("internal error while answering; see the server's log", status=500))
+            self._fail(group, _internal())
         finally:
             events.close()
+            for ticket, _ in group:
+                ticket.running.clear()
         self.metrics.cancelled.inc(sum(ticket.cancelled for ticket, _ in group))
 
     def _deliver(self, event: Event, group: list[tuple[Ticket, Row]], finished: dict[int, Finished]) -> None:
@@ -230,14 +249,13 @@ class Batcher:
                 continue
             if ticket.job.events and (record := event_record(event, position)) is not None:
                 ticket.put(Record(row.index, record))
-            if final and isinstance(event, AgentSpoke) and (text := _cut(event.texts[position], row.stop)):
-                ticket.put(Delta(row.index, text))
+            if final and isinstance(event, TokensDecoded) and event.texts[position]:
+                ticket.put(Delta(row.index, event.texts[position]))
             elif final and isinstance(event, AgentFinished):
-                step = event.step
-                text, made = step.text[position], step.tokens_out[position]
-                full = made >= row.sampling.max_new_tokens and _cut(text, row.stop) == text
-                finished[position] = Finished(row.index, "length" if full else "stop", step.tokens_in[position], made)
-                self.metrics.tokens.inc(step.tokens_in[position], kind="prompt")
+                prompt, made = event.step.tokens_in[position], event.step.tokens_out[position]
+                reason = "length" if made >= row.sampling.max_new_tokens else "stop"
+                finished[position] = Finished(row.index, reason, prompt, made)
+                self.metrics.tokens.inc(prompt, kind="prompt")
                 self.metrics.tokens.inc(made, kind="completion")
             elif isinstance(event, RunFinished):
                 ticket.put(finished[position])
@@ -245,20 +263,3 @@ class Batcher:
     def _fail(self, group: list[tuple[Ticket, Row]], error: RequestError) -> None:
         for ticket in {id(ticket): ticket for ticket, _ in group}.values():
             ticket.put(Failed(error))
-
-
-def _groups(entries: list[tuple[Ticket, Row]]) -> list[list[tuple[Ticket, Row]]]:
-    """Rows that can share a batch: equal decoding settings. A seeded sampled row goes alone: its device's one
-    generator would otherwise draw for its batch mates too."""
-    groups: dict[Any, list[tuple[Ticket, Row]]] = {}
-    for entry in entries:
-        row = entry[1]
-        alone = row.sampling.do_sample and row.seed is not None
-        groups.setdefault((row.sampling, id(entry) if alone else None), []).append(entry)
-    return list(groups.values())
-
-
-def _cut(text: str, stop: tuple[str, ...]) -> str:
-    """``text`` up to the first stop string (OpenAI's ``stop``)."""
-    ends = [i for s in stop if (i := text.find(s)) >= 0]
-    return text[: min(ends)] if ends else text

@@ -15,11 +15,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..core.speak import Sampling
-from ..errors import RequestError
+from ..core.sampling import Sampling
+from ..errors import InputError, RequestError
 from .limits import Limits
 
-MAX_STOP = 4  # stop strings per request, as OpenAI allows
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a 64-bit signed integer, as OpenAI's seed
 ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 
@@ -32,7 +31,6 @@ class Row:
     sampling: Sampling
     seed: int | None
     index: int  # the choice's index in the response
-    stop: tuple[str, ...] = ()  # the text ends before the first of these
 
 
 @dataclass(frozen=True)
@@ -182,10 +180,13 @@ def job_of(request: _Request, questions: list[str], limits: Limits) -> Job:
     if request.stream_options is not None and not request.stream:
         raise RequestError("'stream_options' is only allowed with 'stream': true", param="stream_options")
     greedy = temperature == 0
-    sampling = Sampling(do_sample=not greedy, temperature=1.0 if greedy else temperature, top_p=top_p,
-                        max_new_tokens=max_tokens)
-    stop = stop_strings(request.stop)
-    rows = [Row(question=question, sampling=sampling, index=p * n + i, stop=stop,
+    try:
+        sampling = Sampling(do_sample=not greedy, temperature=1.0 if greedy else temperature, top_p=top_p,
+                            max_new_tokens=max_tokens, stop=stop_strings(request.stop))
+    except InputError as e:  # what is left to check: the stop strings' count and lengths
+        raise RequestError(f"'stop' is invalid: {str(e).removeprefix('invalid decoding settings: ')}",
+                           param="stop") from None
+    rows = [Row(question=question, sampling=sampling, index=p * n + i,
                 seed=None if request.seed is None else request.seed + i)
             for p, question in enumerate(questions) for i in range(n)]
     return Job(rows=rows, stream=request.stream, events=bool(request.latentgraph and request.latentgraph.events),
@@ -207,14 +208,12 @@ def _max_tokens(request: _Request, limits: Limits) -> int:
 
 
 def stop_strings(stop: Any) -> tuple[str, ...]:
-    """OpenAI's ``stop``: none, a string, or a list of up to four non-empty strings."""
+    """OpenAI's ``stop``: none, a string, or a list of strings (how many and how long: see ``Sampling``)."""
     if stop is None:
         return ()
     strings = [stop] if isinstance(stop, str) else stop
-    if not (isinstance(strings, list) and all(isinstance(s, str) and s for s in strings)):
-        raise RequestError("'stop' must be a non-empty string or a list of them", param="stop")
-    if len(strings) > MAX_STOP:
-        raise RequestError(f"'stop' takes at most {MAX_STOP} strings, got {len(strings)}", param="stop")
+    if not (isinstance(strings, list) and all(isinstance(s, str) for s in strings)):
+        raise RequestError("'stop' must be a string or a list of strings", param="stop")
     return tuple(strings)
 
 

@@ -1,6 +1,7 @@
 """A run's events as JSON, one row's view: what a request that asks for ``{"latentgraph": {"events": true}}``
 receives. Each record has the event's class name as ``type`` and its ``round``; tensors become their shape
-(and a thought its norm), lists per question become the row's value."""
+(and a thought its norm), lists per question become the row's value. A ``TokensDecoded`` record carries the
+row's new text of that decoding step, and comes only when there is some."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ..core.events import (
     Event,
     MessageDelivered,
     RoundEnded,
+    TokensDecoded,
 )
 
 
@@ -25,6 +27,10 @@ def event_record(event: Event, row: int) -> dict[str, Any] | None:
     elif isinstance(event, AgentThought):
         hidden = event.thoughts.hidden[row].detach().float()
         record.update(agent=event.agent, latent_steps=hidden.shape[0], norm=hidden.norm(dim=-1).mean().item())
+    elif isinstance(event, TokensDecoded):
+        if not event.texts[row]:
+            return None  # nothing new for this row in this step
+        record.update(agent=event.agent, text=event.texts[row])
     elif isinstance(event, AgentSpoke):
         record.update(agent=event.agent, text=event.texts[row])
         if event.tokens_out is not None:
