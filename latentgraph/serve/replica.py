@@ -20,6 +20,7 @@ from ray import serve
 
 from ..cli_system import load
 from ..core.system import System
+from ..errors import WorkerError
 from .app import create_app
 from .limits import Limits
 from .middleware import ASGIApp, Receive, Scope, Send
@@ -48,7 +49,7 @@ class Replica:
         while service.batcher is None and service.error is None:
             await asyncio.sleep(0.05)
         if service.error is not None:
-            raise RuntimeError(f"the system failed to load: {service.error}")
+            raise WorkerError(f"the system failed to load: {service.error}")
 
 
 def _load_with_backbones(style: str, load_options: dict[str, Any]) -> System:

@@ -9,7 +9,7 @@ or a stream cut short, without its ``[DONE]``), and those on the other replicas 
 
 Ray Serve runs once per Ray cluster and listens where it was first started, so this module starts it, with our
 address, and refuses a cluster where it already runs; it shuts Serve down when serving stops, and Ray too if it
-started it. Light to import: Ray loads when the replicas start.
+started it. Ray is imported when the replicas start, not with this module.
 """
 
 from __future__ import annotations
@@ -201,8 +201,8 @@ def _check_no_serve(serve: Any) -> None:
     if status.proxies or status.applications:
         running = ", ".join(status.applications) or "no application"
         raise InputError(f"Ray Serve already runs on this Ray cluster ({running}); latentgraph serve --replicas starts "
-                         "its own: stop that one with `serve shutdown` (add -a for a remote cluster), or use another "
-                         "cluster")
+                         "its own: stop that one with `serve shutdown` (with --address http://HEAD_IP:8265, the "
+                         "dashboard's address, for a remote cluster), or use another cluster")
 
 
 def _why_failed(serve: Any) -> str:
