@@ -4,8 +4,8 @@ system, on a local Ray instance or a Ray cluster, for more requests than one pro
 Each replica (:class:`~latentgraph.serve.replica.Replica`) loads its own copy of the system from the choice made
 on the command line and batches the requests it gets. Ray Serve's HTTP proxy listens on ``--host``/``--port``
 and spreads requests over the replicas that are up. A replica that dies is replaced by Ray Serve; a request it
-was answering ends with an error (a 500, in OpenAI's shape as every error is: see :mod:`~latentgraph.serve.proxy`;
-or a stream cut short, without its ``[DONE]``), and those on the other replicas go on.
+was answering ends with an error in OpenAI's shape (a 500, or a stream's last event: see
+:mod:`~latentgraph.serve.proxy`), and those on the other replicas go on.
 
 Ray Serve runs once per Ray cluster and listens where it was first started, so this module starts it, with our
 address, and refuses a cluster where it already runs; it shuts Serve down when serving stops, and Ray too if it
