@@ -393,3 +393,17 @@ def test_a_replicas_own_error_passes_the_proxy_untouched():
              "headers": [(b"content-type", b"application/json"), (b"x-latentgraph-replica", b"abc")]}
     assert through_proxy_errors(start, {"type": "http.response.body", "body": b'{"error": 1}'}) == \
         (404, dict(start["headers"]), b'{"error": 1}')
+
+
+def test_without_replicas_the_same_choice_goes_to_the_single_server(monkeypatch):
+    from latentgraph.serve import command, server
+
+    calls, loads = [], []
+    monkeypatch.setattr(server, "serve_system", lambda load_system, **kwargs: calls.append((load_system, kwargs)))
+    monkeypatch.setattr(command, "load", lambda style, **options: loads.append((style, options)))
+    assert run_main(monkeypatch, ["serve", "--style", "/systems/mine", "--task", "code", "--device", "cpu"]) == 0
+    ((load_system, kwargs),) = calls
+    load_system()
+    assert loads == [("/systems/mine", {"task": "code", "allow_unsandboxed_tools": False, "device": "cpu",
+                                        "device_map": None, "max_memory": None, "offload_folder": None})]
+    assert (kwargs["name"], kwargs["host"], kwargs["port"]) == ("mine", "127.0.0.1", 8000)
