@@ -49,10 +49,10 @@ class Served:
 
 
 @contextmanager
-def running(load_system, *, name: str = "tiny", ready: bool = True, **options):
+def running(load_system, *, name: str = "tiny", ready: bool = True, log_level: str = "warning", **options):
     """``create_app(load_system, ...)`` served by uvicorn in a thread on a free loopback port; with ``ready``,
     once /health says the system is loaded."""
-    server = Server(create_app(load_system, name=name, **options), listen("127.0.0.1", 0), log_level="warning")
+    server = Server(create_app(load_system, name=name, **options), listen("127.0.0.1", 0), log_level=log_level)
     server.start()
     served = Served(server.url, server.uvicorn.config.app.state.service)
     try:
@@ -65,19 +65,22 @@ def running(load_system, *, name: str = "tiny", ready: bool = True, **options):
 
 
 class Gate:
-    """Holds the engine thread inside ``agent``'s next thought until :meth:`open`: requests sent meanwhile
-    queue up, so that what is batched with what is known."""
+    """Holds the engine thread inside ``agent``'s next thought until :meth:`open` (with ``rows``, only a thought
+    of a batch of that many rows): requests sent meanwhile queue up, so that what is batched with what is
+    known. Gates nest."""
 
-    def __init__(self, agent):
-        self.agent = agent
+    def __init__(self, agent, rows: int | None = None):
+        self.agent, self.rows = agent, rows
         self.entered, self._open = threading.Event(), threading.Event()
 
     def __enter__(self) -> Gate:
+        self.previous = self.agent.__dict__.get("think")
         think = self.agent.think
 
         def held(prompt):
-            self.entered.set()
-            assert self._open.wait(WAIT), "the gate was never opened"
+            if self.rows in (None, prompt.embeds.shape[0]):
+                self.entered.set()
+                assert self._open.wait(WAIT), "the gate was never opened"
             return think(prompt)
 
         self.agent.think = held
@@ -88,4 +91,7 @@ class Gate:
 
     def __exit__(self, *exc) -> None:
         self._open.set()
-        del self.agent.think
+        if self.previous is None:
+            del self.agent.think
+        else:
+            self.agent.think = self.previous

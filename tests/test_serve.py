@@ -4,6 +4,7 @@ system's answer to the same question alone, plain or streamed, alone or batched 
 import gc
 import json
 import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -213,9 +214,10 @@ def test_a_client_that_goes_away_is_cancelled_and_the_server_goes_on(client, sys
     body = {"model": "tiny", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8, "stream": True}
     with Gate(system.agents["planner"]) as gate:
         with httpx.stream("POST", served.api + "/chat/completions", json=body, timeout=WAIT) as response:
-            first = next(response.iter_lines())
-            assert first.startswith("data: ") and "error" not in first, first  # admitted; held in its batch
-            assert gate.entered.wait(WAIT)
+            lines = response.iter_lines()  # kept: an iterator dropped closes the response
+            first = next(lines)
+            assert first.startswith("data: ") and "error" not in first, first  # admitted
+            assert gate.entered.wait(WAIT)  # its batch is held; the client leaves now
         wait_until(lambda: served.metric('latentgraph_requests_total{path="/v1/chat/completions",status="200"}')
                    == ended + 1, "the server to see the client leave")
         gate.open()
@@ -223,6 +225,41 @@ def test_a_client_that_goes_away_is_cancelled_and_the_server_goes_on(client, sys
     assert served.metric('latentgraph_tokens_total{kind="completion"}') == tokens  # stopped before it answered
     assert chat(client, QUESTION, temperature=0, max_tokens=3).choices[0].message.content == \
         alone(system, QUESTION, max_tokens=3).texts[0]
+
+
+def test_a_row_whose_client_went_away_stops_while_its_batch_mate_goes_on(client, system, served, monkeypatch):
+    expected = alone(system, "Why?", max_tokens=8).texts[0]
+    cancels = []
+    cancel = InferenceStep.cancel
+    monkeypatch.setattr(InferenceStep, "cancel", lambda step, row: cancels.append(row) or cancel(step, row))
+    body = {"model": "tiny", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8, "stream": True}
+    ended = 'latentgraph_requests_total{path="/v1/chat/completions",status="200"}'
+    before = served.metric(ended)
+    leave = threading.Event()
+
+    def leaving():
+        with httpx.stream("POST", served.api + "/chat/completions", json=body, timeout=WAIT) as response:
+            lines = response.iter_lines()  # kept: an iterator dropped closes the response
+            next(lines)  # admitted
+            assert leave.wait(WAIT)
+
+    planner = system.agents["planner"]
+    with Gate(planner, rows=1) as first, Gate(planner, rows=2) as second, ThreadPoolExecutor(3) as pool:
+        blocker = pool.submit(chat, client, "Hold on", temperature=0, max_tokens=1)
+        assert first.entered.wait(WAIT)
+        gone = pool.submit(leaving)
+        wait_until(lambda: served.service.batcher.depth == 1, "the first request to queue up")
+        staying = pool.submit(lambda: chat(client, "Why?", temperature=0, max_tokens=8).choices[0].message.content)
+        wait_until(lambda: served.service.batcher.depth == 2, "the second request to queue up")
+        first.open()
+        assert second.entered.wait(WAIT)  # both in one batch, held before it decodes
+        leave.set()
+        gone.result(WAIT)
+        wait_until(lambda: served.metric(ended) == before + 2, "the server to see the client leave")
+        second.open()
+        assert staying.result(WAIT) == expected
+        blocker.result(WAIT)
+    assert cancels == [0]  # the first row of the batch: it stops at its next decoding step
 
 
 def test_a_waiting_request_whose_client_went_away_is_dropped_before_its_batch(client, system, served):

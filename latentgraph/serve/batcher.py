@@ -71,6 +71,8 @@ Item = Admitted | Delta | Record | Finished | Failed
 def _internal() -> RequestError:
     """What a request hears of an unexpected failure (its details go to the server's log only)."""
     return RequestError("internal error while answering; see the server's log", status=500)
+
+
 _CANCELLED = object()  # wakes a consumer whose client went away
 
 
