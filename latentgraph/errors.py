@@ -39,7 +39,8 @@ class SandboxUnavailable(LatentGraphError, RuntimeError):
 
 class WorkerError(LatentGraphError, RuntimeError):
     """A Ray worker of :func:`~latentgraph.evaluate` died and cannot be restarted (it died too often, or could not
-    start). The rows finished before are kept in ``results.jsonl``: run the same evaluation again to resume."""
+    start). The rows finished before are kept in ``results.jsonl``: run the same evaluation again to resume.
+    Also: the replicas of ``latentgraph serve --replicas`` could not start (the message says what they raised)."""
 
 
 def unpickling_problem(error: Exception) -> str:

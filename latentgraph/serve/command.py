@@ -52,10 +52,23 @@ def serve(
                                                                            "transcript included."),
     max_body_bytes: int = typer.Option(Limits.max_body_bytes, help="The largest request body; larger get 413."),
     max_n: int = typer.Option(Limits.max_n, help="Most choices (n) per request."),
+    replicas: int | None = typer.Option(None, help="Serve from N replicas on Ray Serve, each loading its own copy of "
+                                                   "the system and batching the requests it gets (needs pip install "
+                                                   '"latentgraph\\[replicas]"). Default: one process.'),
+    ray_address: str | None = typer.Option(None, help="With --replicas: the Ray cluster to join, as HOST:PORT of its "
+                                                      "head (what `ray start --head` prints) or 'auto' (the one this "
+                                                      "machine is part of). Default: a new local Ray."),
+    gpus_per_replica: float = typer.Option(0, help="With --replicas: GPUs per replica, its backbones on its GPU "
+                                                   "(fractions share one; above 1, spread over them; 0: CPUs)."),
+    threads_per_replica: int = typer.Option(1, help="With --replicas: CPU threads (and Ray CPUs) per replica."),
 ) -> None:
     """Serve a system with an OpenAI-compatible HTTP API (chat and text completions, streamed or not) until
     Ctrl-C. Needs the serve extra: pip install "latentgraph\\[serve]"."""
+    if replicas is None and (ray_address is not None or gpus_per_replica != 0 or threads_per_replica != 1):
+        raise InputError("--ray-address, --gpus-per-replica and --threads-per-replica set up replicas on Ray Serve: "
+                         "add --replicas N, or drop them to serve from this process")
     try:
+        from .replicas import ReplicaOptions, serve_replicas
         from .server import model_id, serve_system
     except ImportError as e:
         raise InputError(f'serving needs the serve extra ({e.name} is missing): pip install "latentgraph[serve]"'
@@ -63,8 +76,20 @@ def serve(
     limits = Limits(max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, max_queue=max_queue,
                     max_tokens_cap=max_tokens_cap, default_max_tokens=default_max_tokens,
                     max_question_chars=max_question_chars, max_body_bytes=max_body_bytes, max_n=max_n)
+    choice = {"task": task, "allow_unsandboxed_tools": allow_unsandboxed_tools}
+    server = {"name": model_id(style), "host": host, "port": port, "limits": limits, "api_key": api_key,
+              "allow_no_key": allow_no_key, "cors_origins": cors_origin,
+              "say": lambda line: console.print(line, highlight=False, soft_wrap=True, markup=False)}
+    if replicas is not None:
+        placed = [flag for flag, value in [("--device", device), ("--device-map", device_map),
+                                           ("--max-memory", max_memory), ("--offload-folder", offload_folder)]
+                  if value is not None]
+        if placed:
+            raise InputError(f"{', '.join(placed)} place the backbones of this process; replicas place theirs "
+                             "themselves, on their GPUs with --gpus-per-replica (spread over them when it is above "
+                             f"1), else on CPUs: drop {', '.join(placed)}")
+        options = ReplicaOptions(replicas, ray_address, gpus_per_replica, threads_per_replica)
+        serve_replicas(style, choice, options, **server)
+        return
     where = placement(device, device_map, max_memory, offload_folder)
-    serve_system(lambda: load(style, task=task, **where, allow_unsandboxed_tools=allow_unsandboxed_tools),
-                 name=model_id(style), host=host, port=port, limits=limits, api_key=api_key,
-                 allow_no_key=allow_no_key, cors_origins=cors_origin,
-                 say=lambda line: console.print(line, highlight=False, soft_wrap=True, markup=False))
+    serve_system(lambda: load(style, **choice, **where), **server)
