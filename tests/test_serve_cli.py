@@ -52,4 +52,4 @@ def test_serve_stops_with_one_error_line_when_the_system_fails_to_load(tmp_path,
         code = e.code
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith(f"error: '{tmp_path / 'gone'}' is not 'default', a published style")
+    assert err.strip().splitlines()[-1].startswith(f"error: '{tmp_path / 'gone'}' does not exist; check the path")
