@@ -16,7 +16,7 @@ from conftest import ALL_ARCHS
 import latentgraph as lg
 import latentgraph.core.backbone
 from latentgraph.checkpoints.published import list_styles
-from latentgraph.core.backbone import get_backbone
+from latentgraph.core.backbone import get_backbone, own_cache_class
 from latentgraph.core.links import make_link
 from latentgraph.core.think import latent_rollout
 from latentgraph.training.data import TrainExample
@@ -140,6 +140,8 @@ def test_hybrid_rollout_under_autograd_is_exact(tiny, grad_steps):
 def test_only_rollouts_under_autograd_copy_states(tiny, monkeypatch):
     """Inference keeps the in-place cache: no state copies when gradients are off."""
     backbone, inner, embeds, mask, _ = _rollout_case(tiny)
+    if own_cache_class(type(backbone.model)) is not None:
+        pytest.skip("this transformers keeps Qwen3.5's states in the model's own cache class, not a DynamicCache")
     copies = []
     fresh = latentgraph.core.backbone.AutogradCache._fresh
     monkeypatch.setattr(latentgraph.core.backbone.AutogradCache, "_fresh",

@@ -12,6 +12,7 @@ import functools
 import inspect
 import logging
 import pickle
+import sys
 import weakref
 from pathlib import Path
 from typing import Any
@@ -123,10 +124,14 @@ class Backbone:
         # Through the embedding module, never weight[ids]: Gemma scales inside it.
         return self.model.get_input_embeddings()(input_ids)
 
-    def new_cache(self, *, autograd: bool = False) -> DynamicCache:
+    def new_cache(self, *, autograd: bool = False) -> Any:
         """A KV cache for this backbone, built from the config so hybrid models (Qwen3.5 linear attention)
         get their recurrent layers. ``autograd=True`` gives an :class:`AutogradCache`, for forwards whose
-        gradients will be taken; the default cache updates states in place, which is faster."""
+        gradients will be taken; the default cache updates states in place, which is faster. A model that
+        defines its own cache class gets that one, under autograd too (see :func:`own_cache_class`)."""
+        own = own_cache_class(type(self.model))
+        if own is not None:
+            return own(config=self.model.config)
         return (AutogradCache if autograd else DynamicCache)(config=self.model.config)
 
 
@@ -177,6 +182,22 @@ def cache_kwargs(module: torch.nn.Module, cache: DynamicCache | None) -> dict[st
 @functools.cache
 def _cache_keyword(cls: type) -> str:
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+@functools.cache
+def own_cache_class(model_class: type) -> type | None:
+    """The cache class a model's modeling module defines for the model, or None where ``DynamicCache`` serves.
+
+    Before transformers 5.5, ``DynamicCache`` held key/value layers only, and a hybrid model (Qwen3.5 in
+    5.2 to 5.4) kept its linear-attention states in a ``<Model>DynamicCache`` of its own, which its forward
+    builds when given no cache and expects when given one. That cache replaces its recurrent states and
+    writes its conv state in place only where no saved tensor holds it, so it also serves under autograd.
+    From 5.5 on, ``DynamicCache(config=...)`` holds those states and no such class exists.
+    """
+    module = sys.modules[model_class.__module__]
+    return next((obj for name, obj in vars(module).items()
+                 if name.endswith("DynamicCache") and isinstance(obj, type) and obj.__module__ == module.__name__
+                 and "config" in inspect.signature(obj).parameters), None)
 
 
 def _freeze(model: PreTrainedModel) -> PreTrainedModel:
