@@ -8,6 +8,7 @@ train one step of every published style from the simulated hub.
 
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -151,6 +152,18 @@ def test_only_rollouts_under_autograd_copy_states(tiny, monkeypatch):
     assert copies == [] and type(backbone.new_cache()) is latentgraph.core.backbone.DynamicCache
     latent_rollout(backbone, inner, embeds, mask, steps=3)
     assert copies  # the one linear-attention layer's states, at every step
+
+
+def test_autograd_cache_copies_a_state_in_either_layout(tiny):
+    """Transformers keeps a linear-attention layer's states as a dict by state index (5.14 on) or as one tensor
+    (5.5 to 5.13); in both, the state about to be overwritten is swapped for an equal copy."""
+    cache = latentgraph.core.backbone.AutogradCache(config=tiny("qwen3_5_text", 32)[0].config)
+    state = torch.randn(2, 3)
+    for layout, read in (({0: state}, lambda layer: layer.conv_states[0]), (state, lambda layer: layer.conv_states)):
+        layer = types.SimpleNamespace(conv_states=layout)
+        cache.layers[0] = layer
+        cache._fresh("conv_states", 0, 0)
+        assert read(layer) is not state and torch.equal(read(layer), state)
 
 
 @pytest.mark.parametrize("style", list_styles())

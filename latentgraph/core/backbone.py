@@ -150,8 +150,11 @@ class AutogradCache(DynamicCache):
     """
 
     def _fresh(self, kind: str, layer_idx: int, state_idx: int) -> None:
-        states = getattr(self.layers[layer_idx], kind, None)  # absent on attention layers: the base raises
-        if isinstance(states, dict) and isinstance(states.get(state_idx), torch.Tensor):
+        layer = self.layers[layer_idx]
+        states = getattr(layer, kind, None)  # absent on attention layers: the base raises
+        if isinstance(states, torch.Tensor):  # transformers 5.5 to 5.13: one state per layer, no state_idx
+            setattr(layer, kind, states.clone())
+        elif isinstance(states, dict) and isinstance(states.get(state_idx), torch.Tensor):
             states[state_idx] = states[state_idx].clone()
 
     def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
@@ -162,15 +165,14 @@ class AutogradCache(DynamicCache):
         self._fresh("recurrent_states", layer_idx, state_idx)
         return super().get_recurrent_state(layer_idx, state_idx)
 
-    def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
-                          **kwargs) -> torch.Tensor:
-        self._fresh("conv_states", layer_idx, state_idx)
-        return super().update_conv_state(conv_states, layer_idx, state_idx, **kwargs)
+    # ``state_idx`` is passed on only when the caller gives it: before transformers 5.14 the base takes none.
+    def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, **kwargs) -> torch.Tensor:
+        self._fresh("conv_states", layer_idx, kwargs.get("state_idx", 0))
+        return super().update_conv_state(conv_states, layer_idx, **kwargs)
 
-    def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
-                               **kwargs) -> torch.Tensor:
-        self._fresh("recurrent_states", layer_idx, state_idx)
-        return super().update_recurrent_state(recurrent_states, layer_idx, state_idx, **kwargs)
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, **kwargs) -> torch.Tensor:
+        self._fresh("recurrent_states", layer_idx, kwargs.get("state_idx", 0))
+        return super().update_recurrent_state(recurrent_states, layer_idx, **kwargs)
 
 
 def cache_kwargs(module: torch.nn.Module, cache: DynamicCache | None) -> dict[str, DynamicCache | None]:
