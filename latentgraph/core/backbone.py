@@ -144,7 +144,8 @@ class AutogradCache(DynamicCache):
     the step that read a state saved it for its backward pass, so the in-place write makes ``backward()``
     fail ("modified by an inplace operation"). Here every read and every update of a state first swaps
     the cached tensor for a copy of itself, so the in-place write lands on a tensor no earlier operation
-    saved; the values, and so the gradients, are those of the plain cache. Key/value layers already grow
+    saved; the values, and so the gradients, are those of the plain cache (before transformers 5.21 models
+    read the states directly, and only updates swap them, which suffices there). Key/value layers already grow
     out of place (``torch.cat``) and are left alone. The copies are per layer state (small: no sequence
     axis), made only by this class, which rollouts use only when gradients are on.
     """
@@ -193,8 +194,9 @@ def own_cache_class(model_class: type) -> type | None:
     Before transformers 5.5, ``DynamicCache`` held key/value layers only, and a hybrid model (Qwen3.5 in
     5.2 to 5.4) kept its linear-attention states in a ``<Model>DynamicCache`` of its own, which its forward
     builds when given no cache and expects when given one. That cache replaces its recurrent states and
-    writes its conv state in place only where no saved tensor holds it, so it also serves under autograd.
-    From 5.5 on, ``DynamicCache(config=...)`` holds those states and no such class exists.
+    writes its conv state in place only where no saved tensor holds it, so it also serves under autograd
+    (the hybrid rollout tests check its gradients). From 5.5 on, ``DynamicCache(config=...)`` holds those
+    states and no hybrid model defines such a class.
     """
     module = sys.modules[model_class.__module__]
     return next((obj for name, obj in vars(module).items()
