@@ -38,6 +38,18 @@ def test_cached_rollout_equals_reencoding(tiny, arch):
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_the_cache_is_the_one_the_model_builds_for_itself(tiny, arch):
+    """On every supported transformers: DynamicCache, or the cache class of a hybrid model's own (Qwen3.5
+    before 5.5), whose forward fails on a DynamicCache."""
+    model, tokenizer = tiny(arch, 32)
+    backbone = get_backbone(model, tokenizer=tokenizer)
+    with torch.no_grad():
+        built = type(model(input_ids=torch.tensor([[3, 4, 5]]), use_cache=True).past_key_values)
+    assert type(backbone.new_cache()) is built
+    assert isinstance(backbone.new_cache(autograd=True), built)  # AutogradCache, a DynamicCache, or the own class
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_rollout_and_decoding_do_not_depend_on_padding(tiny, arch):
     model, tokenizer = tiny(arch, 64)
     backbone = get_backbone(model, tokenizer=tokenizer)

@@ -13,6 +13,7 @@ import functools
 import inspect
 import logging
 import pickle
+import sys
 import weakref
 from pathlib import Path
 from typing import Any
@@ -151,10 +152,14 @@ class Backbone:
         # Through the embedding module, never weight[ids]: Gemma scales inside it.
         return self.model.get_input_embeddings()(input_ids)
 
-    def new_cache(self, *, autograd: bool = False) -> DynamicCache:
+    def new_cache(self, *, autograd: bool = False) -> Any:
         """A KV cache for this backbone, built from the config so hybrid models (Qwen3.5 linear attention)
         get their recurrent layers. ``autograd=True`` gives an :class:`AutogradCache`, for forwards whose
-        gradients will be taken; the default cache updates states in place, which is faster."""
+        gradients will be taken; the default cache updates states in place, which is faster. A model that
+        defines its own cache class gets that one, under autograd too (see :func:`own_cache_class`)."""
+        own = own_cache_class(type(self.model))
+        if own is not None:
+            return own(config=self.model.config)
         return (AutogradCache if autograd else DynamicCache)(config=self.model.config)
 
 
@@ -167,14 +172,18 @@ class AutogradCache(DynamicCache):
     the step that read a state saved it for its backward pass, so the in-place write makes ``backward()``
     fail ("modified by an inplace operation"). Here every read and every update of a state first swaps
     the cached tensor for a copy of itself, so the in-place write lands on a tensor no earlier operation
-    saved; the values, and so the gradients, are those of the plain cache. Key/value layers already grow
+    saved; the values, and so the gradients, are those of the plain cache (before transformers 5.21 models
+    read the states directly, and only updates swap them, which suffices there). Key/value layers already grow
     out of place (``torch.cat``) and are left alone. The copies are per layer state (small: no sequence
     axis), made only by this class, which rollouts use only when gradients are on.
     """
 
     def _fresh(self, kind: str, layer_idx: int, state_idx: int) -> None:
-        states = getattr(self.layers[layer_idx], kind, None)  # absent on attention layers: the base raises
-        if isinstance(states, dict) and isinstance(states.get(state_idx), torch.Tensor):
+        layer = self.layers[layer_idx]
+        states = getattr(layer, kind, None)  # absent on attention layers: the base raises
+        if isinstance(states, torch.Tensor):  # transformers 5.5 to 5.13: one state per layer, no state_idx
+            setattr(layer, kind, states.clone())
+        elif isinstance(states, dict) and isinstance(states.get(state_idx), torch.Tensor):
             states[state_idx] = states[state_idx].clone()
 
     def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
@@ -185,15 +194,14 @@ class AutogradCache(DynamicCache):
         self._fresh("recurrent_states", layer_idx, state_idx)
         return super().get_recurrent_state(layer_idx, state_idx)
 
-    def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
-                          **kwargs) -> torch.Tensor:
-        self._fresh("conv_states", layer_idx, state_idx)
-        return super().update_conv_state(conv_states, layer_idx, state_idx, **kwargs)
+    # ``state_idx`` is passed on only when the caller gives it: before transformers 5.14 the base takes none.
+    def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, **kwargs) -> torch.Tensor:
+        self._fresh("conv_states", layer_idx, kwargs.get("state_idx", 0))
+        return super().update_conv_state(conv_states, layer_idx, **kwargs)
 
-    def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
-                               **kwargs) -> torch.Tensor:
-        self._fresh("recurrent_states", layer_idx, state_idx)
-        return super().update_recurrent_state(recurrent_states, layer_idx, state_idx, **kwargs)
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, **kwargs) -> torch.Tensor:
+        self._fresh("recurrent_states", layer_idx, kwargs.get("state_idx", 0))
+        return super().update_recurrent_state(recurrent_states, layer_idx, **kwargs)
 
 
 def cache_kwargs(module: torch.nn.Module, cache: DynamicCache | None) -> dict[str, DynamicCache | None]:
@@ -205,6 +213,23 @@ def cache_kwargs(module: torch.nn.Module, cache: DynamicCache | None) -> dict[st
 @functools.cache
 def _cache_keyword(cls: type) -> str:
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+@functools.cache
+def own_cache_class(model_class: type) -> type | None:
+    """The cache class a model's modeling module defines for the model, or None where ``DynamicCache`` serves.
+
+    Before transformers 5.5, ``DynamicCache`` held key/value layers only, and a hybrid model (Qwen3.5 in
+    5.2 to 5.4) kept its linear-attention states in a ``<Model>DynamicCache`` of its own, which its forward
+    builds when given no cache and expects when given one. That cache replaces its recurrent states and
+    writes its conv state in place only where no saved tensor holds it, so it also serves under autograd
+    (the hybrid rollout tests check its gradients). From 5.5 on, ``DynamicCache(config=...)`` holds those
+    states and no hybrid model defines such a class.
+    """
+    module = sys.modules[model_class.__module__]
+    return next((obj for name, obj in vars(module).items()
+                 if name.endswith("DynamicCache") and isinstance(obj, type) and obj.__module__ == module.__name__
+                 and "config" in inspect.signature(obj).parameters), None)
 
 
 def _freeze(model: PreTrainedModel) -> PreTrainedModel:
