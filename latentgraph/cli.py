@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import InputError, LatentGraphError
-from .files.text import read_json
+from .errors import InputError, LatentGraphError, shown
+from .files.text import NotJSON, parse_json, read_json
 
 app = typer.Typer(help="Multi-agent LLM systems that talk in latent space.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -41,10 +41,10 @@ def placement(device: str | None, device_map: str | None, max_memory: str | None
     layout: Any = device_map
     if device_map is not None and device_map.lstrip().startswith("{"):
         try:
-            layout = json.loads(device_map)
-        except json.JSONDecodeError as e:
-            raise InputError(f"--device-map is not a valid JSON object ({e.msg}); pass e.g. "
-                             '\'{"model.embed_tokens": 0, "model.layers": 1, "lm_head": "cpu"}\' or auto') from None
+            layout = parse_json(device_map)
+        except NotJSON as e:
+            raise InputError(f"--device-map is {e}; pass a JSON object, e.g. "
+                             '\'{"model.embed_tokens": 0, "model.layers": 1, "lm_head": "cpu"}\', or auto') from None
     limits = None
     if max_memory is not None:
         limits = {}
@@ -52,9 +52,13 @@ def placement(device: str | None, device_map: str | None, max_memory: str | None
             where, equals, size = entry.strip().partition("=")
             if not (equals and where.strip() and size.strip()):
                 raise InputError(f"--max-memory takes device=size pairs separated by commas, e.g. "
-                                 f"0=20GiB,cpu=60GiB; got {max_memory!r}")
+                                 f"0=20GiB,cpu=60GiB; got {shown(max_memory)}")
             where, size = where.strip(), size.strip()
-            limits[int(where) if where.isdigit() else where] = int(size) if size.isdigit() else size  # bytes
+            try:
+                limits[int(where) if where.isdecimal() else where] = int(size) if size.isdecimal() else size  # bytes
+            except ValueError:  # more digits than int() converts: no device index or size is that long
+                raise InputError(f"--max-memory {shown(entry.strip())}: a number of thousands of digits is neither a "
+                                 "device index nor a size; pass e.g. 0=20GiB,cpu=60GiB") from None
     return {"device": device, "device_map": layout, "max_memory": limits, "offload_folder": offload_folder}
 
 
@@ -271,10 +275,10 @@ def eval_command(
     from .evaluation.runner import PLOT, RESULTS, SUMMARY, SandboxRunner, evaluate
 
     try:
-        mapping = json.loads(columns) if columns is not None else None
-    except json.JSONDecodeError as e:
-        raise InputError(f"--columns is not valid JSON ({e.msg}); pass e.g. "
-                         '\'{"question": "q", "gold": "a"}\'') from e
+        mapping = parse_json(columns) if columns is not None else None
+    except NotJSON as e:
+        raise InputError(f"--columns is {e}; pass e.g. "
+                         '\'{"question": "q", "gold": "a"}\'') from None
     try:
         counts = [int(r) for r in rounds.split(",")] if rounds else None
     except ValueError:
@@ -346,10 +350,7 @@ def train_command(
     flags = {"stage": stage, "regime": regime, "steps": steps, "lr": lr, "batch_size": batch_size,
              "save_every": save_every}
     settings.update({key: value for key, value in flags.items() if value is not None})
-    try:
-        train_config = TrainConfig(**settings)
-    except ValueError as e:
-        raise InputError(f"invalid training config: {e}") from None
+    train_config = TrainConfig(**settings)  # an InputError naming each bad field
     examples = load_training_data(data, format=data_format, offset=offset, limit=limit)
     system = load(style, task=task, device=local_device())
     log = train(system, examples, train_config, output=output, resume=resume)

@@ -47,7 +47,7 @@ from .events import (
 from .links import placement
 from .parallel import Outcome, batches, check_parallel, drain_in_threads
 from .plan import Plan, Turn, answer_turn
-from .speak import Sampling, ToolCall
+from .speak import Sampling, ToolCall, check_seed
 from .think import Thoughts
 
 Inbox = dict[str, dict[str, Message]]  # per receiver (every agent has one), per slot
@@ -96,11 +96,13 @@ class InferenceStep(Step):
 
     Args:
         sampling: how text is decoded.
-        seed: seeds one generator per device, so sampling is reproducible.
+        seed: seeds one generator per device, so sampling is reproducible (0 to ``2**64 - 1``).
         return_latents: keep every agent's raw hidden states (on CPU) for ``RunOutput.latents``.
     """
 
     def __init__(self, sampling: Sampling, *, seed: int | None = None, return_latents: bool = False):
+        if seed is not None:
+            check_seed(seed)
         self.sampling, self.seed = sampling, seed
         self.generators: dict[torch.device, torch.Generator] = {}
         self.latents: dict[int, dict[str, torch.Tensor]] | None = {} if return_latents else None

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from ..core.speak import check_seed
 from ..errors import InputError
 from ..files.text import read_text
 from .strict import parse_gsm8k_answer
@@ -351,13 +352,14 @@ def load_dataset(
             ``question`` + a worked ``answer`` ending in ``#### N``).
         offset: rows to skip first (for a held-out slice of a training file).
         limit: the most rows to load after ``offset``.
-        seed: seeds the option order of multiple-choice items.
+        seed: seeds the option order of multiple-choice items (an integer from 0 to ``2**64 - 1``).
         shuffle: shuffle multiple-choice options (on by default: GPQA lists the correct option first).
 
     Raises:
         InputError: unknown name, missing file or column, unreadable rows, or a benchmark that cannot be
             downloaded (the message says how to pass a local copy instead).
     """
+    check_seed(seed)
     name, path = str(name_or_path), Path(name_or_path)
     if name in HUB_DATASETS and not path.exists():
         spec = HUB_DATASETS[name]

@@ -35,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from ..core.events import RUN_MODES
-from ..core.speak import Sampling
+from ..core.speak import MAX_SEED, Sampling, check_seed
 from ..errors import GraphError, InputError, SandboxUnavailable
 from ..files.atomic import atomic_write_text
 from ..files.text import read_json
@@ -81,7 +81,7 @@ def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods
         do_sample: sample (at ``temperature`` and ``top_p``) instead of decoding greedily; default: greedy
             for one sample, sampling for several.
         temperature, top_p: the sampling settings (the published ones by default); unused when greedy.
-        seed: seeds the sampling; unused when greedy.
+        seed: seeds the sampling (sample ``k`` with ``seed + k``, at most ``2**64 - 1``); unused when greedy.
         upstream: also report the published lenient accuracy, in its own field (never mixed with strict).
         code_runner: runs code answers, ``run(program, timeout) -> (passed, output)``; default a
             :class:`SandboxRunner` with every protection required.
@@ -129,6 +129,10 @@ def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods
         raise InputError(f"samples={samples} with greedy decoding would give the same answer {samples} times; "
                          "sample (do_sample=True, or --sample) or take one sample")
     Sampling(do_sample=sampling, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)  # checks
+    check_seed(seed)
+    if sampling and seed + samples - 1 > MAX_SEED:
+        raise InputError(f"sample k is seeded with seed + k, and seed {seed} + {samples - 1} is above 2**64 - 1; "
+                         "pass a smaller seed")
     if code_runner is None and any(e.kind == "code" for e in examples):
         code_runner = SandboxRunner()
     if isinstance(code_runner, SandboxRunner) and any(e.kind == "code" for e in examples):

@@ -33,15 +33,17 @@ import math
 import random
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..checkpoints import native
 from ..checkpoints.native import WEIGHTS_NAME, assign, read_weights, unpickle_safely
+from ..core.config import describe_errors
+from ..core.speak import MAX_SEED
 from ..core.system import System
 from ..errors import CheckpointError, InputError
 from ..files.atomic import recover, write_directory
@@ -60,6 +62,8 @@ class TrainConfig(BaseModel):
 
     A step trains on ``batch_size * accumulate`` examples, times the number of ranks under torchrun: the same
     examples, and the same update, as one process with ``batch_size`` times the number of ranks.
+
+    A field of the wrong type or out of range is an :class:`~latentgraph.InputError` naming it.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -78,7 +82,13 @@ class TrainConfig(BaseModel):
     grad_steps: int | None = Field(None, ge=1)  # rollout forwards kept in the graph (rollout regime)
     init: Literal["none", "closed_form"] = "none"  # start from latentgraph.training.closed_form's closed-form links
     save_every: int | None = Field(None, ge=1)  # checkpoint every N steps (needs an output directory)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED, strict=True)  # the data order; "3" or True is no seed
+
+    def __init__(self, **data: Any):
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise InputError(f"invalid TrainConfig: {describe_errors(e)}") from None
 
 
 def train(system: System, examples: list[TrainExample], config: TrainConfig | None = None, *,
