@@ -52,5 +52,7 @@ def shown(value: object, limit: int = 60) -> str:
     try:
         text = repr(value)
     except (ValueError, RecursionError):
-        return f"an integer of {value.bit_length()} bits" if isinstance(value, int) else f"a deeply nested {type(value).__name__}"
+        if isinstance(value, int):
+            return f"an integer of {value.bit_length()} bits"
+        return f"a deeply nested {type(value).__name__}"
     return text if len(text) <= limit else f"{text[:limit]}..."

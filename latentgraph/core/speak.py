@@ -72,11 +72,12 @@ class Sampling:
 MAX_SEED = 2**64 - 1  # torch seeds its generators with an unsigned 64-bit integer
 
 
-def check_seed(seed: object, what: str = "seed") -> None:
+def check_seed(seed: object) -> None:
     """Refuse a seed torch cannot take: a non-integer (a bool too), one above ``2**64 - 1``, or a negative one
     (torch would take -1 as ``2**64 - 1``: one seed under two names)."""
     if not (_is_int(seed) and 0 <= seed <= MAX_SEED):
-        raise InputError(f"{what} must be an integer from 0 to 2**64 - 1, got {shown(seed)}; pass one in that range, e.g. 0")
+        raise InputError(f"seed must be an integer from 0 to 2**64 - 1, got {shown(seed)}; pass one in that range, "
+                         "e.g. 0")
 
 
 def _is_int(value: object) -> bool:

@@ -234,8 +234,8 @@ class System(nn.Module):
         edge a text edge (the text-communication baseline); ``"single"``, the answer node alone, once, with
         its slots left empty (the single-agent baseline). Decoding samples with the published settings by
         default; ``do_sample=False`` is greedy; ``max_new_tokens`` also bounds each text message. ``seed`` (an
-        integer from 0 to ``2**64 - 1``) makes sampling reproducible. ``return_latents`` keeps every agent's raw hidden states (on CPU) in
-        ``RunOutput.latents``.
+        integer from 0 to ``2**64 - 1``) makes sampling reproducible. ``return_latents`` keeps every agent's raw
+        hidden states (on CPU) in ``RunOutput.latents``.
 
         ``stop`` ends the run early: after each round but the last it is called on the round's events (a
         list of :mod:`~latentgraph.core.events`); when it returns True, the answer node speaks in that round,
