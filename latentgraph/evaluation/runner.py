@@ -38,10 +38,10 @@ from ..core.events import RUN_MODES
 from ..core.speak import MAX_SEED, Sampling, check_seed
 from ..errors import GraphError, InputError, SandboxUnavailable
 from ..files.atomic import atomic_write_text
-from ..files.text import read_json
+from ..files.text import NotJSON, parse_json, read_json
 from ..tools.sandbox import PROTECTIONS, Limits, Sandbox
 from . import strict
-from .answering import Batch, answer_batch, row_key
+from .answering import Batch, answer_batch, row_key, row_problem
 from .datasets import Example, load_dataset
 from .report import EvalReport, plot, summarize
 
@@ -50,8 +50,6 @@ if TYPE_CHECKING:
     from .workers import RayWorkers
 
 RESULTS, SETTINGS, SUMMARY, PLOT = "results.jsonl", "settings.json", "summary.json", "plot.png"
-ROW_KEYS = ("id", "method", "rounds", "sample", "question", "prediction", "answer", "gold", "correct",
-            "upstream_correct", "tokens", "seconds")  # one results.jsonl line
 
 
 def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods: Sequence[str] = ("latent",),
@@ -261,16 +259,18 @@ def _resume(directory: Path, settings: dict, examples: list[Example]) -> dict[tu
         with path.open("r+b") as f:
             f.truncate(complete)
     rows, prompts = {}, {e.id: e.prompt for e in examples}
-    for number, line in enumerate(data[:complete].decode("utf-8").splitlines(), start=1):
+    fix = "delete the line to recompute it, or pass another output directory"
+    # Lines end at b"\n" only: a model's text may hold U+2028 or other characters str.splitlines() breaks at.
+    for number, line in enumerate(data[:complete].split(b"\n")[:-1], start=1):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}, line {number}: not valid JSON ({e.msg}); delete the line to recompute "
-                             "it, or pass another output directory") from e
-        missing = [key for key in ROW_KEYS if key not in row] if isinstance(row, dict) else ROW_KEYS
-        if missing:
-            raise InputError(f"{path}, line {number}: a result row lacks {missing}; delete the line to recompute "
-                             "it, or pass another output directory")
+            row = parse_json(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}, line {number}: not UTF-8 text (byte {line[e.start:e.start + 1]!r}); "
+                             f"{fix}") from None
+        except NotJSON as e:
+            raise InputError(f"{path}, line {number}: {e}; {fix}") from None
+        if problem := row_problem(row):
+            raise InputError(f"{path}, line {number}: {problem}; {fix}")
         if row["id"] in prompts and row["question"] != prompts[row["id"]]:
             raise InputError(f"{path}, line {number}: id {row['id']!r} holds another question than the "
                              "dataset's, so the results come from another dataset: pass another output "
