@@ -31,6 +31,7 @@ import io
 import json
 import math
 import random
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -45,9 +46,9 @@ from ..checkpoints.native import WEIGHTS_NAME, assign, read_weights, unpickle_sa
 from ..core.config import describe_errors
 from ..core.speak import MAX_SEED
 from ..core.system import System
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, shown
 from ..files.atomic import recover, write_directory
-from ..files.text import read_text
+from ..files.text import NotJSON, parse_json, read_text
 from .closed_form import initialize
 from .data import TrainExample
 from .distributed import Ranks, join
@@ -271,8 +272,62 @@ def _load_checkpoint(directory: Path, state: dict, system: System, optimizer, sc
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{directory / STATE_NAME} does not match this training's links ({e}); "
                               f"{RESUME_FIX}") from None
-    try:
-        return [json.loads(line) for line in read_text(directory / LOG_NAME, error=CheckpointError).splitlines()
-                if line.strip()]
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{directory / LOG_NAME} is corrupt ({e.msg}); {RESUME_FIX}") from None
+    return _read_log(directory / LOG_NAME, state["step"])
+
+
+def _read_log(path: Path, steps: int) -> list[dict]:
+    """The log of a checkpoint at step ``steps``: the records :func:`_step` wrote for steps 1 to ``steps``.
+
+    Anything else is refused, not dropped: a checkpoint's log is committed with its weights and optimizer state
+    in one step, so a line latentgraph did not write means the folder was edited or damaged. Resuming must
+    neither carry that line into the new log nor silently leave a hole in the run's history; the user decides
+    (another checkpoint, or the line fixed)."""
+    records = []
+    for number, line in enumerate(read_text(path, error=CheckpointError).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = parse_json(line)
+        except NotJSON as e:
+            raise CheckpointError(f"{path}, line {number}: {e}; fix the line, or {RESUME_FIX}") from None
+        if problem := _record_problem(record, len(records) + 1):
+            raise CheckpointError(f"{path}, line {number}: {problem}; fix the line, or {RESUME_FIX}")
+        records.append(record)
+    if len(records) != steps:
+        raise CheckpointError(f"{path} holds {len(records)} steps, but its checkpoint is at step {steps}; "
+                              f"{RESUME_FIX}")
+    return records
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float)  # not a bool: true is no loss
+
+
+def _numbers(value: Any) -> bool:
+    return isinstance(value, dict) and all(_is_number(v) for v in value.values())
+
+
+LOG_FIELDS: dict[str, Callable[[Any], bool]] = {  # the keys of a log record (see _step), and what each holds
+    "step": lambda value: type(value) is int,
+    "loss": _is_number,
+    "lr": _is_number,
+    "grad_norm": _is_number,
+    "links": _numbers,  # link -> gradient norm
+    "rounds": lambda value: isinstance(value, dict) and all(map(_numbers, value.values())),  # round -> link -> norm
+}
+
+
+def _record_problem(record: Any, step: int) -> str | None:
+    """What makes ``record`` other than a log record of ``step``, or None."""
+    if not isinstance(record, dict):
+        return f"a log record is a JSON object, not {shown(record)}"
+    if missing := [key for key in ("step", "loss") if key not in record]:
+        return f"a log record lacks {missing}"
+    if unknown := sorted(set(record) - set(LOG_FIELDS)):
+        return f"a log record has no key {', '.join(unknown)} (its keys are {', '.join(LOG_FIELDS)})"
+    if wrong := [f"{key} is {shown(record[key])}" for key, valid in LOG_FIELDS.items()
+                 if key in record and not valid(record[key])]:
+        return f"a log record holds numbers (an integer step), but its {'; its '.join(wrong)}"
+    if record["step"] != step:
+        return f"the record of step {step} belongs here, not one of step {record['step']}"
+    return None
