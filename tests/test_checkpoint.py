@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import stat
+import warnings
 
 import pytest
 import torch
@@ -342,3 +343,31 @@ def test_the_weights_get_the_mode_of_the_config(system, tmp_path):
         os.umask(previous)
     modes = {name: stat.S_IMODE(os.stat(tmp_path / name).st_mode) for name in (CONFIG_NAME, WEIGHTS_NAME)}
     assert modes == {CONFIG_NAME: 0o664, WEIGHTS_NAME: 0o664}
+
+
+class Exploit:
+    """Unpickling this would create ``marker``; a safe load must refuse it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("write", [
+    lambda path, marker: torch.save({"w": Exploit(marker)}, path, pickle_protocol=4),  # torch warns on protocol 4
+    lambda path, marker: torch.jit.save(torch.jit.script(nn.Linear(2, 2)), path),  # and on a TorchScript archive
+], ids=["pickle protocol 4", "TorchScript"])
+def test_a_refused_pickle_is_our_error_alone_without_torch_warnings(tmp_path, write):
+    from latentgraph.checkpoints.native import unpickle_safely
+
+    path, marker = tmp_path / "state.pt", tmp_path / "pwned"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit deprecates itself; only the load's warnings are under test
+        write(path, marker)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(lg.CheckpointError, match="state.pt is not "
+                                                                                                 "a trainer state: "):
+        warnings.simplefilter("always")
+        unpickle_safely(path, "a trainer state")
+    assert [str(w.message) for w in caught] == [] and not marker.exists()
