@@ -141,6 +141,20 @@ def test_gsm8k_adapter(tmp_path):
         load_training_data(tmp_path / "bad.jsonl")
 
 
+@pytest.mark.parametrize("line, message", [
+    ('{"question": [[1]], "answer": "x"}', "its question is \\[\\[1\\]\\]"),
+    ('{"question": "q", "answer": 5, "targets": {"critic": null}}',
+     "its answer is 5; its targets\\['critic'\\] is None"),
+    ('{"question": "q", "answer": "a", "targets": [1]}', "its targets is \\[1\\], not {agent: text}"),
+    ("[" * 5000 + "]" * 5000, "its lists or mappings are nested too deeply"),
+    ('{"question": "q", "answer": ' + "9" * 5000 + "}", "it holds a value that cannot be converted"),
+], ids=["list question", "number answer", "targets list", "deep", "5000 digits"])
+def test_a_training_row_that_is_not_text_names_its_line(tmp_path, line, message):
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n" + line + "\n")
+    with pytest.raises(lg.InputError, match=f"bad.jsonl, line 2: cannot read a training example .*{message}"):
+        load_training_data(tmp_path / "bad.jsonl")
+
+
 def test_train_cli_writes_a_system_that_runs(tiny, tmp_path):
     """latentgraph train on a saved tiny system, then latentgraph run --style on its output."""
     from typer.testing import CliRunner
