@@ -265,6 +265,7 @@ GOOD = {"step": 1, "loss": 0.5, "lr": 0.01, "grad_norm": 1.0, "links": {"planner
 ], ids=["not an object", "no loss", "unknown key", "not numbers", "bool step", "bad rounds", "out of order",
         "too short", "too long", "deep", "5000 digits"])
 def test_resume_refuses_a_checkpoint_log_with_a_line_training_did_not_write(cheap, tmp_path, log, message):
+    initial = {k: v.clone() for k, v in cheap.system.state_dict().items()}
     cheap(tmp_path / "first")
     checkpoint = tmp_path / "first" / "checkpoint-2"
     lines = [line if isinstance(line, str) else json.dumps(line) for line in log]
@@ -272,6 +273,7 @@ def test_resume_refuses_a_checkpoint_log_with_a_line_training_did_not_write(chea
     with pytest.raises(lg.CheckpointError, match=f"train_log.jsonl.*{message}.*resume from another checkpoint"):
         cheap(tmp_path / "resumed", resume=checkpoint)
     assert not (tmp_path / "resumed").exists()  # nothing trained, nothing written
+    assert all(torch.equal(v, initial[k]) for k, v in cheap.system.state_dict().items())  # no link loaded either
 
 
 def test_the_resumed_log_continues_the_checkpoint_log(cheap, tmp_path):

@@ -265,6 +265,7 @@ def _trainer_state(directory: Path) -> dict:
 
 def _load_checkpoint(directory: Path, state: dict, system: System, optimizer, schedule) -> list[dict]:
     """Restore the links, optimizer and schedule of a checkpoint; returns its log."""
+    log = _read_log(directory / LOG_NAME, state["step"])  # first: a bad log leaves the system's links untouched
     assign(system.link_modules(), read_weights(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
     try:
         optimizer.load_state_dict(state["optimizer"])
@@ -272,7 +273,7 @@ def _load_checkpoint(directory: Path, state: dict, system: System, optimizer, sc
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{directory / STATE_NAME} does not match this training's links ({e}); "
                               f"{RESUME_FIX}") from None
-    return _read_log(directory / LOG_NAME, state["step"])
+    return log
 
 
 def _read_log(path: Path, steps: int) -> list[dict]:
