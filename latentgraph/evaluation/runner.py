@@ -36,7 +36,7 @@ from torch import nn
 
 from ..core.events import RUN_MODES
 from ..core.speak import MAX_SEED, Sampling, check_seed
-from ..errors import GraphError, InputError, SandboxUnavailable
+from ..errors import GraphError, InputError, SandboxUnavailable, shown
 from ..files.atomic import atomic_write_text
 from ..files.text import NotJSON, parse_json, read_json
 from ..tools.sandbox import PROTECTIONS, Limits, Sandbox
@@ -244,7 +244,7 @@ def _resume(directory: Path, settings: dict, examples: list[Example]) -> dict[tu
         if not isinstance(before, dict):
             raise InputError(f"{settings_path} is not a settings object; delete the directory's results and "
                              f"{SETTINGS} to start over, or pass another output directory")
-        changed = [f"{k}={before.get(k)!r} (now {settings.get(k)!r})" for k in sorted({*before, *settings})
+        changed = [f"{k}={shown(before.get(k))} (now {shown(settings.get(k))})" for k in sorted({*before, *settings})
                    if before.get(k) != settings.get(k)]
         if changed and has_results:
             raise InputError(f"{directory} holds results made with other settings: {', '.join(changed)}; "
