@@ -25,7 +25,7 @@ from .cli_system import (
 )
 from .core.limits import LATENT_STEPS, ROUNDS, Limit
 from .errors import InputError, LatentGraphError
-from .files.text import read_json
+from .files.text import NotJSON, parse_json, read_json
 from .serve.command import serve
 
 app = typer.Typer(help="Multi-agent LLM systems that talk in latent space.", no_args_is_help=True,
@@ -252,10 +252,10 @@ def eval_command(
     from .evaluation.runner import PLOT, RESULTS, SUMMARY, SandboxRunner, evaluate
 
     try:
-        mapping = json.loads(columns) if columns is not None else None
-    except json.JSONDecodeError as e:
-        raise InputError(f"--columns is not valid JSON ({e.msg}); pass e.g. "
-                         '\'{"question": "q", "gold": "a"}\'') from e
+        mapping = parse_json(columns) if columns is not None else None
+    except NotJSON as e:
+        raise InputError(f"--columns is {e}; pass e.g. "
+                         '\'{"question": "q", "gold": "a"}\'') from None
     try:
         counts = [int(r) for r in rounds.split(",")] if rounds else None
     except ValueError:
@@ -328,10 +328,7 @@ def train_command(
     flags = {"stage": stage, "regime": regime, "steps": steps, "lr": lr, "batch_size": batch_size,
              "save_every": save_every}
     settings.update({key: value for key, value in flags.items() if value is not None})
-    try:
-        train_config = TrainConfig(**settings)
-    except ValueError as e:
-        raise InputError(f"invalid training config: {e}") from None
+    train_config = TrainConfig(**settings)  # an InputError naming each bad field
     examples = load_training_data(data, format=data_format, offset=offset, limit=limit)
     system = load(style, task=task, device=local_device())
     log = train(system, examples, train_config, output=output, resume=resume)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import InputError
+from .errors import InputError, shown
+from .files.text import NotJSON, parse_json
 
 console = Console(stderr=True)  # progress and errors; results go to stdout
 DEFAULT = "default"
@@ -33,10 +33,10 @@ def placement(device: str | None, device_map: str | None, max_memory: str | None
     layout: Any = device_map
     if device_map is not None and device_map.lstrip().startswith("{"):
         try:
-            layout = json.loads(device_map)
-        except json.JSONDecodeError as e:
-            raise InputError(f"--device-map is not a valid JSON object ({e.msg}); pass e.g. "
-                             '\'{"model.embed_tokens": 0, "model.layers": 1, "lm_head": "cpu"}\' or auto') from None
+            layout = parse_json(device_map)
+        except NotJSON as e:
+            raise InputError(f"--device-map is {e}; pass a JSON object, e.g. "
+                             '\'{"model.embed_tokens": 0, "model.layers": 1, "lm_head": "cpu"}\', or auto') from None
     limits = None
     if max_memory is not None:
         limits = {}
@@ -44,9 +44,13 @@ def placement(device: str | None, device_map: str | None, max_memory: str | None
             where, equals, size = entry.strip().partition("=")
             if not (equals and where.strip() and size.strip()):
                 raise InputError(f"--max-memory takes device=size pairs separated by commas, e.g. "
-                                 f"0=20GiB,cpu=60GiB; got {max_memory!r}")
+                                 f"0=20GiB,cpu=60GiB; got {shown(max_memory)}")
             where, size = where.strip(), size.strip()
-            limits[int(where) if where.isdigit() else where] = int(size) if size.isdigit() else size  # bytes
+            try:
+                limits[int(where) if where.isdecimal() else where] = int(size) if size.isdecimal() else size  # bytes
+            except ValueError:  # more digits than int() converts: no device index or size is that long
+                raise InputError(f"--max-memory {shown(entry.strip())}: a number of thousands of digits is neither a "
+                                 "device index nor a size; pass e.g. 0=20GiB,cpu=60GiB") from None
     return {"device": device, "device_map": layout, "max_memory": limits, "offload_folder": offload_folder}
 
 

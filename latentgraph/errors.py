@@ -55,3 +55,16 @@ def unpickling_problem(error: Exception) -> str:
         return "refused to unpickle it: it holds objects other than tensors (nothing was executed)"
     first = text.strip().splitlines()[0].split(". ")[0][:120] if text.strip() else type(error).__name__
     return f"it is corrupt ({first})"
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` for an error message about a bad input, cut to about ``limit`` characters. An integer too
+    long for Python to print (over ``sys.get_int_max_str_digits()`` digits) or a list nested too deeply to
+    repr is described instead, so reporting a hostile value never fails itself."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        if isinstance(value, int):
+            return f"an integer of {value.bit_length()} bits"
+        return f"a deeply nested {type(value).__name__}"
+    return text if len(text) <= limit else f"{text[:limit]}..."

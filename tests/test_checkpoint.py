@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import stat
+import warnings
 
 import pytest
 import torch
@@ -122,6 +123,46 @@ def test_config_values_of_the_wrong_type_are_not_coerced(system, backbones, tmp_
     (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(lg.CheckpointError, match=f"does not describe a system: {message}"):
         lg.System.from_pretrained(tmp_path, backbones=backbones)
+
+
+HUGE = "9" * 5000  # Python refuses to convert an integer of more than 4300 digits
+DEEP = "[" * 5000 + "]" * 5000
+AGENT = "agents: [{name: a, backbone: some/model}]\n"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda text: text.replace('"format_version": 1', f'"format_version": {HUGE}'),
+     "is not JSON Python can read: it holds a value that cannot be converted \\(Exceeds the limit \\(4300 digits\\)"),
+    (lambda text: text.replace('"rounds": 2', f'"rounds": {HUGE}'), "is not JSON Python can read: it holds a value"),
+    (lambda text: text.replace('"rounds": 2', f'"rounds": {DEEP}'), "is not JSON Python can read: its lists or "
+                                                                    "mappings are nested too deeply"),
+    (lambda text: text.replace('"type": "res_mlp"', '"type": ["res_mlp"]'),
+     "agents.0.inner_link: a link type is the name of a registered type \\(.*ln_res.*\\), got \\['res_mlp'\\]"),
+    (lambda text: text.replace('"type": "ln_res"', '"type": {"name": "ln_res"}'),
+     "edges.0.link: a link type is the name of a registered type .*, got {'name': 'ln_res'}"),
+    (lambda text: text.replace('"type": "ln_res"', '"type": 7'), "edges.0.link: a link type is the name .*, got 7"),
+], ids=["huge format_version", "huge rounds", "deep rounds", "list link type", "dict link type", "number link type"])
+def test_a_config_file_python_cannot_hold_is_a_checkpoint_error(system, backbones, tmp_path, edit, message):
+    system.save_pretrained(tmp_path)
+    (tmp_path / CONFIG_NAME).write_text(edit((tmp_path / CONFIG_NAME).read_text()))
+    with pytest.raises(lg.CheckpointError, match=f"{CONFIG_NAME} .*{message}"):
+        lg.System.from_pretrained(tmp_path, backbones=backbones)
+
+
+@pytest.mark.parametrize("text, message", [
+    (f"format_version: {HUGE}\n{AGENT}", "is not YAML Python can read: it holds a value that cannot be converted "
+                                         "\\(Exceeds the limit \\(4300 digits\\)"),
+    (f"rounds: {HUGE}\n{AGENT}", "is not YAML Python can read: it holds a value that cannot be converted"),
+    (f"rounds: {DEEP}\n{AGENT}", "is not YAML Python can read: its lists or mappings are nested too deeply"),
+    (f"format_version: 0x{'f' * 5000}\n{AGENT}", "has format version an integer of 20000 bits; this latentgraph reads "
+                                                 "up to 1: upgrade latentgraph"),  # hex: YAML converts it, unlimited
+    (f"{AGENT}edges: [{{src: a, dst: a, link: {{type: [ln_res]}}}}]\n",
+     "does not describe a system: edges.0.link: a link type is the name"),
+], ids=["huge format_version", "huge rounds", "deep rounds", "hex format_version", "list link type"])
+def test_a_yaml_system_file_python_cannot_hold_is_a_checkpoint_error(tmp_path, text, message):
+    (tmp_path / "system.yaml").write_text(text)
+    with pytest.raises(lg.CheckpointError, match=f"system.yaml {message}"):
+        SystemConfig.from_file(tmp_path / "system.yaml")
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
@@ -373,3 +414,31 @@ def test_the_weights_get_the_mode_of_the_config(system, tmp_path):
         os.umask(previous)
     modes = {name: stat.S_IMODE(os.stat(tmp_path / name).st_mode) for name in (CONFIG_NAME, WEIGHTS_NAME)}
     assert modes == {CONFIG_NAME: 0o664, WEIGHTS_NAME: 0o664}
+
+
+class Exploit:
+    """Unpickling this would create ``marker``; a safe load must refuse it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("write", [
+    lambda path, marker: torch.save({"w": Exploit(marker)}, path, pickle_protocol=4),  # torch warns on protocol 4
+    lambda path, marker: torch.jit.save(torch.jit.script(nn.Linear(2, 2)), path),  # and on a TorchScript archive
+], ids=["pickle protocol 4", "TorchScript"])
+def test_a_refused_pickle_is_our_error_alone_without_torch_warnings(tmp_path, write):
+    from latentgraph.checkpoints.native import unpickle_safely
+
+    path, marker = tmp_path / "state.pt", tmp_path / "pwned"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit deprecates itself; only the load's warnings are under test
+        write(path, marker)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(lg.CheckpointError, match="state.pt is not "
+                                                                                                 "a trainer state: "):
+        warnings.simplefilter("always")
+        unpickle_safely(path, "a trainer state")
+    assert [str(w.message) for w in caught] == [] and not marker.exists()

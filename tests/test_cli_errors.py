@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import sys
+import warnings
 
 import pytest
 import torch
@@ -28,16 +29,38 @@ def data_file(tmp_path, text: str | None = None, encoding="utf-8", name="data.js
     return path
 
 
-def checkpoint(tmp_path, saved, state=None, truncate=False, step=1):
-    """A training checkpoint folder: the saved system, a trainer state and a log."""
+def checkpoint(tmp_path, saved, state=None, truncate=False, step=1, log=None, protocol=2):
+    """A training checkpoint folder: the saved system, a trainer state (pickled with ``protocol``) and a log."""
     directory = tmp_path / "checkpoint-1"
     shutil.copytree(saved, directory)
-    torch.save(state, directory / "trainer_state.pt")
+    torch.save(state, directory / "trainer_state.pt", pickle_protocol=protocol)
     if truncate:  # a file cut short, as by a full disk
         data = (directory / "trainer_state.pt").read_bytes()
         (directory / "trainer_state.pt").write_bytes(data[: len(data) // 2])
-    (directory / "train_log.jsonl").write_text(json.dumps({"step": step, "loss": 1.0}) + "\n")
+    log = log if log is not None else [{"step": step, "loss": 1.0}]
+    (directory / "train_log.jsonl").write_text("".join(json.dumps(record) + "\n" for record in log))
     return directory
+
+
+STATE = {"step": 1, "optimizer": {"state": {}, "param_groups": []}, "schedule": {}}  # loads; matching is not needed
+
+
+def edited(saved, tmp_path, edit):
+    """A copy of the saved system whose config text went through ``edit``."""
+    directory = tmp_path / "edited"
+    shutil.copytree(saved, directory)
+    config = directory / "latentgraph_config.json"
+    config.write_text(edit(config.read_text()))
+    return directory
+
+
+def system_file(tmp_path, text, name="system.yaml"):
+    (tmp_path / name).write_text(text)
+    return tmp_path / name
+
+
+HUGE, DEEP = "9" * 5000, "[" * 5000 + "]" * 5000  # an integer Python will not convert; nesting it cannot parse
+AGENT = "agents: [{name: a, backbone: some/model}]\n"
 
 
 def with_backbone(saved, tmp_path, agent, path):
@@ -218,30 +241,113 @@ CASES = {
     "serve --device-map that is not JSON": (
         lambda saved, tmp: ["serve", "--style", str(saved), "--port", "0", "--device-map", "{0: 1"],
         "--device-map is not a valid JSON object"),
+    "train --resume from a trainer state of pickle protocol 4 holding a refused pickle": (  # torch warns on it
+        lambda saved, tmp: train_args(saved, tmp, "--steps", "2", "--resume",
+                                      str(checkpoint(tmp, saved, state={"step": 1, "optimizer": Evil()}, protocol=4))),
+        "refused to unpickle it: it holds objects other than tensors"),
+    "train --resume from a checkpoint whose log holds a line training did not write": (
+        lambda saved, tmp: train_args(saved, tmp, "--steps", "2", "--resume",
+                                      str(checkpoint(tmp, saved, state=STATE, log=[{"step": 1, "loss": 1.0},
+                                                                                   {"loss": "garbage"}]))),
+        "train_log.jsonl, line 2: a log record lacks ['step']"),
+    "train --config with a negative seed": (
+        lambda saved, tmp: train_args(saved, tmp, "--steps", "1", "--config",
+                                      str(data_file(tmp, '{"seed": -1}', name="c.json"))),
+        "invalid TrainConfig: seed: Input should be greater than or equal to 0"),
+    "train --config nested 5000 deep": (
+        lambda saved, tmp: train_args(saved, tmp, "--config", str(data_file(tmp, DEEP, name="c.json"))),
+        "c.json is not JSON Python can read: its lists or mappings are nested too deeply"),
+    "train on data with a 5000-digit number": (
+        lambda saved, tmp: ["train", "--style", str(saved), "--output", str(tmp / "trained"), "--data",
+                            str(data_file(tmp, '{"question": "q", "answer": ' + HUGE + "}\n"))],
+        "data.jsonl, line 1: cannot read a training example (NotJSON: not JSON Python can read: it holds a value"),
+    "run on a YAML system file whose format_version has 5000 digits": (
+        lambda saved, tmp: ["run", "Q?", "--style", str(system_file(tmp, f"format_version: {HUGE}\n{AGENT}"))],
+        "system.yaml is not YAML Python can read: it holds a value that cannot be converted (Exceeds the limit (4300 "
+        "digits) for integer string conversion: value has 5000 digits); fix or replace the file"),
+    "run on a YAML system file whose format_version is a 5000-digit hex number": (
+        lambda saved, tmp: ["run", "Q?", "--style", str(system_file(tmp, f"format_version: 0x{HUGE}\n{AGENT}"))],
+        "has format version an integer of 20000 bits; this latentgraph reads up to 1"),
+    "render a YAML system file nested 5000 deep": (
+        lambda saved, tmp: ["render", str(system_file(tmp, f"rounds: {DEEP}\n{AGENT}")), "-o", str(tmp / "x.svg")],
+        "system.yaml is not YAML Python can read: its lists or mappings are nested too deeply"),
+    "run on a JSON system file whose rounds has 5000 digits": (
+        lambda saved, tmp: ["run", "Q?", "--style",
+                            str(system_file(tmp, '{"rounds": ' + HUGE + ', "agents": []}', name="system.json"))],
+        "system.json is not JSON Python can read: it holds a value that cannot be converted"),
+    "run on a saved system whose rounds has 5000 digits": (
+        lambda saved, tmp: ["run", "Q?", "--style", str(edited(saved, tmp, lambda text: text.replace(
+            '"rounds": 3', f'"rounds": {HUGE}')))],
+        "latentgraph_config.json is not JSON Python can read: it holds a value that cannot be converted"),
+    "run on a saved system nested 5000 deep": (
+        lambda saved, tmp: ["run", "Q?", "--style", str(edited(saved, tmp, lambda text: text.replace(
+            '"rounds": 3', f'"rounds": {DEEP}')))],
+        "latentgraph_config.json is not JSON Python can read: its lists or mappings are nested too deeply"),
+    "run on a saved system whose link types are lists": (
+        lambda saved, tmp: ["run", "Q?", "--style", str(edited(saved, tmp, lambda text: text.replace(
+            '"type": "ln_res"', '"type": ["ln_res"]')))],
+        "does not describe a system: agents.0.inner_link: a link type is the name of a registered type"),
+    "run --seed above 2**64 - 1": (
+        lambda saved, tmp: ["run", "Q?", "--style", str(saved), "--seed", "99999999999999999999999"],
+        "seed must be an integer from 0 to 2**64 - 1, got 99999999999999999999999"),
+    "eval --seed above 2**64 - 1": (
+        lambda saved, tmp: eval_args(saved, data_file(tmp), tmp / "out") + ["--sample", "--seed",
+                                                                           "99999999999999999999999"],
+        "seed must be an integer from 0 to 2**64 - 1, got 99999999999999999999999"),
+    "eval on a dataset nested 5000 deep": (
+        lambda saved, tmp: eval_args(saved, data_file(tmp, DEEP + "\n"), tmp / "out"),
+        "data.jsonl, line 1: not JSON Python can read: its lists or mappings are nested too deeply"),
+    "eval --columns nested 5000 deep": (
+        lambda saved, tmp: ["eval", "--style", str(saved), "--dataset", str(data_file(tmp)), "--output",
+                            str(tmp / "out"), "--columns", DEEP],
+        "--columns is not JSON Python can read: its lists or mappings are nested too deeply"),
+    "run --device-map with a 5000-digit device": (
+        lambda saved, tmp: ["run", "Q?", "--style", str(saved), "--device-map", '{"lm_head": ' + HUGE + "}"],
+        "--device-map is not JSON Python can read: it holds a value that cannot be converted"),
+    "run --max-memory with a 5000-digit size": (
+        lambda saved, tmp: ["run", "Q?", "--style", str(saved), "--device-map", "auto", "--max-memory",
+                            f"cpu={HUGE}"],
+        "a number of thousands of digits is neither a device index nor a size"),
 }
 
 
-def test_results_row_with_missing_keys_is_one_error_line(saved, tmp_path, monkeypatch, capsys):
-    from latentgraph.evaluation.runner import SETTINGS, fingerprint  # noqa: F401  (settings must match to reach the rows)
+ROW_EDITS = {  # a stored results.jsonl row, as an edit of a good one -> what the error line says
+    "missing keys": (lambda row: json.dumps({k: v for k, v in row.items() if k != "prediction"}).encode(),
+                     "a result row lacks ['prediction']"),
+    "a verdict as text": (lambda row: json.dumps({**row, "correct": "yes"}).encode(),
+                          "a result row's 'correct' is 'yes', not true or false"),
+    "null tokens": (lambda row: json.dumps({**row, "tokens": None}).encode(),
+                    "a result row's 'tokens' is None, not an integer"),
+    "bytes that are not UTF-8": (lambda row: json.dumps({**row, "gold": "GOLD"}).encode().replace(b"GOLD", b"\xe9"),
+                                 "not UTF-8 text (byte b'\\xe9')"),  # a Latin-1 é
+}
 
+
+@pytest.mark.parametrize("edit", list(ROW_EDITS))
+def test_a_results_row_that_is_not_one_is_one_error_line(edit, saved, tmp_path, monkeypatch, capsys):
     data = data_file(tmp_path)
     out = tmp_path / "out"
-    assert run_main(monkeypatch, eval_args(saved, data, out)) == 0  # a first, complete run
+    assert run_main(monkeypatch, eval_args(saved, data, out)) == 0  # a first, complete run (settings must match)
     capsys.readouterr()
-    rows = (out / "results.jsonl").read_text().splitlines()
-    broken = json.loads(rows[0])
-    del broken["prediction"]
-    (out / "results.jsonl").write_text(json.dumps(broken) + "\n")
+    stored, expected = ROW_EDITS[edit]
+    (out / "results.jsonl").write_bytes(stored(json.loads((out / "results.jsonl").read_text())) + b"\n")
     assert_one_error_line(run_main(monkeypatch, eval_args(saved, data, out)), capsys,
-                          "a result row lacks ['prediction']")
+                          f"results.jsonl, line 1: {expected}; delete the line to recompute it")
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None):
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def run_main(monkeypatch, args) -> int:
     monkeypatch.setattr(sys, "argv", ["latentgraph", *args])
-    try:
-        cli.main()
-    except SystemExit as e:
-        return e.code or 0
+    with warnings.catch_warnings():  # warnings on stderr, as a user sees them (pytest would record them away)
+        warnings.simplefilter("default")
+        warnings.showwarning = show_warning
+        try:
+            cli.main()
+        except SystemExit as e:
+            return e.code or 0
     return 0
 
 

@@ -207,6 +207,38 @@ def test_read_rows_errors_name_the_file_and_the_fix(tmp_path):
         read_rows(tmp_path / "scalar.json")
 
 
+@pytest.mark.parametrize("name, text, message", [
+    ("deep.jsonl", "[" * 5000 + "]" * 5000, "deep.jsonl, line 1: not JSON Python can read: its lists or mappings "
+                                            "are nested too deeply; fix or drop the line"),
+    ("deep.json", "[" * 5000 + "]" * 5000, "deep.json is not JSON Python can read: its lists or mappings are "
+                                           "nested too deeply; fix the file"),
+    ("big.jsonl", '{"question": "q", "answer": ' + "9" * 5000 + "}", "big.jsonl, line 1: not JSON Python can read: "
+                                                                     "it holds a value that cannot be converted"),
+    ("big.json", '[{"answer": ' + "9" * 5000 + "}]", "big.json is not JSON Python can read: it holds a value"),
+])
+def test_json_python_cannot_hold_is_an_input_error(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(InputError, match=message):
+        read_rows(tmp_path / name)
+
+
+@pytest.mark.parametrize("answer", [4, ["#### 4"], None])
+def test_a_cell_of_another_type_names_the_row(tmp_path, answer):
+    path = tmp_path / "typed.jsonl"
+    path.write_text(json.dumps({"question": "2 + 2?", "answer": "#### 4"}) + "\n"
+                    + json.dumps({"question": "3 + 3?", "answer": answer}) + "\n")
+    with pytest.raises(InputError, match="typed.jsonl, row 1: a cell holds a value of the wrong type"):
+        load_dataset(path, format="gsm8k")
+
+
+@pytest.mark.parametrize("seed", ["x", True, -1, 2**64])
+def test_a_seed_that_is_no_seed_is_an_input_error(tmp_path, seed):
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"question": "2 + 2?", "answer": "#### 4"}) + "\n")
+    with pytest.raises(InputError, match="seed must be an integer from 0 to 2\\*\\*64 - 1"):
+        load_dataset(path, format="gsm8k", seed=seed)
+
+
 def test_column_mapping_errors(tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", [{"problem": "1+1", "answer": "2"}])
     with pytest.raises(InputError, match=r"no column 'question'; the columns are \['answer', 'problem'\]"):

@@ -204,11 +204,49 @@ def test_resume_refuses_results_made_differently(system, script, tmp_path):
         lg.evaluate(system, math_examples(2), output=tmp_path / "dtype", max_new_tokens=8, progress=False)
 
 
+@pytest.mark.parametrize("stored, message", [
+    (lambda row: {**row, "correct": "yes"}, "a result row's 'correct' is 'yes', not true or false"),
+    (lambda row: {**row, "tokens": None}, "a result row's 'tokens' is None, not an integer"),
+    (lambda row: {**row, "id": ["q0"], "rounds": True},
+     "a result row's 'id' is \\['q0'\\], not a string; its 'rounds' is True, not an integer or null"),
+    (lambda row: [row], "a result row is a JSON object, not \\[{'id'"),
+    (lambda row: json.dumps({**row, "prediction": "caf\xe9"}, ensure_ascii=False).encode("latin-1"),
+     "not UTF-8 text \\(byte b'\\\\xe9'\\)"),
+    (lambda row: json.dumps({**row, "tokens": 0}).replace('"tokens": 0', '"tokens": ' + "9" * 5000),
+     "not JSON Python can read: it holds a value that cannot be converted \\(Exceeds the limit \\(4300 digits\\)"),
+    (lambda row: "[" * 5000 + "]" * 5000, "not JSON Python can read: its lists or mappings are nested too deeply"),
+], ids=["verdict as text", "null tokens", "unhashable key", "not an object", "latin-1", "5000 digits", "deep"])
+def test_resume_refuses_a_stored_row_that_is_not_a_result_row(system, script, tmp_path, stored, message):
+    fake = script(lambda *_: "x")
+    lg.evaluate(system, math_examples(1), output=tmp_path, progress=False)
+    results = tmp_path / "results.jsonl"
+    line = stored(json.loads(results.read_text()))
+    line = line if isinstance(line, (str, bytes)) else json.dumps(line)
+    results.write_bytes((line if isinstance(line, bytes) else line.encode()) + b"\n")
+    fake.calls.clear()
+    with pytest.raises(InputError, match=f"results.jsonl, line 1: {message}.*; delete the line to recompute it"):
+        lg.evaluate(system, math_examples(1), output=tmp_path, progress=False)
+    assert fake.calls == []
+
+
+def test_resume_reads_a_row_whose_text_holds_a_line_separator(system, script, tmp_path):
+    fake = script(lambda *_: "4\u2028 is the answer")  # U+2028: a line break to str.splitlines, not to JSONL
+    first = lg.evaluate(system, math_examples(2), output=tmp_path, progress=False)
+    fake.calls.clear()
+    again = lg.evaluate(system, math_examples(2), output=tmp_path, progress=False)
+    assert fake.calls == [] and again.rows == first.rows
+
+
 @pytest.mark.parametrize("examples, kwargs, message", [
     (math_examples(2), {"methods": ["latent", "debate"]}, "methods must be distinct names"),
     (math_examples(2), {"rounds": [0]}, "rounds must be integers >= 1"),
     (math_examples(2), {"batch_size": 0}, "must be >= 1"),
     (math_examples(2) * 2, {}, "ids must be unique"),
+    (math_examples(2), {"seed": "x"}, "seed must be an integer from 0 to 2\\*\\*64 - 1, got 'x'"),
+    (math_examples(2), {"seed": True}, "seed must be an integer from 0 to 2\\*\\*64 - 1, got True"),
+    (math_examples(2), {"seed": -1}, "seed must be an integer from 0 to 2\\*\\*64 - 1, got -1"),
+    (math_examples(2), {"seed": 2**64}, f"seed must be an integer from 0 to 2\\*\\*64 - 1, got {2**64}"),
+    (math_examples(2), {"seed": 2**64 - 1, "samples": 2}, f"seed {2**64 - 1} \\+ 1 is above 2\\*\\*64 - 1"),
 ])
 def test_bad_arguments_fail_before_running(system, script, examples, kwargs, message):
     fake = script(lambda *_: "x")

@@ -78,6 +78,17 @@ def test_bm25_over_documents_in_memory_with_stemming_snippets_and_escaping():
     assert search("tag") == "[1] tags\nthe &lt;/result> tag closes results"
 
 
+@pytest.mark.parametrize("data, message", [
+    (("[" * 5000 + "]" * 5000).encode(), "line 1: .*nested too deeply"),
+    (b'{"text": ' + b"9" * 5000 + b"}", "line 1: .*it holds a value that cannot be converted"),
+    ('{"text": "caf\u00e9"}'.encode("latin-1"), "is not UTF-8 text"),
+], ids=["deep", "5000 digits", "latin-1"])
+def test_a_corpus_python_cannot_read_is_a_graph_error(tmp_path, data, message):
+    (tmp_path / "corpus.jsonl").write_bytes(data)
+    with pytest.raises(GraphError, match=message):
+        load_corpus(tmp_path / "corpus.jsonl")
+
+
 def test_bm25_build_errors_name_the_fix(tmp_path):
     pytest.importorskip("bm25s")
     with pytest.raises(GraphError, match=r"does not exist.*\.jsonl"):

@@ -141,6 +141,20 @@ def test_gsm8k_adapter(tmp_path):
         load_training_data(tmp_path / "bad.jsonl")
 
 
+@pytest.mark.parametrize("line, message", [
+    ('{"question": [[1]], "answer": "x"}', "its question is \\[\\[1\\]\\]"),
+    ('{"question": "q", "answer": 5, "targets": {"critic": null}}',
+     "its answer is 5; its targets\\['critic'\\] is None"),
+    ('{"question": "q", "answer": "a", "targets": [1]}', "its targets is \\[1\\], not {agent: text}"),
+    ("[" * 5000 + "]" * 5000, "its lists or mappings are nested too deeply"),
+    ('{"question": "q", "answer": ' + "9" * 5000 + "}", "it holds a value that cannot be converted"),
+], ids=["list question", "number answer", "targets list", "deep", "5000 digits"])
+def test_a_training_row_that_is_not_text_names_its_line(tmp_path, line, message):
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n" + line + "\n")
+    with pytest.raises(lg.InputError, match=f"bad.jsonl, line 2: cannot read a training example .*{message}"):
+        load_training_data(tmp_path / "bad.jsonl")
+
+
 def test_train_cli_writes_a_system_that_runs(tiny, tmp_path):
     """latentgraph train on a saved tiny system, then latentgraph run --style on its output."""
     from typer.testing import CliRunner
@@ -229,6 +243,58 @@ def intercept(monkeypatch, name, body):
     monkeypatch.setattr(latentgraph.training.loop, "write_directory",
                         lambda target, files: body(target, files) if target.name == name else real(target, files))
     return real
+
+
+GOOD = {"step": 1, "loss": 0.5, "lr": 0.01, "grad_norm": 1.0, "links": {"planner": 0.5},
+        "rounds": {"1": {"planner": 0.1}}}  # a log record as training writes it
+
+
+@pytest.mark.parametrize("log, message", [
+    ([GOOD, [2]], "line 2: a log record is a JSON object, not \\[2\\]"),
+    ([GOOD, {"step": 2}], "line 2: a log record lacks \\['loss'\\]"),
+    ([GOOD, {"step": 2, "loss": 0.5, "note": "hi"}], "line 2: a log record has no key note"),
+    ([{**GOOD, "loss": "low", "links": {"planner": None}}, {"step": 2, "loss": 0.5}],
+     "line 1: a log record holds numbers \\(an integer step\\), but its loss is 'low'; its links is {'planner': None}"),
+    ([{**GOOD, "step": True}, {"step": 2, "loss": 0.5}], "line 1: .* but its step is True"),
+    ([{**GOOD, "rounds": {"1": [0.1]}}, {"step": 2, "loss": 0.5}], "line 1: .* but its rounds is {'1': \\[0.1\\]}"),
+    ([{"step": 2, "loss": 0.5}, GOOD], "line 1: the record of step 1 belongs here, not one of step 2"),
+    ([GOOD], "holds 1 steps, but its checkpoint is at step 2"),
+    ([GOOD, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 0.5}], "holds 3 steps, but its checkpoint is at step 2"),
+    ([GOOD, "[" * 5000 + "]" * 5000], "line 2: not JSON Python can read: its lists or mappings are nested too deeply"),
+    ([GOOD, '{"step": 2, "loss": ' + "9" * 5000 + "}"], "line 2: not JSON Python can read: it holds a value that"),
+], ids=["not an object", "no loss", "unknown key", "not numbers", "bool step", "bad rounds", "out of order",
+        "too short", "too long", "deep", "5000 digits"])
+def test_resume_refuses_a_checkpoint_log_with_a_line_training_did_not_write(cheap, tmp_path, log, message):
+    initial = {k: v.clone() for k, v in cheap.system.state_dict().items()}
+    cheap(tmp_path / "first")
+    checkpoint = tmp_path / "first" / "checkpoint-2"
+    lines = [line if isinstance(line, str) else json.dumps(line) for line in log]
+    (checkpoint / "train_log.jsonl").write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(lg.CheckpointError, match=f"train_log.jsonl.*{message}.*resume from another checkpoint"):
+        cheap(tmp_path / "resumed", resume=checkpoint)
+    assert not (tmp_path / "resumed").exists()  # nothing trained, nothing written
+    assert all(torch.equal(v, initial[k]) for k, v in cheap.system.state_dict().items())  # no link loaded either
+
+
+def test_the_resumed_log_continues_the_checkpoint_log(cheap, tmp_path):
+    cheap(tmp_path / "first")
+    checkpoint = tmp_path / "first" / "checkpoint-2"
+    kept = [GOOD, {"step": 2, "loss": 0.25, "lr": 0.02, "grad_norm": 3, "links": {}}]
+    (checkpoint / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    cheap(tmp_path / "resumed", resume=checkpoint)
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
+    assert log[:2] == kept and [r["step"] for r in log] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("seed, message", [
+    ("x", "Input should be a valid integer"), ("3", "Input should be a valid integer"),
+    (True, "Input should be a valid integer"), (-1, "Input should be greater than or equal to 0"),
+    (2**64, "Input should be less than or equal to 18446744073709551615"),
+])
+def test_a_seed_that_is_no_seed_is_an_input_error(seed, message):
+    with pytest.raises(lg.InputError, match=f"invalid TrainConfig: seed: {message}"):
+        TrainConfig(seed=seed)
+    assert TrainConfig(seed=2**64 - 1).seed == 2**64 - 1
 
 
 def test_a_checkpoint_failing_at_any_file_operation_is_absent_and_resume_works(cheap, tmp_path, monkeypatch):

@@ -204,6 +204,28 @@ def test_bad_decoding_settings_fail_before_any_forward(make, settings, message):
     assert calls == []
 
 
+@pytest.mark.parametrize("seed, shown", [
+    ("x", "'x'"), (True, "True"), (1.5, "1.5"), (-1, "-1"), (2**64, str(2**64)),
+    (99999999999999999999999, "99999999999999999999999"),
+    (10**5000, "an integer of 16610 bits"),  # too long for Python to print: the message says its size
+], ids=["text", "bool", "float", "negative", "2**64", "23 digits", "5001 digits"])
+@pytest.mark.parametrize("call", ["run", "stream"])
+def test_a_seed_torch_cannot_take_fails_before_any_forward(make, call, seed, shown):
+    a = make("a")
+    calls = []
+    a.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    system = lg.System([a])
+    with pytest.raises(lg.InputError, match=f"seed must be an integer from 0 to 2\\*\\*64 - 1, got {shown}"):
+        getattr(system, call)("hi", seed=seed, max_new_tokens=2)
+    assert calls == []
+
+
+def test_the_largest_seed_torch_takes_seeds_sampling(make):
+    system = lg.System([make("a")])
+    first, again = (system.run(["hi", "ho"], seed=2**64 - 1, max_new_tokens=6).texts for _ in range(2))
+    assert first == again
+
+
 def test_latent_steps_and_rounds_are_checked_when_set_and_bools_are_not_counts(make):
     a = make("a")
     system = lg.System([a])

@@ -109,7 +109,11 @@ def unpickle_safely(path: Path, what: str) -> object:
     (code, custom classes) is refused, never executed. A refusal or a corrupt file is a
     :class:`CheckpointError` saying the file is not ``what`` and why."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about its unpickler (a pickle protocol other than 2, a TorchScript archive) on the way
+            # to loading or refusing the file; the data, or our error saying why not, is all the user needs
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, OSError) as e:
         raise CheckpointError(f"{path} is not {what}: {unpickling_problem(e)}") from None
 

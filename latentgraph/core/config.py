@@ -36,8 +36,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from ..errors import CheckpointError, GraphError
-from ..files.text import read_json, read_text
+from ..errors import CheckpointError, GraphError, shown
+from ..files.text import read_json, read_yaml
 from ..version import __version__
 from .limits import AGENTS, EDGES, LATENT_STEPS, ROUNDS, Limit
 
@@ -164,10 +164,11 @@ def _link_fields(spec: Any) -> tuple[type[LinkConfig], dict[str, Any]] | LinkCon
     elif isinstance(spec, dict):
         fields = dict(spec)
     else:
-        raise ValueError(f"a link is a type name, a LinkConfig, a dict or an nn.Module, got {spec!r}")
+        raise ValueError(f"a link is a type name, a LinkConfig, a dict or an nn.Module, got {shown(spec)}")
     name = fields.get("type", "ln_res")
     if not isinstance(name, str):
-        raise ValueError(f"a link type is a string, got {name!r}")
+        raise ValueError(f"a link type is the name of a registered type ({', '.join(sorted(LINK_CONFIGS))}), got "
+                         f"{shown(name)}")
     if name not in LINK_CONFIGS:
         raise ValueError(f"unknown link type {name!r}; registered: {sorted(LINK_CONFIGS)}. "
                          "Register your own with @latentgraph.register_link")
@@ -286,20 +287,13 @@ def read_config(path: Path) -> SystemConfig:
         raise CheckpointError(f"{path} is missing: is {path.parent} a latentgraph checkpoint (save_pretrained)?")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; a system config is a .json or .yaml file")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            raw = yaml.safe_load(read_text(path, error=CheckpointError))
-        except yaml.YAMLError as e:
-            raise CheckpointError(f"{path} is not valid YAML ({e})") from None
-    else:
-        raw = read_json(path, error=CheckpointError)
+    read = read_yaml if path.suffix.lower() in (".yaml", ".yml") else read_json
+    raw = read(path, error=CheckpointError)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} does not describe a system: it holds a {type(raw).__name__}, not a mapping")
     version = raw.get("format_version")
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {version}; this latentgraph reads up to "
+        raise CheckpointError(f"{path} has format version {shown(version)}; this latentgraph reads up to "
                               f"{FORMAT_VERSION}: upgrade latentgraph")
     unknown = _drop_unknown(raw)
     if unknown:
@@ -341,9 +335,10 @@ def _drop_unknown(raw: dict) -> list[str]:
 
 
 def _drop_link(link: Any, where: str) -> list[str]:
-    if not isinstance(link, dict) or link.get("type", "ln_res") not in LINK_CONFIGS:
+    name = link.get("type", "ln_res") if isinstance(link, dict) else None
+    if not isinstance(name, str) or name not in LINK_CONFIGS:  # a list or dict as type cannot even be looked up
         return []  # validation reports it
-    return _drop(link, LINK_CONFIGS[link.get("type", "ln_res")], where)
+    return _drop(link, LINK_CONFIGS[name], where)
 
 
 def _drop(raw: dict, model: type[BaseModel], where: str) -> list[str]:

@@ -22,7 +22,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from ..errors import InputError
+from ..errors import InputError, shown
 
 MAX_STOPS, MAX_STOP_CHARS = 4, 100  # stop strings, as many as OpenAI's API takes
 
@@ -107,17 +107,27 @@ def per_row_sampling(sampling: Sampling | Sequence[Sampling], batch: int | None)
     return list(sampling)
 
 
+MAX_SEED = 2**64 - 1  # torch seeds its generators with an unsigned 64-bit integer
+
+
+def check_seed(seed: object) -> None:
+    """Refuse a seed torch cannot take: a non-integer (a bool too), one above ``2**64 - 1``, or a negative one
+    (torch would take -1 as ``2**64 - 1``: one seed under two names)."""
+    if not (_is_int(seed) and 0 <= seed <= MAX_SEED):
+        raise InputError(f"seed must be an integer from 0 to 2**64 - 1, got {shown(seed)}; pass one in that range, "
+                         "e.g. 0")
+
+
 def per_row_seeds(seed: Any, batch: int | None) -> list[int | None]:
     """One seed per row (None: unseeded): ``seed`` for every row, or its own per row."""
-    if seed is None or _is_int(seed):
-        return [seed] * (batch or 1)
-    if not (isinstance(seed, (list, tuple)) and all(s is None or _is_int(s) for s in seed)):
-        raise InputError(f"seed must be an integer, None, or a list with one integer (or None) per question, "
-                         f"got {seed!r:.80}")
-    if batch is not None and len(seed) != batch:
-        raise InputError(f"{len(seed)} seeds for {batch} questions; pass one per question, or a single integer "
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * (batch or 1)
+    if batch is not None and len(seeds) != batch:
+        raise InputError(f"{len(seeds)} seeds for {batch} questions; pass one per question, or a single integer "
                          "for all of them")
-    return list(seed)
+    for s in seeds:
+        if s is not None:
+            check_seed(s)
+    return seeds
 
 
 class TokenPicker:

@@ -245,11 +245,11 @@ class System(nn.Module):
         edge a text edge (the text-communication baseline); ``"single"``, the answer node alone, once, with
         its slots left empty (the single-agent baseline). Decoding samples with the published settings by
         default; ``do_sample=False`` is greedy; ``max_new_tokens`` also bounds each text message. ``seed``
-        makes sampling reproducible: an integer for every question, or a list with one integer (or None) per
-        question. Each question samples from a generator of its own seeded with its seed, so it gets the same
-        text batched with others as alone. (Earlier versions shared one generator among a batch's questions:
-        the same seed now samples other text than it did then.) ``return_latents`` keeps every agent's raw
-        hidden states (on CPU) in ``RunOutput.latents``.
+        makes sampling reproducible: an integer from 0 to ``2**64 - 1`` for every question, or a list with one
+        integer (or None) per question. Each question samples from a generator of its own seeded with its seed,
+        so it gets the same text batched with others as alone. (Earlier versions shared one generator among a
+        batch's questions: the same seed now samples other text than it did then.) ``return_latents`` keeps
+        every agent's raw hidden states (on CPU) in ``RunOutput.latents``.
 
         ``stop`` ends the run early: after each round but the last it is called on the round's events (a
         list of :mod:`~latentgraph.core.events`); when it returns True, the answer node speaks in that round,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..core.events import RunOutput
-from ..errors import InputError
+from ..errors import InputError, shown
 from . import published_lenient, strict
 from .datasets import Example
 
@@ -29,6 +29,34 @@ class Batch:
     rounds: int | None  # None for "single"
     sample: int
     decoding: dict[str, Any]  # System.run's sampling arguments: do_sample, temperature, top_p, seed, max_new_tokens
+
+
+ROW_FIELDS: dict[str, tuple[str, tuple[type, ...]]] = {  # a result row's keys: what each holds, as JSON types
+    "id": ("a string", (str,)),
+    "method": ("a string", (str,)),
+    "rounds": ("an integer or null", (int, type(None))),
+    "sample": ("an integer", (int,)),
+    "question": ("a string", (str,)),
+    "prediction": ("a string", (str,)),
+    "answer": ("a string or null", (str, type(None))),
+    "gold": ("a string", (str,)),
+    "correct": ("true or false", (bool,)),
+    "upstream_correct": ("true, false or null", (bool, type(None))),
+    "tokens": ("an integer", (int,)),
+    "seconds": ("a number", (int, float)),
+}
+
+
+def row_problem(row: Any) -> str | None:
+    """What makes ``row`` (read back from ``results.jsonl``) not a result row :func:`answer_batch` writes, or
+    None. Types are compared exactly, as JSON gives them: ``true`` is no token count, ``1`` no verdict."""
+    if not isinstance(row, dict):
+        return f"a result row is a JSON object, not {shown(row)}"
+    if missing := [key for key in ROW_FIELDS if key not in row]:
+        return f"a result row lacks {missing}"
+    wrong = [f"{key!r} is {shown(row[key])}, not {what}" for key, (what, types) in ROW_FIELDS.items()
+             if type(row[key]) not in types]
+    return f"a result row's {'; its '.join(wrong)}" if wrong else None
 
 
 def row_key(row: dict) -> tuple:

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from ..core.sampling import check_seed
 from ..errors import InputError
-from ..files.text import read_text
+from ..files.text import NotJSON, parse_json, read_text
 from .strict import parse_gsm8k_answer
 
 Kind = Literal["math", "choice", "code"]
@@ -115,16 +116,14 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise InputError(
-                    f"{path}, line {number}: not valid JSON ({e.msg}); fix or drop the line"
-                ) from e
+                rows.append(parse_json(line))
+            except NotJSON as e:
+                raise InputError(f"{path}, line {number}: {e}; fix or drop the line") from None
     elif suffix == ".json":
         try:
-            rows = json.loads(read_text(path))
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}: not valid JSON ({e}): fix the file") from e
+            rows = parse_json(read_text(path))
+        except NotJSON as e:
+            raise InputError(f"{path} is {e}; fix the file") from None
     elif suffix == ".csv":
         rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
     elif suffix == ".parquet":
@@ -351,13 +350,14 @@ def load_dataset(
             ``question`` + a worked ``answer`` ending in ``#### N``).
         offset: rows to skip first (for a held-out slice of a training file).
         limit: the most rows to load after ``offset``.
-        seed: seeds the option order of multiple-choice items.
+        seed: seeds the option order of multiple-choice items (an integer from 0 to ``2**64 - 1``).
         shuffle: shuffle multiple-choice options (on by default: GPQA lists the correct option first).
 
     Raises:
         InputError: unknown name, missing file or column, unreadable rows, or a benchmark that cannot be
             downloaded (the message says how to pass a local copy instead).
     """
+    check_seed(seed)
     name, path = str(name_or_path), Path(name_or_path)
     if name in HUB_DATASETS and not path.exists():
         spec = HUB_DATASETS[name]
@@ -385,5 +385,8 @@ def load_dataset(
             example = convert(row, index)
         except KeyError as e:
             raise InputError(f"{name}, row {index}: missing column {e}; the columns are {sorted(row)}") from e
+        except (TypeError, AttributeError) as e:  # a cell of another type than the format's, e.g. a number as text
+            raise InputError(f"{name}, row {index}: a cell holds a value of the wrong type ({e}); fix the "
+                             "row") from None
         examples.append(shuffle_choices(example, seed) if shuffle and example.kind == "choice" else example)
     return examples

@@ -36,13 +36,13 @@ from torch import nn
 
 from ..core.events import RUN_MODES
 from ..core.limits import ROUNDS
-from ..core.sampling import Sampling
-from ..errors import GraphError, InputError, SandboxUnavailable
+from ..core.sampling import MAX_SEED, Sampling, check_seed
+from ..errors import GraphError, InputError, SandboxUnavailable, shown
 from ..files.atomic import atomic_write_text
-from ..files.text import read_json
+from ..files.text import NotJSON, parse_json, read_json
 from ..tools.sandbox import PROTECTIONS, Limits, Sandbox
 from . import strict
-from .answering import Batch, answer_batch, row_key
+from .answering import Batch, answer_batch, row_key, row_problem
 from .datasets import Example, load_dataset
 from .report import EvalReport, plot, summarize
 
@@ -51,8 +51,6 @@ if TYPE_CHECKING:
     from .workers import RayWorkers
 
 RESULTS, SETTINGS, SUMMARY, PLOT = "results.jsonl", "settings.json", "summary.json", "plot.png"
-ROW_KEYS = ("id", "method", "rounds", "sample", "question", "prediction", "answer", "gold", "correct",
-            "upstream_correct", "tokens", "seconds")  # one results.jsonl line
 
 
 def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods: Sequence[str] = ("latent",),
@@ -82,7 +80,7 @@ def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods
         do_sample: sample (at ``temperature`` and ``top_p``) instead of decoding greedily; default: greedy
             for one sample, sampling for several.
         temperature, top_p: the sampling settings (the published ones by default); unused when greedy.
-        seed: seeds the sampling; unused when greedy.
+        seed: seeds the sampling (sample ``k`` with ``seed + k``, at most ``2**64 - 1``); unused when greedy.
         upstream: also report the published lenient accuracy, in its own field (never mixed with strict).
         code_runner: runs code answers, ``run(program, timeout) -> (passed, output)``; default a
             :class:`SandboxRunner` with every protection required.
@@ -133,6 +131,10 @@ def evaluate(system: System, dataset: str | Path | Sequence[Example], *, methods
         raise InputError(f"samples={samples} with greedy decoding would give the same answer {samples} times; "
                          "sample (do_sample=True, or --sample) or take one sample")
     Sampling(do_sample=sampling, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)  # checks
+    check_seed(seed)
+    if sampling and seed + samples - 1 > MAX_SEED:
+        raise InputError(f"sample k is seeded with seed + k, and seed {seed} + {samples - 1} is above 2**64 - 1; "
+                         "pass a smaller seed")
     if code_runner is None and any(e.kind == "code" for e in examples):
         code_runner = SandboxRunner()
     if isinstance(code_runner, SandboxRunner) and any(e.kind == "code" for e in examples):
@@ -250,7 +252,7 @@ def _resume(directory: Path, settings: dict, examples: list[Example]) -> dict[tu
         if not isinstance(before, dict):
             raise InputError(f"{settings_path} is not a settings object; delete the directory's results and "
                              f"{SETTINGS} to start over, or pass another output directory")
-        changed = [f"{k}={before.get(k)!r} (now {settings.get(k)!r})" for k in sorted({*before, *settings})
+        changed = [f"{k}={shown(before.get(k))} (now {shown(settings.get(k))})" for k in sorted({*before, *settings})
                    if before.get(k) != settings.get(k)]
         if changed and has_results:
             raise InputError(f"{directory} holds results made with other settings: {', '.join(changed)}; "
@@ -265,16 +267,18 @@ def _resume(directory: Path, settings: dict, examples: list[Example]) -> dict[tu
         with path.open("r+b") as f:
             f.truncate(complete)
     rows, prompts = {}, {e.id: e.prompt for e in examples}
-    for number, line in enumerate(data[:complete].decode("utf-8").splitlines(), start=1):
+    fix = "delete the line to recompute it, or pass another output directory"
+    # Lines end at b"\n" only: a model's text may hold U+2028 or other characters str.splitlines() breaks at.
+    for number, line in enumerate(data[:complete].split(b"\n")[:-1], start=1):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}, line {number}: not valid JSON ({e.msg}); delete the line to recompute "
-                             "it, or pass another output directory") from e
-        missing = [key for key in ROW_KEYS if key not in row] if isinstance(row, dict) else ROW_KEYS
-        if missing:
-            raise InputError(f"{path}, line {number}: a result row lacks {missing}; delete the line to recompute "
-                             "it, or pass another output directory")
+            row = parse_json(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}, line {number}: not UTF-8 text (byte {line[e.start:e.start + 1]!r}); "
+                             f"{fix}") from None
+        except NotJSON as e:
+            raise InputError(f"{path}, line {number}: {e}; {fix}") from None
+        if problem := row_problem(row):
+            raise InputError(f"{path}, line {number}: {problem}; {fix}")
         if row["id"] in prompts and row["question"] != prompts[row["id"]]:
             raise InputError(f"{path}, line {number}: id {row['id']!r} holds another question than the "
                              "dataset's, so the results come from another dataset: pass another output "

@@ -52,13 +52,13 @@ def model_id(style: str) -> str:
 def listen(host: str, port: int) -> socket.socket:
     """A socket listening on ``host:port`` (port 0: a free one), or an error saying why it cannot."""
     host = host.strip("[]")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(BACKLOG)  # now: a client that connects before uvicorn starts waits instead of being refused
     except OSError as e:
+        sock.close()  # not left to the garbage collector, which warns about it
         raise InputError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host") from None
     sock.set_inheritable(True)
     return sock

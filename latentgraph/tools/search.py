@@ -8,7 +8,6 @@ optional ``tavily-python`` package and an API key); :class:`BM25Search` ranks a 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import GraphError
+from ..files.text import parse_json, read_text
 from .base import Tool
 
 _TEXT_SUFFIXES = (".txt", ".md")
@@ -78,11 +78,11 @@ def load_corpus(path: str | Path) -> list[Document]:
         raise GraphError(f'search corpus {path} {problem}; pass a .jsonl file with one {{"text": ...}} '
                          f"object per line, or a folder of {'/'.join(_TEXT_SUFFIXES)} files")
     documents = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text(path, error=GraphError).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = parse_json(line)
             text = record["text"]
         except (ValueError, TypeError, KeyError) as err:
             raise GraphError(f'search corpus {path}, line {number}: expected a JSON object with a "text" '

@@ -8,13 +8,12 @@ answer, written as ``answer_template`` says.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, shown
 from ..evaluation.strict import parse_gsm8k_answer
-from ..files.text import read_text
+from ..files.text import parse_json, read_text
 
 ANSWER_TEMPLATE = "The answer is {answer}."
 
@@ -27,6 +26,15 @@ class TrainExample:
     answer: str  # the answer node's target text
     plan: str | None = None  # default target of the other agents
     targets: dict[str, str] = field(default_factory=dict)  # per-agent targets, overriding plan
+
+    def __post_init__(self) -> None:
+        texts = {"question": self.question, "answer": self.answer, "plan": "" if self.plan is None else self.plan}
+        targets = self.targets if isinstance(self.targets, dict) else {}
+        texts.update({f"targets[{agent!r}]": text for agent, text in targets.items()})
+        wrong = [f"{name} is {shown(text)}" for name, text in texts.items() if not isinstance(text, str)]
+        wrong += [] if isinstance(self.targets, dict) else [f"targets is {shown(self.targets)}, not {{agent: text}}"]
+        if wrong:
+            raise InputError(f"a training example holds text, but its {'; its '.join(wrong)}")
 
     def target_for(self, agent: str) -> str:
         return self.targets.get(agent) or self.plan or self.answer
@@ -67,7 +75,7 @@ def load_training_data(path: str | Path, *, format: str | None = None, offset: i
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = parse_json(line)
             if format == "gsm8k":
                 final = parse_gsm8k_answer(row["answer"])
                 if final is None:
@@ -76,8 +84,8 @@ def load_training_data(path: str | Path, *, format: str | None = None, offset: i
                                              plan=clean_gsm8k_solution(row["answer"])))
             else:
                 examples.append(TrainExample(row["question"], row["answer"], row.get("plan"),
-                                             dict(row.get("targets") or {})))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+                                             row.get("targets") or {}))
+        except (KeyError, TypeError, ValueError) as e:  # NotJSON and InputError are ValueErrors
             raise InputError(f"{path}, line {number}: cannot read a training example ({type(e).__name__}: {e}); "
                              "rows need 'question' and 'answer'") from None
     if not examples:

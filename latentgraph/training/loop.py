@@ -31,23 +31,25 @@ import io
 import json
 import math
 import random
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..checkpoints import native
 from ..checkpoints.native import WEIGHTS_NAME, assign, read_weights, unpickle_safely
-from ..core.config import within
+from ..core.config import describe_errors, within
 from ..core.limits import ROUNDS
+from ..core.sampling import MAX_SEED
 from ..core.system import System
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, shown
 from ..files.atomic import recover, write_directory
-from ..files.text import read_text
+from ..files.text import NotJSON, parse_json, read_text
 from .closed_form import initialize
 from .data import TrainExample
 from .distributed import Ranks, join
@@ -62,6 +64,8 @@ class TrainConfig(BaseModel):
 
     A step trains on ``batch_size * accumulate`` examples, times the number of ranks under torchrun: the same
     examples, and the same update, as one process with ``batch_size`` times the number of ranks.
+
+    A field of the wrong type or out of range is an :class:`~latentgraph.InputError` naming it.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -80,7 +84,13 @@ class TrainConfig(BaseModel):
     grad_steps: int | None = Field(None, ge=1)  # rollout forwards kept in the graph (rollout regime)
     init: Literal["none", "closed_form"] = "none"  # start from latentgraph.training.closed_form's closed-form links
     save_every: int | None = Field(None, ge=1)  # checkpoint every N steps (needs an output directory)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED, strict=True)  # the data order; "3" or True is no seed
+
+    def __init__(self, **data: Any):
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise InputError(f"invalid TrainConfig: {describe_errors(e)}") from None
 
 
 def train(system: System, examples: list[TrainExample], config: TrainConfig | None = None, *,
@@ -256,6 +266,7 @@ def _trainer_state(directory: Path) -> dict:
 
 def _load_checkpoint(directory: Path, state: dict, system: System, optimizer, schedule) -> list[dict]:
     """Restore the links, optimizer and schedule of a checkpoint; returns its log."""
+    log = _read_log(directory / LOG_NAME, state["step"])  # first: a bad log leaves the system's links untouched
     assign(system.link_modules(), read_weights(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
     try:
         optimizer.load_state_dict(state["optimizer"])
@@ -263,8 +274,62 @@ def _load_checkpoint(directory: Path, state: dict, system: System, optimizer, sc
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{directory / STATE_NAME} does not match this training's links ({e}); "
                               f"{RESUME_FIX}") from None
-    try:
-        return [json.loads(line) for line in read_text(directory / LOG_NAME, error=CheckpointError).splitlines()
-                if line.strip()]
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{directory / LOG_NAME} is corrupt ({e.msg}); {RESUME_FIX}") from None
+    return log
+
+
+def _read_log(path: Path, steps: int) -> list[dict]:
+    """The log of a checkpoint at step ``steps``: the records :func:`_step` wrote for steps 1 to ``steps``.
+
+    Anything else is refused, not dropped: a checkpoint's log is committed with its weights and optimizer state
+    in one step, so a line latentgraph did not write means the folder was edited or damaged. Resuming must
+    neither carry that line into the new log nor silently leave a hole in the run's history; the user decides
+    (another checkpoint, or the line fixed)."""
+    records = []
+    for number, line in enumerate(read_text(path, error=CheckpointError).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = parse_json(line)
+        except NotJSON as e:
+            raise CheckpointError(f"{path}, line {number}: {e}; fix the line, or {RESUME_FIX}") from None
+        if problem := _record_problem(record, len(records) + 1):
+            raise CheckpointError(f"{path}, line {number}: {problem}; fix the line, or {RESUME_FIX}")
+        records.append(record)
+    if len(records) != steps:
+        raise CheckpointError(f"{path} holds {len(records)} steps, but its checkpoint is at step {steps}; "
+                              f"{RESUME_FIX}")
+    return records
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float)  # not a bool: true is no loss
+
+
+def _numbers(value: Any) -> bool:
+    return isinstance(value, dict) and all(_is_number(v) for v in value.values())
+
+
+LOG_FIELDS: dict[str, Callable[[Any], bool]] = {  # the keys of a log record (see _step), and what each holds
+    "step": lambda value: type(value) is int,
+    "loss": _is_number,
+    "lr": _is_number,
+    "grad_norm": _is_number,
+    "links": _numbers,  # link -> gradient norm
+    "rounds": lambda value: isinstance(value, dict) and all(map(_numbers, value.values())),  # round -> link -> norm
+}
+
+
+def _record_problem(record: Any, step: int) -> str | None:
+    """What makes ``record`` other than a log record of ``step``, or None."""
+    if not isinstance(record, dict):
+        return f"a log record is a JSON object, not {shown(record)}"
+    if missing := [key for key in ("step", "loss") if key not in record]:
+        return f"a log record lacks {missing}"
+    if unknown := sorted(set(record) - set(LOG_FIELDS)):
+        return f"a log record has no key {', '.join(unknown)} (its keys are {', '.join(LOG_FIELDS)})"
+    if wrong := [f"{key} is {shown(record[key])}" for key, valid in LOG_FIELDS.items()
+                 if key in record and not valid(record[key])]:
+        return f"a log record holds numbers (an integer step), but its {'; its '.join(wrong)}"
+    if record["step"] != step:
+        return f"the record of step {step} belongs here, not one of step {record['step']}"
+    return None
