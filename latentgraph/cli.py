@@ -233,7 +233,7 @@ def eval_command(
     link_dtype: str = typer.Option("float32", help=LINK_DTYPE_HELP),
     allow_unsandboxed_tools: bool = typer.Option(False, "--allow-unsandboxed-tools", help=UNSANDBOXED_HELP),
     workers: int | None = typer.Option(None, help="Answer on N Ray workers, each a replica of the system (needs "
-                                                  'pip install "latentgraph[ray]"); backbones load on each from '
+                                                  'pip install "latentgraph\\[ray]"); backbones load on each from '
                                                   "their source. Default: in this process."),
     ray_address: str | None = typer.Option(None, help="With --workers: the Ray cluster to join, as HOST:PORT "
                                                       "of its head (what `ray start --head` prints) or 'auto' "

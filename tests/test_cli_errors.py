@@ -240,7 +240,10 @@ CASES = {
         "cannot listen on 127.0.0.1:"),
     "serve --device-map that is not JSON": (
         lambda saved, tmp: ["serve", "--style", str(saved), "--port", "0", "--device-map", "{0: 1"],
-        "--device-map is not a valid JSON object"),
+        "--device-map is not valid JSON (Expecting property name enclosed in double quotes at column 2)"),
+    "serve --link-dtype that is no dtype": (
+        lambda saved, tmp: ["serve", "--style", str(saved), "--port", "0", "--link-dtype", "bf16"],
+        "link_dtype must be 'auto'"),
     "train --resume from a trainer state of pickle protocol 4 holding a refused pickle": (  # torch warns on it
         lambda saved, tmp: train_args(saved, tmp, "--steps", "2", "--resume",
                                       str(checkpoint(tmp, saved, state={"step": 1, "optimizer": Evil()}, protocol=4))),

@@ -10,6 +10,7 @@ import typer
 from ..cli_system import (
     DEFAULT,
     DEVICE_MAP_HELP,
+    LINK_DTYPE_HELP,
     MAX_MEMORY_HELP,
     OFFLOAD_HELP,
     UNSANDBOXED_HELP,
@@ -38,6 +39,7 @@ def serve(
     device_map: str | None = typer.Option(None, help=DEVICE_MAP_HELP),
     max_memory: str | None = typer.Option(None, help=MAX_MEMORY_HELP),
     offload_folder: Path | None = typer.Option(None, help=OFFLOAD_HELP),
+    link_dtype: str = typer.Option("float32", help=LINK_DTYPE_HELP),
     allow_unsandboxed_tools: bool = typer.Option(False, "--allow-unsandboxed-tools", help=UNSANDBOXED_HELP),
     max_batch_size: int = typer.Option(Limits.max_batch_size, help="Most rows (questions times choices) decoded "
                                                                    "together."),
@@ -76,7 +78,10 @@ def serve(
     limits = Limits(max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, max_queue=max_queue,
                     max_tokens_cap=max_tokens_cap, default_max_tokens=default_max_tokens,
                     max_question_chars=max_question_chars, max_body_bytes=max_body_bytes, max_n=max_n)
-    choice = {"task": task, "allow_unsandboxed_tools": allow_unsandboxed_tools}
+    from ..checkpoints.link_dtype import check_link_dtype
+
+    check_link_dtype(link_dtype)  # now, not in the background load after the server has started
+    choice = {"task": task, "link_dtype": link_dtype, "allow_unsandboxed_tools": allow_unsandboxed_tools}
     server = {"name": model_id(style), "host": host, "port": port, "limits": limits, "api_key": api_key,
               "allow_no_key": allow_no_key, "cors_origins": cors_origin,
               "say": lambda line: console.print(line, highlight=False, soft_wrap=True, markup=False)}
