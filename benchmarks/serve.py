@@ -12,7 +12,7 @@ comes from different answers.
 
     python benchmarks/serve.py                        # the embedded default system; 1, 4, 16 clients
     python benchmarks/serve.py --clients 1 16 --requests 4 --max-tokens 64
-    python benchmarks/serve.py --tiny --requests 1    # a tiny random system, in seconds (the test runs this)
+    python benchmarks/serve.py --tiny --requests 1    # a tiny random system: checks the script (its test runs this)
 """
 
 import argparse
