@@ -161,7 +161,7 @@ def test_cli_run_and_eval_take_a_device_map(saved, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize(("flags", "fix"), [
-    (["--device-map", "{nope"], "not a valid JSON object"),
+    (["--device-map", "{nope"], "--device-map is not valid JSON"),
     (["--device-map", "auto", "--max-memory", "cpu:20GiB"], "device=size pairs"),
     (["--device", "cpu", "--device-map", "auto"], "not both"),
 ])

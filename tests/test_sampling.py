@@ -86,8 +86,8 @@ def test_per_row_settings_must_come_one_per_question(tiny, sampling, seed, messa
 @pytest.mark.parametrize("sampling, seed, message", [
     ([Sampling(), "greedy"], None, "sampling must be a Sampling, or a list with one Sampling per question"),
     ([], None, "sampling must be a Sampling, or a list"),
-    (Sampling(), "7", "seed must be an integer, None, or a list with one integer"),
-    (Sampling(), [1, 2.5], "seed must be an integer, None, or a list"),
+    (Sampling(), "7", "seed must be an integer from 0 to 2\\*\\*64 - 1, got '7'"),
+    (Sampling(), [1, 2.5], "seed must be an integer from 0 to 2\\*\\*64 - 1, got 2.5"),
     (Sampling(), True, "seed must be an integer"),
 ])
 def test_bad_per_row_settings_are_refused_when_the_step_is_made(sampling, seed, message):
