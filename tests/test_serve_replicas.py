@@ -338,7 +338,7 @@ def test_the_replica_flags_reach_serve_replicas(monkeypatch):
                                   "--threads-per-replica", "2", "--host", "0.0.0.0", "--port", "9000",
                                   "--max-batch-size", "4"]) == 0
     ((args, kwargs),) = calls
-    assert args == ("/systems/mine", {"task": "code", "allow_unsandboxed_tools": True},
+    assert args == ("/systems/mine", {"task": "code", "link_dtype": "float32", "allow_unsandboxed_tools": True},
                     ReplicaOptions(3, "head:6379", 0.5, 2))
     assert {k: kwargs[k] for k in ("name", "host", "port", "api_key", "allow_no_key")} == \
         {"name": "mine", "host": "0.0.0.0", "port": 9000, "api_key": "k", "allow_no_key": False}
@@ -404,6 +404,7 @@ def test_without_replicas_the_same_choice_goes_to_the_single_server(monkeypatch)
     assert run_main(monkeypatch, ["serve", "--style", "/systems/mine", "--task", "code", "--device", "cpu"]) == 0
     ((load_system, kwargs),) = calls
     load_system()
-    assert loads == [("/systems/mine", {"task": "code", "allow_unsandboxed_tools": False, "device": "cpu",
-                                        "device_map": None, "max_memory": None, "offload_folder": None})]
+    assert loads == [("/systems/mine", {"task": "code", "link_dtype": "float32", "allow_unsandboxed_tools": False,
+                                        "device": "cpu", "device_map": None, "max_memory": None,
+                                        "offload_folder": None})]
     assert (kwargs["name"], kwargs["host"], kwargs["port"]) == ("mine", "127.0.0.1", 8000)
