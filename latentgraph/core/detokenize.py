@@ -19,8 +19,9 @@ that are not UTF-8, the characters already complete stay as they were shown.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 INCOMPLETE = "\ufffd"  # what a character whose bytes have not all come decodes to
@@ -34,9 +35,16 @@ class Decoded:
     finished: list[bool]
 
 
-def decode(tokenizer: Any, ids: Sequence[int]) -> str:
-    """Token ids to text, as a row's text is reported: special tokens skipped, spaces left as they are."""
-    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+Decode = Callable[[Sequence[int]], str]
+
+
+def decoder(tokenizer: Any) -> Decode:
+    """Token ids to text, as a row's text is made: special tokens skipped, spaces left as they are. A fast
+    tokenizer's own decoder is called directly: its Python wrapper costs four times as much."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return partial(backend.decode, skip_special_tokens=True)
+    return partial(tokenizer.decode, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def earliest(text: str, stops: Sequence[str], start: int = 0) -> int | None:
@@ -57,22 +65,26 @@ class RowText:
         self.raw = ""  # every complete character decoded so far: neither stripped nor cut
         self.start: int | None = None  # where in raw the shown text begins (its first non-space character)
         self.shown = 0  # raw[start:shown] has been shown
+        self.looked = 0  # len(raw) when new_text last looked at it
 
-    def add(self, tokenizer: Any, ids: Sequence[int]) -> bool:
+    def add(self, decode: Decode, ids: Sequence[int]) -> bool:
         """Take in the row's tokens (all of them, the new ones last); True when a stop string now ends it."""
-        new = self._pending(tokenizer, ids)
+        new = self._pending(decode, ids)
         if not new or new.endswith(INCOMPLETE):
             return False  # nothing new yet (a special token), or a character still incomplete
         searched = len(self.raw)
         self.raw += new
         self.window, self.read = self.read, len(ids)
-        self.before = decode(tokenizer, ids[self.window:self.read])
+        self.before = decode(ids[self.window:self.read])
         # a stop string that ends in the new text begins at most longest - 1 characters before it
         return bool(self.stops) and earliest(self.raw, self.stops, max(0, searched - self.longest + 1)) is not None
 
     def new_text(self) -> str:
         """The text that has become safe to show since the last call."""
         raw = self.raw
+        if len(raw) == self.looked:
+            return ""  # nothing came in since
+        self.looked = len(raw)
         end = len(raw) - self._held_for_stops()
         if self.start is None:
             rest = raw[:end].lstrip()
@@ -84,9 +96,9 @@ class RowText:
         new, self.shown = raw[self.shown:end], max(self.shown, end)
         return new
 
-    def final_text(self, tokenizer: Any, ids: Sequence[int]) -> str:
+    def final_text(self, decode: Decode, ids: Sequence[int]) -> str:
         """The row's text, once it has ended: cut before its first stop string, stripped."""
-        text = self.raw + self._pending(tokenizer, ids)
+        text = self.raw + self._pending(decode, ids)
         cut = earliest(text, self.stops)
         return (text if cut is None else text[:cut]).strip()
 
@@ -94,14 +106,14 @@ class RowText:
         """What is left to show of the row's ``final`` text."""
         return final[self.shown - self.start:] if self.start is not None else final
 
-    def _pending(self, tokenizer: Any, ids: Sequence[int]) -> str:
+    def _pending(self, decode: Decode, ids: Sequence[int]) -> str:
         """The text of the tokens that are not in ``raw`` yet."""
-        text = decode(tokenizer, ids[self.window:])
+        text = decode(ids[self.window:])
         if text.startswith(self.before):
             return text[len(self.before):]
         # The window's first tokens now decode otherwise: a byte-fallback tokenizer turns a whole run of byte
         # tokens into U+FFFD once it is not UTF-8, complete characters included. The new tokens on their own.
-        return decode(tokenizer, ids[self.read:])
+        return decode(ids[self.read:])
 
     def _held_for_stops(self) -> int:
         """How many characters at the end of ``raw`` could be the start of a stop string."""
@@ -119,14 +131,14 @@ class TextStream:
     decoding step for what to show."""
 
     def __init__(self, tokenizer: Any, stops: Sequence[Sequence[str]]):
-        self.tokenizer = tokenizer
+        self.decode = decoder(tokenizer)
         self.rows = [RowText(s) for s in stops]
         self.ended = [False] * len(stops)  # the row's end has been shown
         self.texts = [""] * len(stops)  # each row's final text, once it has ended
 
     def add(self, i: int, ids: Sequence[int]) -> bool:
         """Take in row ``i``'s tokens; True when a stop string ends the row."""
-        return self.rows[i].add(self.tokenizer, ids)
+        return self.rows[i].add(self.decode, ids)
 
     def step(self, ids: Sequence[Sequence[int]], done: Sequence[bool]) -> Decoded:
         """This step's new text per row; a row that is ``done`` shows the rest of its final text, once."""
@@ -136,7 +148,7 @@ class TextStream:
                 texts.append("")
             elif done[i]:
                 self.ended[i] = True
-                self.texts[i] = row.final_text(self.tokenizer, ids[i])
+                self.texts[i] = row.final_text(self.decode, ids[i])
                 texts.append(row.rest(self.texts[i]))
             else:
                 texts.append(row.new_text())
