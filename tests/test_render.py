@@ -14,7 +14,7 @@ EXPECTED = r'''digraph latentgraph {
 	critic [label="critic\nLlamaForCausalLM\nhidden 48, 4 latent steps"]
 	solver [label="solver (answer)\nQwen3ForCausalLM\nhidden 64, 2 latent steps" peripheries=2]
 	planner -> critic [label="ln_res 64→48\n14.2K params"]
-	critic -> solver [label=text]
+	critic -> solver [label=text color=gray40 fontcolor=gray40]
 	solver -> planner [label="linear 64→64\n4.2K params\nslot feedback" constraint=false style=dashed]
 }
 '''

@@ -137,8 +137,14 @@ def test_edge_arguments(make):
         system.connect("a", "b")
     with pytest.raises(lg.GraphError, match="slot 'question' is the task text"):
         system.connect("b", "a", slot="question", feedback=True)
-    with pytest.raises(lg.GraphError, match="mode must be 'latent' or 'text'"):
-        system.connect("b", "a", mode="kv", feedback=True)
+    with pytest.raises(lg.GraphError, match=r"mode must be one of \['kv', 'latent', 'text'\], got 'pigeon'"):
+        system.connect("b", "a", mode="pigeon", feedback=True)
+    with pytest.raises(lg.GraphError, match="a kv edge fills no slot .*; drop slot="):
+        system.connect("b", "a", mode="kv", slot="x", feedback=True)
+    with pytest.raises(lg.GraphError, match="kv= does not apply to a text edge; drop it"):
+        system.connect("b", "a", mode="text", kv="thoughts", feedback=True)
+    with pytest.raises(lg.GraphError, match="edge 'b->a': kv='some'"):
+        system.connect("b", "a", mode="kv", kv="some", feedback=True)
     with pytest.raises(lg.GraphError, match="a text edge carries no link"):
         system.connect("b", "a", mode="text", link="linear", feedback=True)
     with pytest.raises(lg.GraphError, match="no edge 'b->a'"):

@@ -7,7 +7,7 @@ from collections.abc import Container, Generator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from ..tools.base import Tool
 from .backbone import Backbone, get_backbone
 from .config import DEFAULT_SYSTEM_PROMPT, AgentConfig, BackboneConfig
 from .detokenize import Decoded
+from .edges import Message
 from .limits import LATENT_STEPS
 from .links import config_of, make_link
 from .prompt import PromptTemplate, marker, render_chat, scrub, split_at_markers
@@ -26,22 +27,18 @@ from .sampling import Sampling
 from .speak import Generation, generate
 from .think import Thoughts, latent_rollout
 
-
-@dataclass
-class Message:
-    """What travels on an edge for a batch: latent vectors or one text per row."""
-
-    latent: torch.Tensor | None = None  # (B, m, d_receiver)
-    text: list[str] | None = None
+if TYPE_CHECKING:
+    from .forward import KVPrefix
 
 
 @dataclass
 class Encoded:
-    """A batch of assembled prompts, left-padded."""
+    """A batch of assembled prompts, left-padded, and the KV cache they continue (KV edges), if any."""
 
     embeds: torch.Tensor  # (B, L, H)
     mask: torch.Tensor  # (B, L), 1 for real positions
     text_tokens: list[int]  # per row: prompt positions that are tokens (the rest are latents or padding)
+    prefix: KVPrefix | None = None  # what the prompt continues: the caches of its KV in-edges, in edge order
 
 
 def _is_int(value: Any) -> bool:
@@ -247,8 +244,10 @@ class Agent(nn.Module):
         ids = iter(self.tokenizer(segments, add_special_tokens=False)["input_ids"]) if segments else iter(())
         return [[next(ids) if isinstance(p, str) else p for p in row] for row in rows]
 
-    def encode(self, questions: list[str], template: PromptTemplate, messages: dict[str, Message]) -> Encoded:
-        """Assemble a left-padded batch of prompt embeddings with the latent messages spliced in."""
+    def encode(self, questions: list[str], template: PromptTemplate, messages: dict[str, Message],
+               prefix: KVPrefix | None = None) -> Encoded:
+        """Assemble a left-padded batch of prompt embeddings with the latent messages spliced in; ``prefix``: the
+        KV cache the prompt continues."""
         rows = self.tokenize(self.render(questions, template, messages))
         device, dtype = self.backbone.device, self.backbone.dtype  # the embeddings' device, even when offloaded
         ids = [p for row in rows for p in row if not isinstance(p, tuple)]
@@ -264,12 +263,15 @@ class Agent(nn.Module):
         embeds = torch.stack([F.pad(s, (0, 0, length - len(s), 0)) for s in sequences])  # (B, L, H), left-padded
         mask = torch.stack([F.pad(torch.ones(len(s), dtype=torch.long, device=device), (length - len(s), 0))
                             for s in sequences])  # (B, L)
-        return Encoded(embeds=embeds, mask=mask, text_tokens=text_tokens)
+        return Encoded(embeds=embeds, mask=mask, text_tokens=text_tokens,
+                       prefix=None if prefix is None else prefix.to(device))
 
-    def think(self, prompt: Encoded, *, use_cache: bool = True, grad_steps: int | None = None) -> Thoughts:
-        """Latent rollout of ``latent_steps`` steps (see :func:`~latentgraph.core.think.latent_rollout`)."""
+    def think(self, prompt: Encoded, *, use_cache: bool = True, grad_steps: int | None = None,
+              keep_cache: bool = False) -> Thoughts:
+        """Latent rollout of ``latent_steps`` steps (see :func:`~latentgraph.core.think.latent_rollout`);
+        ``keep_cache``: the thoughts keep the KV cache they end with (for outgoing KV edges)."""
         return latent_rollout(self.backbone, self.inner_link, prompt.embeds, prompt.mask, self.latent_steps,
-                              use_cache=use_cache, grad_steps=grad_steps)
+                              use_cache=use_cache, grad_steps=grad_steps, prefix=prompt.prefix, keep_cache=keep_cache)
 
     def speak(self, prompt: Encoded, sampling: Sampling | Sequence[Sampling],
               generators: Sequence[torch.Generator | None] | None = None, *, cancelled: Container[int] = ()
@@ -279,4 +281,4 @@ class Agent(nn.Module):
         one per row; ``generators``: one per row; ``cancelled``: rows to end (see
         :func:`~latentgraph.core.speak.generate`; ``run_to_end(agent.speak(...))`` gives just the rows)."""
         return generate(self.backbone, prompt.embeds, prompt.mask, sampling, generators, tools=self.tools,
-                        max_tool_calls=self.max_tool_calls, cancelled=cancelled)
+                        max_tool_calls=self.max_tool_calls, cancelled=cancelled, prefix=prompt.prefix)

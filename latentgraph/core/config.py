@@ -33,6 +33,7 @@ from pydantic import (
     ValidationError,
     field_serializer,
     field_validator,
+    model_serializer,
 )
 from pydantic_core import PydanticCustomError
 
@@ -48,7 +49,6 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
 Role = Literal["inner", "outer"]
-Mode = Literal["latent", "text"]
 
 
 _AS_GRAPH_ERROR: ContextVar[bool] = ContextVar("latentgraph_config_as_graph_error", default=True)
@@ -142,6 +142,9 @@ class LinkConfig(ConfigModel):
 
 # type name -> config class; filled by latentgraph.core.links.register_link
 LINK_CONFIGS: dict[str, type[LinkConfig]] = {}
+# the edge kinds' names; filled by latentgraph.core.edges.register_edge_kind
+EDGE_MODES: set[str] = set()
+OPTIONAL_EDGE_FIELDS = ("kv",)  # written only when set
 
 
 def link_config_class(name: str) -> type[LinkConfig]:
@@ -236,15 +239,25 @@ class AgentConfig(ConfigModel):
 
 
 class EdgeConfig(ConfigModel):
-    """A directed edge ``src -> dst`` filling slot ``{slot}`` (default: ``src``) of the receiver's prompt;
-    a latent edge carries ``link`` (default ``ln_res``), a text edge none."""
+    """A directed edge ``src -> dst`` of kind ``mode`` filling slot ``{slot}`` (default: ``src``; a KV edge
+    fills none) of the receiver's prompt; a latent edge carries ``link`` (default ``ln_res``), the others none;
+    ``kv`` is what a KV edge passes (``"all"`` when absent, or ``"thoughts"``)."""
 
     src: str
     dst: str
     slot: str | None = None
-    mode: Mode = "latent"
+    mode: str = "latent"
     feedback: bool = False
     link: LinkConfig | None = None
+    kv: Literal["all", "thoughts"] | None = None
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, value: str) -> str:
+        if value not in EDGE_MODES:
+            raise PydanticCustomError("edge_mode", "{problem}",
+                                      {"problem": f"an edge's mode is one of {sorted(EDGE_MODES)}, got {value!r}"})
+        return value
 
     @field_validator("link", mode="before")
     @classmethod
@@ -254,6 +267,15 @@ class EdgeConfig(ConfigModel):
     @field_serializer("link")
     def _store_link(self, link: LinkConfig | None) -> dict[str, Any] | None:
         return None if link is None else link.stored()
+
+    @model_serializer(mode="wrap")
+    def _without_absent_options(self, handler: Any) -> dict[str, Any]:
+        """A kind's options are written only where set, so a file without them reads as before they existed."""
+        data = handler(self)
+        for option in OPTIONAL_EDGE_FIELDS:
+            if data.get(option) is None:
+                data.pop(option, None)
+        return data
 
 
 class SystemConfig(ConfigModel):

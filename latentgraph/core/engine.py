@@ -1,9 +1,9 @@
 """The round engine: one loop that unrolls a :class:`~latentgraph.core.plan.Plan`, for inference and training.
 
 ``unroll(plan, questions, step)`` walks the plan's turns round by round. For each turn it gathers the
-agent's messages from its inbox, asks ``step`` to encode the prompt, to think and to speak, runs the
-outer link of each outgoing latent edge, and delivers the message: forward edges into this round's
-inbox, feedback edges into the next round's. It checks every thought and every link output for NaN/inf
+agent's messages from its inbox, asks ``step`` to encode the prompt, to think and to speak, has the kind of
+each outgoing edge make its message (:mod:`~latentgraph.core.edges`), and delivers it: forward edges into
+this round's inbox, feedback edges into the next round's. It checks every thought and every link output for NaN/inf
 and names the agent or edge at fault, keeps the trace, and emits :mod:`~latentgraph.core.events` as it goes.
 
 What a turn computes is the step's business, which is how inference and training share this loop:
@@ -26,13 +26,15 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Iterator, Sequence
-from contextlib import closing, nullcontext
+from contextlib import closing
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import InputError
-from .agent import Encoded, Message, _is_int
+from .agent import Encoded, _is_int
+from .edges import Message, Sent
+from .forward import KVPrefix
 from .events import (
     AgentFinished,
     AgentSpoke,
@@ -46,14 +48,13 @@ from .events import (
     RunOutput,
     TokensDecoded,
 )
-from .links import placement
 from .parallel import Outcome, batches, check_parallel, drain_in_threads
 from .plan import Plan, Turn, answer_turn
 from .sampling import Sampling, per_row_sampling, per_row_seeds
 from .speak import ToolCall
 from .think import Thoughts
 
-Inbox = dict[str, dict[str, Message]]  # per receiver (every agent has one), per slot
+Inbox = dict[str, dict[str, Message]]  # per receiver (every agent has one), per port (a slot, or a KV edge)
 
 
 @dataclass
@@ -78,9 +79,11 @@ class Step(ABC):
         """Check the step against the batch and make per-device state before the first turn (turns may then run
         at once, in threads)."""
 
-    def encode(self, turn: Turn, questions: list[str], messages: dict[str, Message]) -> Encoded:
-        """The agent's prompt for this turn, with its incoming messages in their slots."""
-        return turn.agent.encode(questions, turn.template, messages)
+    def encode(self, turn: Turn, questions: list[str], messages: dict[str, Message],
+               prefix: KVPrefix | None = None) -> Encoded:
+        """The agent's prompt for this turn, with its incoming messages in their slots, continuing ``prefix``
+        (what its KV in-edges carried) if any."""
+        return turn.agent.encode(questions, turn.template, messages, prefix)
 
     @abstractmethod
     def think(self, turn: Turn, prompt: Encoded) -> Thoughts:
@@ -137,13 +140,14 @@ class InferenceStep(Step):
                 self.generators[device] = [None if seed is None else torch.Generator().manual_seed(seed)
                                            for seed in seeds]
 
-    def encode(self, turn: Turn, questions: list[str], messages: dict[str, Message]) -> Encoded:
+    def encode(self, turn: Turn, questions: list[str], messages: dict[str, Message],
+               prefix: KVPrefix | None = None) -> Encoded:
         with torch.no_grad():
-            return super().encode(turn, questions, messages)
+            return super().encode(turn, questions, messages, prefix)
 
     def think(self, turn: Turn, prompt: Encoded) -> Thoughts:
         with torch.no_grad():
-            thoughts = turn.agent.think(prompt)
+            thoughts = turn.agent.think(prompt, keep_cache=turn.keeps_cache)
         if self.latents is not None:
             self.latents.setdefault(turn.round, {})[turn.name] = thoughts.hidden.cpu()
         return thoughts
@@ -287,11 +291,14 @@ def _run_turn(plan: Plan, turn: Turn, questions: list[str], step: Step, inbox: I
     yield from _emit(AgentStarted(round=r, agent=agent.name, prompt=turn.prompt_kind), seen)
     start, paused = _now(devices), 0.0
     if prompt is None:
+        received = inbox[agent.name]
         blank = Message(text=[""] * len(questions))  # slots with no edge: the single-agent baseline
-        messages = {s: inbox[agent.name].get(s, blank) for s in turn.template.slots}
-        prompt = step.encode(turn, questions, messages)
+        messages = {s: received.get(s, blank) for s in turn.template.slots}
+        caches = [received[e.port].cache for e in turn.incoming if not e.kind.fills_slot and e.port in received]
+        prompt = step.encode(turn, questions, messages, KVPrefix.concat(caches) if caches else None)
         record = AgentStep(round=r, agent=agent.name, prompt=turn.prompt_kind, tokens_in=prompt.text_tokens,
-                           latents_in=sum(m.latent.shape[1] for m in messages.values() if m.latent is not None))
+                           latents_in=sum(m.latent.shape[1] for m in messages.values() if m.latent is not None),
+                           cache_in=0 if prompt.prefix is None else prompt.prefix.length)
     thoughts = None
     if turn.thinks:
         thoughts = step.think(turn, prompt)
@@ -306,12 +313,10 @@ def _run_turn(plan: Plan, turn: Turn, questions: list[str], step: Step, inbox: I
         record.text, record.tokens_out, record.tool_calls = spoken.texts, spoken.tokens_out, spoken.tool_calls
         paused += yield from _emit(AgentSpoke(round=r, agent=agent.name, texts=spoken.texts,
                                               tokens_out=spoken.tokens_out, tool_calls=spoken.tool_calls), seen)
+    sent = Sent(round=r, thoughts=thoughts, texts=record.text, differentiable=step.differentiable)
     for edge in turn.outgoing:
-        if edge.mode == "text":
-            message = Message(text=record.text)
-        else:
-            message = Message(latent=_send(plan, edge.name, thoughts, step.differentiable, r))  # (B, m, d_dst)
-        (next_inbox if edge.feedback else inbox)[edge.dst][edge.slot] = message
+        message = edge.kind.message(edge, sent, plan.links.get(edge.name))
+        (next_inbox if edge.feedback else inbox)[edge.dst][edge.port] = message
         paused += yield from _emit(MessageDelivered(round=r, edge=edge.name, receiver=edge.dst, slot=edge.slot,
                                                     next_round=edge.feedback, latent=message.latent,
                                                     text=message.text), seen)
@@ -353,20 +358,6 @@ def _emit(event: Event, seen: list[Event] | None) -> Generator[Event, None, floa
     suspended = time.perf_counter()
     yield event
     return time.perf_counter() - suspended
-
-
-def _send(plan: Plan, edge: str, thoughts: Thoughts, differentiable: bool, round_: int) -> torch.Tensor:
-    """The message on a latent edge: its outer link applied to the sender's thoughts."""
-    link = plan.links[edge]
-    with nullcontext() if differentiable else torch.no_grad():
-        message = link(thoughts.embeds.to(**placement(link)))
-    if not torch.isfinite(message).all():
-        raise InputError(
-            f"edge '{edge}': its link produced non-finite values (NaN/inf) in round {round_} from finite thoughts; "
-            "its weights hold NaN/inf or overflow: reload them from a good checkpoint, or retrain the link "
-            "(with a lower learning rate if training diverged)"
-        )
-    return message
 
 
 def _check_thoughts(agent: str, thoughts: Thoughts, round_: int) -> None:

@@ -35,6 +35,7 @@ class AgentStep:
     prompt: str  # "prompt" or "feedback_prompt"
     tokens_in: list[int]  # prompt tokens, latent positions not counted
     latents_in: int  # latent vectors spliced into the prompt
+    cache_in: int = 0  # positions of the KV cache the prompt continued (KV edges), padding included
     latent_shape: tuple[int, ...] | None = None  # (B, m, H) of the thoughts, when the agent thought
     latent_norm: float | None = None  # mean L2 norm of the raw hidden states
     tokens_out: list[int] | None = None  # tokens the model generated (end token included), when it spoke
@@ -138,12 +139,13 @@ class AgentSpoke(Event):
 
 @dataclass(frozen=True)
 class MessageDelivered(Event):
-    """A message went out on ``edge`` into slot ``slot`` of ``receiver``: for this round, or for the next one
-    when the edge is a feedback edge."""
+    """A message went out on ``edge`` into slot ``slot`` of ``receiver`` (a KV edge fills none: ``slot`` is
+    None, and the receiver's prompt continues the cache): for this round, or for the next one when the edge is a
+    feedback edge."""
 
     edge: str
     receiver: str
-    slot: str
+    slot: str | None
     next_round: bool  # a feedback edge: the receiver reads it in round ``round + 1``
     latent: torch.Tensor | None = field(default=None, repr=False)  # (B, m, d_receiver) on a latent edge
     text: list[str] | None = None  # one text per question on a text edge

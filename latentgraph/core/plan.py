@@ -5,12 +5,15 @@ a frozen snapshot of the agents, links and answer node, and the :class:`Turn` of
 The rules (docs/concepts.md, "Rounds"): in round r, agents run in topological order of the forward edges.
 An agent runs if it has an outgoing forward edge, or an outgoing feedback edge and r < R, or it is the
 answer node. It reads ``feedback_prompt`` when feedback from round r-1 has arrived, else ``prompt``. It
-*thinks* (a latent rollout) when one of its active outgoing edges is latent, and *speaks* (decodes text)
-when one is a text edge or when it is the answer node in round R. Forward edges deliver in this round,
-feedback edges in the next.
+*thinks* (a latent rollout) when the kind of one of its active outgoing edges needs thoughts (latent, kv),
+and *speaks* (decodes text) when one needs text or when it is the answer node in round R. Forward edges
+deliver in this round, feedback edges in the next.
 
 Two baselines run on the same graph: ``mode="text"`` treats every edge as a text edge, and
 ``mode="single"`` runs the answer node alone, once, with its slots empty.
+
+A plan is compiled from a :class:`~latentgraph.core.graph.Graph` (data: agents, edges, answer node, links),
+never from the system itself.
 
 A plan is what :func:`~latentgraph.core.engine.unroll` executes, for inference and for training alike;
 ``print(plan)`` shows it as a table.
@@ -20,20 +23,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from types import MappingProxyType
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..errors import InputError
-from .agent import Agent, Message
+from ..errors import GraphError, InputError
+from .agent import Agent
+from .edges import Edge, Message, TextEdge
 from .events import RUN_MODES, RunMode, format_table
+from .graph import Graph
 from .limits import ROUNDS
 from .prompt import PromptTemplate
-
-if TYPE_CHECKING:
-    from .system import Edge, System
+from .validation import graph_problems
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,15 @@ class Turn:
     agent: Agent
     incoming: tuple[Edge, ...]  # the edges whose messages fill its prompt's slots
     outgoing: tuple[Edge, ...]  # the edges it sends on this round
-    thinks: bool  # an outgoing edge is latent
-    speaks: bool  # an outgoing edge is text, or it is the answer node in the last round
+    thinks: bool  # an outgoing edge's kind needs thoughts
+    speaks: bool  # an outgoing edge's kind needs text, or it is the answer node in the last round
     reads_feedback: bool  # feedback from the previous round has arrived: use feedback_prompt
     is_answer: bool  # the agent is the system's answer node
+
+    @property
+    def keeps_cache(self) -> bool:
+        """An outgoing edge passes on the KV cache its rollout ends with."""
+        return any(e.kind.keeps_cache for e in self.outgoing)
 
     @property
     def name(self) -> str:
@@ -105,8 +111,9 @@ class Plan:
         thinks or speaks, and the edges it sends on (delivered now, or in the next round)."""
         lines = [("round", "agent", "prompt", "reads", "does", "sends")]
         for turn in self.turns_in_order():
-            by_slot = {e.slot: e.name for e in turn.incoming}
-            reads = ", ".join(f"{{{s}}} <- {by_slot.get(s, 'empty')}" for s in turn.template.slots)
+            by_slot = {e.slot: e.name for e in turn.incoming if e.kind.fills_slot}
+            reads = ", ".join([f"cache <- {e.name}" for e in turn.incoming if not e.kind.fills_slot]
+                              + [f"{{{s}}} <- {by_slot.get(s, 'empty')}" for s in turn.template.slots])
             does = " + ".join(filter(None, ["thinks" if turn.thinks else "",
                                             ("speaks the answer" if turn.is_answer else "speaks")
                                             if turn.speaks else ""]))
@@ -140,29 +147,32 @@ class Plan:
         A prompt with more characters than the context can hold at the tokenizer's longest token
         (:attr:`~latentgraph.core.backbone.Backbone.longest_token`) is refused before it is tokenized, so a huge
         question costs neither the time nor the memory of tokenizing it."""
-        seen = set()
+        seen, cached = set(), {}  # cached: per agent, the positions of the KV cache it last passed on
         for turn in self.turns_in_order():
             agent = turn.agent
-            key = (agent.name, turn.reads_feedback, turn.thinks, turn.speaks)
+            prefix = sum(cached.get(e.src, 0) for e in turn.incoming if not e.kind.fills_slot)
+            key = (agent.name, turn.reads_feedback, turn.thinks, turn.speaks, prefix)
             if key in seen or agent.backbone.max_positions is None:
                 continue
             seen.add(key)
-            incoming = {e.slot: e for e in turn.incoming}
-            messages = {s: Message(latent=torch.empty(0)) if s in incoming and incoming[s].mode == "latent" else
+            incoming = {e.slot: e for e in turn.incoming if e.kind.fills_slot}
+            messages = {s: Message(latent=torch.empty(0)) if s in incoming and incoming[s].kind.carries_link else
                         Message(text=[""] * len(questions)) for s in turn.template.slots}
-            extra = sum(self.agents[e.src].latent_steps if e.mode == "latent" else max_new_tokens
-                        for e in incoming.values())
-            extra += max(agent.latent_steps if turn.thinks else 0, max_new_tokens if turn.speaks else 0)
+            extra = prefix + sum(e.kind.positions(self.agents[e.src], max_new_tokens) for e in incoming.values())
+            own = max(agent.latent_steps if turn.thinks else 0, max_new_tokens if turn.speaks else 0)
             rendered = agent.render(questions, turn.template, messages)
-            _check_characters(agent, rendered, extra)
+            _check_characters(agent, rendered, extra + own)
+            longest = 0
             for i, row in enumerate(agent.tokenize(rendered)):
-                needed = sum(len(p) for p in row if not isinstance(p, tuple)) + extra
-                if needed > agent.backbone.max_positions:
+                longest = max(longest, sum(len(p) for p in row if not isinstance(p, tuple)) + extra)
+                if longest + own > agent.backbone.max_positions:
                     raise InputError(
-                        f"agent '{agent.name}': question {i} needs {needed} positions (prompt, incoming "
+                        f"agent '{agent.name}': question {i} needs {longest + own} positions (prompt, incoming "
                         f"messages and its own output) but its backbone has {agent.backbone.max_positions}; "
                         "shorten the question or lower latent_steps / max_new_tokens"
                     )
+            if turn.keeps_cache:
+                cached[agent.name] = longest + agent.latent_steps
 
 
 def _check_characters(agent: Agent, rendered: list[list[str | tuple[str]]], extra: int) -> None:
@@ -183,38 +193,39 @@ def _check_characters(agent: Agent, rendered: list[list[str | tuple[str]]], extr
             )
 
 
-def build_plan(system: System, rounds: int, mode: RunMode = "latent") -> Plan:
-    """Validate ``system`` and compile it into a :class:`Plan`; see :meth:`System.plan`."""
+def build_plan(graph: Graph, rounds: int, mode: RunMode = "latent") -> Plan:
+    """Validate ``graph`` and compile it into a :class:`Plan`; see :meth:`System.plan`."""
     if not (isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 1):
         raise InputError(f"rounds must be an integer >= 1, got {rounds!r}")
     if problem := ROUNDS.problem(rounds):
         raise InputError(f"rounds: {problem}")
     if mode not in RUN_MODES:
         raise InputError(f"mode must be one of {RUN_MODES}, got {mode!r}")
-    system.validate()
-    agents = MappingProxyType(dict(system.agents))
-    links = MappingProxyType(dict(system.links))
+    if problems := graph_problems(graph):
+        raise GraphError("the system is invalid:\n  - " + "\n  - ".join(problems))
+    agents, answer = graph.agents, graph.answer
     if mode == "single":
-        turn = Turn(round=1, agent=agents[system.answer], incoming=(), outgoing=(), thinks=False, speaks=True,
+        turn = Turn(round=1, agent=agents[answer], incoming=(), outgoing=(), thinks=False, speaks=True,
                     reads_feedback=False, is_answer=True)
-        return Plan(agents=agents, links=links, answer=system.answer, mode=mode, turns=((turn,),))
-    edges = [replace(e, mode="text") if mode == "text" else e for e in system.edges.values()]
-    order, plan = system.order(), []
+        return Plan(agents=agents, links=graph.links, answer=answer, mode=mode, turns=((turn,),))
+    text = TextEdge()
+    edges = [replace(e, kind=text, slot=e.slot or e.src) if mode == "text" else e for e in graph.edges]
+    order, plan = graph.order(), []
     sent = {name: [e for e in edges if e.src == name] for name in order}  # once, not in every round
     received = {name: [e for e in edges if e.dst == name] for name in order}
     for r in range(1, rounds + 1):
         last, turns = r == rounds, []
         for name in order:
             outgoing = tuple(e for e in sent[name] if not (e.feedback and last))
-            is_answer = name == system.answer
+            is_answer = name == answer
             if outgoing or (last and is_answer):
                 incoming = tuple(e for e in received[name] if r > 1 or not e.feedback)
                 turns.append(Turn(round=r, agent=agents[name], incoming=incoming, outgoing=outgoing,
-                                  thinks=any(e.mode == "latent" for e in outgoing),
-                                  speaks=(last and is_answer) or any(e.mode == "text" for e in outgoing),
-                                  reads_feedback=any(e.feedback for e in incoming), is_answer=is_answer))
+                                  thinks=any(e.kind.thinks for e in outgoing),
+                                  speaks=(last and is_answer) or any(e.kind.speaks for e in outgoing),
+                                  reads_feedback=_reads_feedback(incoming), is_answer=is_answer))
         plan.append(tuple(turns))
-    return Plan(agents=agents, links=links, answer=system.answer, mode=mode, turns=tuple(plan))
+    return Plan(agents=agents, links=graph.links, answer=answer, mode=mode, turns=tuple(plan))
 
 
 def answer_turn(plan: Plan, round_: int) -> Turn:
@@ -229,4 +240,9 @@ def answer_turn(plan: Plan, round_: int) -> Turn:
         incoming += tuple(e for turn in plan.turns[round_ - 2] for e in turn.outgoing
                           if e.dst == plan.answer and e.feedback)
     return Turn(round=round_, agent=plan.agents[plan.answer], incoming=incoming, outgoing=(), thinks=False,
-                speaks=True, reads_feedback=any(e.feedback for e in incoming), is_answer=True)
+                speaks=True, reads_feedback=_reads_feedback(incoming), is_answer=True)
+
+
+def _reads_feedback(incoming: tuple[Edge, ...]) -> bool:
+    """Feedback fills a slot: the agent reads its feedback_prompt (a KV cache fed back fills none)."""
+    return any(e.feedback and e.kind.fills_slot for e in incoming)

@@ -1,8 +1,9 @@
 """Draw a system as a Graphviz diagram.
 
 Drawn from :meth:`System.to_networkx <latentgraph.System.to_networkx>`. Agents show their backbone, hidden
-size and latent steps; the answer node has a double border. Edges show
-their link type, dims and parameter count (text edges say ``text``); feedback edges are dashed. Building
+size and latent steps; the answer node has a double border. Each edge is drawn as its kind says
+(:mod:`~latentgraph.core.edges`): latent edges show their link type, dims and parameter count, text edges say
+``text`` (in grey), KV edges ``kv`` (bold); feedback edges are dashed. Building
 the DOT source needs no Graphviz binary; writing SVG or PNG does (Debian package ``graphviz``).
 """
 
@@ -42,15 +43,13 @@ def render(system: System, path: str | Path | None = None, *, sizes: bool = True
         label = _lines(title, node["backbone"], f"hidden {node['hidden_size']}, {steps}" if sizes else steps, *tools)
         graph.node(name, label, **({"peripheries": "2"} if node["answer"] else {}))
     for src, dst, edge in network.edges(data=True):
-        if edge["mode"] == "text":
-            lines = ["text"]
-        elif sizes:
-            lines = [f"{edge['link_type']} {edge['in_dim']}\u2192{edge['out_dim']}", f"{_count(edge['params'])} params"]
-        else:
-            lines = [edge["link_type"]]
-        if edge["slot"] != src:
+        kind = system.edges[edge["name"]].kind
+        lines = kind.labels(edge, sizes)
+        if edge["slot"] not in (src, None):
             lines.append(f"slot {edge['slot']}")
-        style = {"style": "dashed", "constraint": "false"} if edge["feedback"] else {}
+        style = dict(kind.draw_style)
+        if edge["feedback"]:
+            style.update(style="dashed", constraint="false")
         graph.edge(src, dst, _lines(*lines), **style)
     if path is not None:
         _write(graph, Path(path))
@@ -60,12 +59,6 @@ def render(system: System, path: str | Path | None = None, *, sizes: bool = True
 def _lines(*lines: str) -> str:
     """Join label lines with DOT's line-break escape, escaping backslashes and quotes in the text."""
     return "\\n".join(line.replace("\\", "\\\\").replace('"', '\\"') for line in lines)
-
-
-def _count(n: int) -> str:
-    if n >= 1_000_000:
-        return f"{n / 1e6:.1f}M"
-    return f"{n / 1e3:.1f}K" if n >= 1_000 else str(n)
 
 
 class SystemDiagram(graphviz.Digraph):

@@ -2,18 +2,19 @@
 execute with ``run`` (or ``stream``, which yields the run's events as they happen).
 
 A forward edge delivers in the same round, so forward edges must form a DAG; a feedback edge delivers in
-the next round and may close a loop. Latent edges carry an outer link; text edges carry the sender's
-decoded text. Every check that can fail runs before the first forward of a run.
+the next round and may close a loop. What an edge carries is its kind (:mod:`~latentgraph.core.edges`):
+latent edges an outer link's output, text edges the sender's decoded text, KV edges the sender's KV cache.
+Every check that can fail runs before the first forward of a run. A plan is compiled from the graph's data
+(:class:`~latentgraph.core.graph.Graph`) once, and reused while the graph stays the same.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import networkx as nx
 from torch import nn
@@ -25,8 +26,10 @@ from ..files.hub import fetch
 from ..version import __version__
 from .agent import Agent, _is_int, check_name
 from .config import CONFIG_NAME, CONFIG_SUFFIXES, FORMAT_VERSION, EdgeConfig, SystemConfig, read_config
+from .edges import Edge, edge_kind
 from .engine import InferenceStep, Stop, question_list, unroll
 from .events import Event, RunMode, RunOutput
+from .graph import Graph
 from .limits import AGENTS, EDGES, ROUNDS
 from .links import Link, config_of, make_link
 from .parallel import check_parallel
@@ -35,22 +38,7 @@ from .prompt import QUESTION
 from .sampling import Sampling
 from .validation import graph_problems
 
-Mode = Literal["latent", "text"]
-
-
-@dataclass(frozen=True)
-class Edge:
-    """A directed connection ``src -> dst`` that fills slot ``{slot}`` of the receiver's prompt."""
-
-    src: str
-    dst: str
-    slot: str
-    mode: Mode = "latent"
-    feedback: bool = False
-
-    @property
-    def name(self) -> str:
-        return f"{self.src}->{self.dst}"
+PLANS_KEPT = 8  # compiled plans a system keeps (per graph, round count and run mode)
 
 
 class System(nn.Module):
@@ -71,6 +59,7 @@ class System(nn.Module):
         self.agents = nn.ModuleDict()
         self.links = nn.ModuleDict()
         self.edges: dict[str, Edge] = {}
+        self._plans: OrderedDict[Any, Plan] = OrderedDict()
         for agent in agents:
             self.add(agent)
         self.rounds = rounds
@@ -103,16 +92,20 @@ class System(nn.Module):
         return self
 
     def connect(self, src: str, dst: str, *, slot: str | None = None, feedback: bool = False,
-                mode: Mode = "latent", link: Any = None) -> System:
+                mode: str = "latent", link: Any = None, kv: str | None = None) -> System:
         """Add the edge ``src -> dst``.
 
         Args:
-            slot: the placeholder it fills in the receiver's prompt (default: the sender's name).
+            slot: the placeholder it fills in the receiver's prompt (default: the sender's name); a KV edge
+                fills none.
             feedback: deliver in the next round instead of this one; this is how loops are closed.
-            mode: ``"latent"`` (an outer link turns the sender's thoughts into the receiver's input
-                embeddings) or ``"text"`` (the sender decodes text and the receiver reads it).
+            mode: the edge's kind (:mod:`~latentgraph.core.edges`): ``"latent"`` (an outer link turns the
+                sender's thoughts into the receiver's input embeddings), ``"text"`` (the sender decodes text and
+                the receiver reads it) or ``"kv"`` (the receiver's prompt continues the sender's KV cache: its
+                prompt and its thoughts; both agents need the same backbone).
             link: the outer link of a latent edge: a registered type name (default ``"ln_res"``), a
-                :class:`~latentgraph.LinkConfig` or dict, or a module mapping ``d_src`` to ``d_dst``.
+                :class:`~latentgraph.core.config.LinkConfig` or dict, or a module mapping ``d_src`` to ``d_dst``.
+            kv: for a KV edge, ``"all"`` (default) or ``"thoughts"``: pass the thought positions only.
         """
         where = f"edge '{src}->{dst}'"
         for name in (src, dst):
@@ -122,20 +115,23 @@ class System(nn.Module):
             raise GraphError(f"{where} already exists; disconnect('{src}', '{dst}') first to replace it")
         if problem := EDGES.problem(len(self.edges) + 1, f"a system of {len(self.edges) + 1} edges"):
             raise GraphError(f"cannot add {where}: {problem}")
-        slot = check_name(slot if slot is not None else src, f"{where} slot")
-        if slot == QUESTION:
-            raise GraphError(f"{where}: slot '{QUESTION}' is the task text; choose another slot name")
-        if mode not in ("latent", "text"):
-            raise GraphError(f"{where}: mode must be 'latent' or 'text', got {mode!r}")
+        kind = edge_kind(mode, where, kv=kv)
+        if kind.fills_slot:
+            slot = check_name(slot if slot is not None else src, f"{where} slot")
+            if slot == QUESTION:
+                raise GraphError(f"{where}: slot '{QUESTION}' is the task text; choose another slot name")
+        elif slot is not None:
+            raise GraphError(f"{where}: a {kind.name} edge fills no slot (the receiver's prompt continues what it "
+                             "carries); drop slot=")
         if not feedback:
             self._check_acyclic(src, dst, where)
-        edge = Edge(src=src, dst=dst, slot=slot, mode=mode, feedback=bool(feedback))
-        if mode == "latent":
+        edge = Edge(src=src, dst=dst, slot=slot, kind=kind, feedback=bool(feedback))
+        if kind.carries_link:
             self.links[edge.name] = make_link(link if link is not None else "ln_res", role="outer",
                                               in_dim=self.agents[src].hidden_size,
                                               out_dim=self.agents[dst].hidden_size, where=where)
         elif link is not None:
-            raise GraphError(f"{where}: a text edge carries no link; drop link= or use mode='latent'")
+            raise GraphError(f"{where}: a {kind.name} edge carries no link; drop link= or use mode='latent'")
         self.edges[edge.name] = edge
         return self
 
@@ -150,7 +146,7 @@ class System(nn.Module):
         return self
 
     def _check_acyclic(self, src: str, dst: str, where: str) -> None:
-        graph = self.forward_graph()
+        graph = self.graph().forward_dag()
         graph.add_edge(src, dst)
         if nx.has_path(graph, dst, src):
             cycle = " -> ".join([src, *nx.shortest_path(graph, dst, src)])
@@ -173,7 +169,7 @@ class System(nn.Module):
                            hidden_size=agent.hidden_size, latent_steps=agent.latent_steps,
                            answer=name == self.answer, tools=[tool.tag for tool in agent.tools])
         for edge in self.edges.values():
-            link = self.links[edge.name] if edge.mode == "latent" else None
+            link = self.links[edge.name] if edge.kind.carries_link else None
             graph.add_edge(
                 edge.src, edge.dst, name=edge.name, slot=edge.slot, mode=edge.mode, feedback=edge.feedback,
                 link_type=None if link is None else link.config.type if isinstance(link, Link) else type(link).__name__,
@@ -190,26 +186,35 @@ class System(nn.Module):
 
     def order(self) -> list[str]:
         """Agents in topological order of the forward edges; ties keep the order agents were added."""
-        position = {name: i for i, name in enumerate(self.agents)}
-        return list(nx.lexicographical_topological_sort(self.forward_graph(), key=position.__getitem__))
+        return self.graph().order()
 
-    def edges_from(self, agent: str) -> list[Edge]:
-        return [e for e in self.edges.values() if e.src == agent]
-
-    def edges_into(self, agent: str) -> list[Edge]:
-        return [e for e in self.edges.values() if e.dst == agent]
+    def graph(self) -> Graph:
+        """The graph as data: a snapshot of the agents, edges, answer node and outer links."""
+        return Graph.of(self.agents, self.edges, self.answer, self.links)
 
     def validate(self) -> System:
         """Check the whole graph; raise one :class:`GraphError` listing every problem and its fix."""
-        if problems := graph_problems(self):
+        if problems := graph_problems(self.graph()):
             raise GraphError("the system is invalid:\n  - " + "\n  - ".join(problems))
         return self
 
     def plan(self, rounds: int | None = None, mode: RunMode = "latent") -> Plan:
         """Validate the graph and compile it into a :class:`~latentgraph.core.plan.Plan` for ``rounds`` rounds
         (default ``system.rounds``) in run mode ``mode`` (see :meth:`run`): the turns of each round, who reads
-        what and sends where. ``print(system.plan())`` shows it as a table."""
-        return build_plan(self, self.rounds if rounds is None else rounds, mode)
+        what and sends where. ``print(system.plan())`` shows it as a table. A plan is compiled once and reused
+        while the graph stays the same (the same agents, prompts, edges, links and answer node)."""
+        graph = self.graph()
+        rounds = self.rounds if rounds is None else rounds
+        key = (graph.key(), rounds, mode) if isinstance(rounds, int) and isinstance(mode, str) else None
+        if key is None or key not in self._plans:
+            plan = build_plan(graph, rounds, mode)
+            if key is None:
+                return plan
+            self._plans[key] = plan
+            while len(self._plans) > PLANS_KEPT:
+                self._plans.popitem(last=False)
+        self._plans.move_to_end(key)
+        return self._plans[key]
 
     def stream(self, questions: str | list[str], *, rounds: int | None = None, mode: RunMode = "latent",
                do_sample: bool = True, temperature: float = 0.6, top_p: float = 0.95, top_k: int | None = None,
@@ -280,7 +285,7 @@ class System(nn.Module):
             agents=[agent.config for agent in self.agents.values()],
             edges=[EdgeConfig(src=e.src, dst=e.dst, slot=e.slot, mode=e.mode, feedback=e.feedback,
                               link=config_of(self.links[e.name], f"edge '{e.name}' link")
-                              if e.mode == "latent" else None)
+                              if e.kind.carries_link else None, **e.kind.options())
                    for e in self.edges.values()])
 
     @classmethod
@@ -318,7 +323,7 @@ class System(nn.Module):
         system = cls([Agent.from_config(a, backbones.get(a.name), **placement) for a in config.agents],
                      rounds=config.rounds, answer=config.answer)
         for e in config.edges:
-            system.connect(e.src, e.dst, slot=e.slot, mode=e.mode, feedback=e.feedback, link=e.link)
+            system.connect(e.src, e.dst, slot=e.slot, mode=e.mode, feedback=e.feedback, link=e.link, kv=e.kv)
         return system.validate()
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -380,8 +385,8 @@ class System(nn.Module):
     def __repr__(self) -> str:
         agents = "\n".join(f"    {a.name}: {a.backbone.name_or_path} (hidden {a.hidden_size}, "
                            f"{a.latent_steps} latent steps)" for a in self.agents.values())
-        edges = "\n".join(f"    {e.name} [{e.mode}{', feedback' if e.feedback else ''}, slot '{e.slot}']"
-                          for e in self.edges.values())
+        edges = "\n".join(f"    {e.name} [{e.mode}{', feedback' if e.feedback else ''}"
+                          f"{f', slot {e.slot!r}' if e.slot else ''}]" for e in self.edges.values())
         return f"System(rounds={self.rounds}, answer={self.answer!r})\n  agents:\n{agents}\n  edges:\n{edges}"
 
     def num_parameters(self) -> int:

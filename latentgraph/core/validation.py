@@ -10,41 +10,44 @@ from .links import check_link
 
 if TYPE_CHECKING:
     from .agent import Agent
-    from .system import System
+    from .graph import Graph
 
 
-def graph_problems(system: System) -> list[str]:
-    """Every problem of ``system``'s graph, as sentences that say how to fix it."""
+def graph_problems(graph: Graph) -> list[str]:
+    """Every problem of ``graph``, as sentences that say how to fix it."""
     problems = []
-    if system.answer is None:
+    if graph.answer is None:
         problems.append("no answer node: pass answer='<agent>' to System(...) or set system.answer")
-    elif system.answer not in system.agents:
-        problems.append(f"answer node '{system.answer}' is not an agent; agents are {list(system.agents)}")
-    for name, agent in system.agents.items():
-        problems += _agent_problems(system, name, agent)
-    for edge in system.edges.values():
-        if edge.mode == "latent":
+    elif graph.answer not in graph.agents:
+        problems.append(f"answer node '{graph.answer}' is not an agent; agents are {list(graph.agents)}")
+    for name, agent in graph.agents.items():
+        problems += _agent_problems(graph, name, agent)
+    for edge in graph.edges:
+        sender, receiver = graph.agents[edge.src], graph.agents[edge.dst]
+        if edge.kind.carries_link:
             try:
-                check_link(system.links[edge.name], role="outer", in_dim=system.agents[edge.src].hidden_size,
-                           out_dim=system.agents[edge.dst].hidden_size, where=f"edge '{edge.name}'")
+                check_link(graph.links[edge.name], role="outer", in_dim=sender.hidden_size,
+                           out_dim=receiver.hidden_size, where=f"edge '{edge.name}'")
             except GraphError as e:
                 problems.append(str(e))
+        problems += edge.kind.problems(edge, sender, receiver)
     return problems
 
 
-def _agent_problems(system: System, name: str, agent: Agent) -> list[str]:
+def _agent_problems(graph: Graph, name: str, agent: Agent) -> list[str]:
     problems = []
     try:
         check_link(agent.inner_link, role="inner", in_dim=agent.hidden_size, out_dim=agent.hidden_size,
                    where=f"agent '{name}' inner link")
     except GraphError as e:
         problems.append(str(e))
-    incoming, outgoing = system.edges_into(name), system.edges_from(name)
-    if not incoming and not outgoing and name != system.answer and len(system.agents) > 1:
+    incoming, outgoing = graph.into(name), graph.out_of(name)
+    if not incoming and not outgoing and name != graph.answer and len(graph.agents) > 1:
         problems.append(f"agent '{name}' is not connected; connect it or remove it")
-    if incoming and not outgoing and name != system.answer:
+    if incoming and not outgoing and name != graph.answer:
         problems.append(f"agent '{name}' receives messages but never runs: it has no outgoing edge and "
                         "is not the answer node")
+    incoming = [e for e in incoming if e.kind.fills_slot]  # the others fill no placeholder
     by_slot: dict[str, list[str]] = {}
     for e in incoming:
         by_slot.setdefault(e.slot, []).append(e.name)

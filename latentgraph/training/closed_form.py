@@ -58,7 +58,7 @@ def initialize(system: System, texts: list[str], *, max_tokens: int = 4096) -> S
             maps[id(agent.backbone)] = realignment(agent, hidden)
         _write_realigned(agent, maps[id(agent.backbone)], hidden)
     for name, edge in system.edges.items():
-        if edge.mode == "latent":
+        if edge.kind.carries_link:
             _bridge(system, name, *states_of(system.agents[edge.src]))
     return system
 

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn.functional as F
 
-from ..core.agent import Agent, Encoded, Message
+from ..core.agent import Agent, Encoded
+from ..core.edges import Message
 from ..core.engine import Spoken, Step, unroll
 from ..core.events import AgentThought, Event, MessageDelivered
 from ..core.links import placement
@@ -106,7 +107,7 @@ def inner_loss(system: System, agent: Agent, batch: list[TrainExample]) -> torch
     The prompt is the agent's round-1 prompt with every slot filled by the sender's target text.
     """
     template = agent.template(feedback=False)
-    senders = {e.slot: e.src for e in system.edges_into(agent.name) if not e.feedback}
+    senders = {e.slot: e.src for e in system.graph().into(agent.name) if not e.feedback and e.kind.fills_slot}
     messages = {slot: Message(text=[ex.target_for(senders[slot]) for ex in batch]) for slot in template.slots}
     with torch.no_grad():
         prompt = agent.encode([ex.question for ex in batch], template, messages)
@@ -177,9 +178,9 @@ def unrolled_loss(system: System, batch: list[TrainExample], *, regime: Regime =
     mean of the answer node's cross-entropy in earlier rounds (computed only when the weight is positive).
     """
     plan = system.plan(rounds)
-    text_edges = sorted({e.name for turn in plan.turns_in_order() for e in turn.outgoing if e.mode == "text"})
-    if text_edges:
-        raise GraphError(f"training through text edges ({', '.join(text_edges)}) is not supported: their messages "
+    fixed = sorted({e.name for turn in plan.turns_in_order() for e in turn.outgoing if not e.kind.differentiable})
+    if fixed:
+        raise GraphError(f"training through text edges ({', '.join(fixed)}) is not supported: their messages "
                          "are not differentiable")
     step = TrainingStep(batch, regime=regime, intermediate_weight=intermediate_weight, grad_steps=grad_steps)
     outputs: dict[tuple[int, str], torch.Tensor] = {}  # what each link produced in each round
