@@ -103,12 +103,12 @@ class KVPrefix:
     @classmethod
     def of_cache(cls, cache: Any, mask: torch.Tensor, next_position: torch.Tensor) -> KVPrefix:
         """The prefix a filled cache holds (every layer a plain full-attention layer: see :func:`kv_problem`)."""
-        if any(type(layer) is not DynamicLayer for layer in cache.layers):
-            kinds = sorted({type(layer).__name__ for layer in cache.layers})
+        layers = getattr(cache, "layers", None)  # a hybrid model's own cache class (transformers < 5.5) has none
+        if layers is None or any(type(layer) is not DynamicLayer for layer in layers):
+            kinds = sorted({type(layer).__name__ for layer in layers}) if layers is not None else [type(cache).__name__]
             raise GraphError(f"this backbone's cache has {', '.join(kinds)} layers, which cannot be continued as a KV "
                              "prefix (only full attention on every layer can); use a latent edge instead")
-        return cls(layers=tuple((layer.keys, layer.values) for layer in cache.layers), mask=mask,
-                   next_position=next_position)
+        return cls(layers=tuple((layer.keys, layer.values) for layer in layers), mask=mask, next_position=next_position)
 
 
 @dataclass
