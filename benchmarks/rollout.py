@@ -25,8 +25,9 @@ import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from latentgraph.core.backbone import cache_kwargs, get_backbone
+from latentgraph.core.forward import positions_from_mask
 from latentgraph.core.links import make_link
-from latentgraph.core.think import latent_rollout, positions_from_mask
+from latentgraph.core.think import latent_rollout
 from latentgraph.testing import tiny_backbone, tiny_tokenizer
 
 transformers.logging.set_verbosity_error()

@@ -5,9 +5,10 @@ import torch
 from conftest import ALL_ARCHS
 
 from latentgraph.core.backbone import get_backbone
+from latentgraph.core.forward import positions_from_mask
 from latentgraph.core.links import make_link
 from latentgraph.core.speak import Sampling, generate, run_to_end
-from latentgraph.core.think import latent_rollout, positions_from_mask
+from latentgraph.core.think import latent_rollout
 
 
 def _padded_batch(backbone, lengths):

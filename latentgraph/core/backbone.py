@@ -174,7 +174,8 @@ class AutogradCache(DynamicCache):
     the cached tensor for a copy of itself, so the in-place write lands on a tensor no earlier operation
     saved; the values, and so the gradients, are those of the plain cache (before transformers 5.21 models
     read the states directly, and only updates swap them, which suffices there). Key/value layers already grow
-    out of place (``torch.cat``) and are left alone. The copies are per layer state (small: no sequence
+    out of place (``torch.cat``); their updates run with gradients on, so they keep the graph of earlier
+    positions even when the forward that appends runs without. The copies are per layer state (small: no sequence
     axis), made only by this class, which rollouts use only when gradients are on.
     """
 
@@ -193,6 +194,13 @@ class AutogradCache(DynamicCache):
     def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
         self._fresh("recurrent_states", layer_idx, state_idx)
         return super().get_recurrent_state(layer_idx, state_idx)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # A rollout may run its later forwards without gradients (grad_steps). The keys and values they append
+        # carry no graph, but the layer grown from them (torch.cat) must keep the graph of the earlier positions:
+        # a KV prefix hands it to a receiver, whose loss then reaches the sender.
+        with torch.enable_grad():
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     # ``state_idx`` is passed on only when the caller gives it: before transformers 5.14 the base takes none.
     def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, **kwargs) -> torch.Tensor:

@@ -24,10 +24,10 @@ from typing import Any, TypeVar
 import torch
 
 from ..tools.base import Tool
-from .backbone import Backbone, cache_kwargs
+from .backbone import Backbone
 from .detokenize import Decoded, TextStream
+from .forward import Forward, KVPrefix
 from .sampling import Sampling, TokenPicker, per_row_sampling
-from .think import positions_from_mask
 
 T = TypeVar("T")
 
@@ -65,28 +65,28 @@ class Generation:
 @torch.no_grad()  # on a generator function: no_grad holds while it runs, not while it is suspended
 def generate(backbone: Backbone, embeds: torch.Tensor, mask: torch.Tensor, sampling: Sampling | Sequence[Sampling],
              generators: Sequence[torch.Generator | None] | None = None, *, tools: Sequence[Tool] = (),
-             max_tool_calls: int = 5, cancelled: Container[int] = ()) -> Generator[Decoded, None, list[Generation]]:
+             max_tool_calls: int = 5, cancelled: Container[int] = (), prefix: KVPrefix | None = None
+             ) -> Generator[Decoded, None, list[Generation]]:
     """Decode from prompt ``embeds`` (B, L, H); with ``tools``, each row runs its own tool loop.
 
     ``sampling``: one :class:`Sampling` for every row, or one per row; a row ends at its end token, its
     ``max_new_tokens`` or its first stop string. ``generators``: one per row (None: the row draws from torch's
     global generator); a row samples from its own only. ``cancelled``: rows found in
     it (another thread may add them, to a set, while this runs) end at the next step with the text they have.
+    ``prefix``: a :class:`~latentgraph.core.forward.KVPrefix` the prompt continues (its positions come after it).
     Yields each step's new text per row (the pieces of a row add up to its final ``text``); returns one
     :class:`Generation` per row. :func:`run_to_end` drains it.
     """
-    model = backbone.model
     settings = per_row_sampling(sampling, embeds.shape[0])
     budget = [s.max_new_tokens for s in settings]
     ends = set(stop_token_ids(backbone))
     pad = min(ends) if ends else 0
     pick = TokenPicker(settings, generators)
-    loop = _ToolLoop(backbone, tools, max_tool_calls, prompt_length=embeds.shape[1], budget=budget)
-    cache = backbone.new_cache()
-    positions = positions_from_mask(mask)
-    with_cache = cache_kwargs(model, cache)
-    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1, **with_cache)
+    # the positions the prompt's last real token can reach: those of the prefix come first
+    before = int(prefix.next_position.max()) if prefix is not None else 0
+    loop = _ToolLoop(backbone, tools, max_tool_calls, prompt_length=before + embeds.shape[1], budget=budget)
+    forward = Forward(backbone, prefix)
+    out = forward(mask, embeds=embeds, logits_to_keep=1, hidden=False)
     rows = [Generation(ids=[]) for _ in range(embeds.shape[0])]
     results: list[deque[int]] = [deque() for _ in rows]  # tool-result tokens still to feed, per row
     done = [False] * len(rows)
@@ -121,11 +121,8 @@ def generate(backbone: Backbone, embeds: torch.Tensor, mask: torch.Tensor, sampl
         _cancel(done, cancelled)  # rows cancelled while the consumer held this step need no more forwards
         if all(done):
             break
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-        positions = positions[:, -1:] + 1
         tokens = torch.tensor(fed, dtype=torch.long, device=embeds.device)[:, None]  # (B, 1)
-        out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
-                    logits_to_keep=1, **with_cache)
+        out = forward(mask.new_ones(len(rows), 1), ids=tokens, logits_to_keep=1, hidden=False)
     if not text.all_ended:  # rows cancelled while the last step was held, or the step budget ran out
         yield text.step([row.ids for row in rows], [True] * len(rows))
     for row, said in zip(rows, text.texts):

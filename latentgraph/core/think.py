@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backbone import Backbone, cache_kwargs
+from .backbone import Backbone
+from .forward import Forward, KVPrefix, prefill
 from .links import placement
 
 
@@ -25,20 +26,21 @@ class Thoughts:
 
     hidden: torch.Tensor  # (B, m, H) raw last-layer states h_0 .. h_{m-1}
     embeds: torch.Tensor  # (B, m, H) inner(h_k): the inputs they became; messages are outer(embeds)
-
-
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that count real tokens only: left padding does not shift them."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
+    cache: KVPrefix | None = None  # with keep_cache: the prefix, the prompt and all m thought positions
 
 
 def latent_rollout(backbone: Backbone, inner: nn.Module, embeds: torch.Tensor, mask: torch.Tensor,
-                   steps: int, *, use_cache: bool = True, grad_steps: int | None = None) -> Thoughts:
+                   steps: int, *, use_cache: bool = True, grad_steps: int | None = None,
+                   prefix: KVPrefix | None = None, keep_cache: bool = False) -> Thoughts:
     """Think for ``steps`` latent steps from prompt ``embeds`` (B, L, H) with ``mask`` (B, L).
 
     Under autograd, ``grad_steps`` keeps only the first that many backbone forwards in the graph (the
     prefill is the first); later states still pass through the inner link with gradients, but nothing
     flows back from them into the backbone. ``None`` keeps every step.
+
+    With ``prefix`` the prompt continues it: its positions come after ``prefix.next_position`` and attend to
+    the prefix's real positions. ``keep_cache=True`` returns the prefix, the prompt and every thought as
+    ``Thoughts.cache``; the last thought is an input only there, so that costs one more single-position forward.
     """
     batch, _, width = embeds.shape
     # Where the inner link computes: under a device map the last layer may run on another device than the
@@ -46,29 +48,35 @@ def latent_rollout(backbone: Backbone, inner: nn.Module, embeds: torch.Tensor, m
     to_link = {"device": embeds.device, "dtype": embeds.dtype, **placement(inner)}
     if steps == 0:
         empty = embeds.new_zeros(batch, 0, width)
-        return Thoughts(hidden=empty, embeds=empty.to(**to_link))
-    decoder = backbone.decoder
-    positions = positions_from_mask(mask)
-    # Under autograd a cache whose in-place state updates cannot clobber saved tensors (hybrid models);
-    # it stays that way through steps past grad_steps, which would otherwise overwrite states saved before.
-    cache = backbone.new_cache(autograd=torch.is_grad_enabled()) if use_cache else None
-    new_input, hidden, thoughts = embeds, [], []
+        cache = prefill(backbone, embeds, mask, prefix) if keep_cache else None
+        return Thoughts(hidden=empty, embeds=empty.to(**to_link), cache=cache)
+
+    def graph_kept(forward_index: int):
+        return torch.set_grad_enabled(torch.is_grad_enabled() and (grad_steps is None or forward_index < grad_steps))
+
+    # Under autograd the cache is one whose in-place state updates cannot clobber saved tensors (hybrid
+    # models); it stays that way through steps past grad_steps, which would otherwise overwrite states saved before.
+    forward = Forward(backbone, prefix, keep=use_cache)
+    new_input, new_mask, hidden, thoughts = embeds, mask, [], []
     for step in range(steps):
-        with torch.set_grad_enabled(torch.is_grad_enabled() and (grad_steps is None or step < grad_steps)):
-            out = decoder(inputs_embeds=new_input, attention_mask=mask, position_ids=positions,
-                          use_cache=use_cache, **cache_kwargs(decoder, cache))
-        h = out.last_hidden_state[:, -1]  # (B, H)
+        with graph_kept(step):
+            h = forward(new_mask, embeds=new_input).hidden[:, -1]  # (B, H)
         e = inner(h.to(**to_link))  # (B, H), on the link's device, in its dtype
         hidden.append(h)
         thoughts.append(e)
-        if step == steps - 1:
+        if step == steps - 1 and not keep_cache:
             break
-        e_in = e.to(embeds.dtype)[:, None]  # (B, 1, H)
-        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-        next_position = positions[:, -1:] + 1
+        e_in, one = e.to(embeds.dtype)[:, None], mask.new_ones(batch, 1)  # (B, 1, H), (B, 1)
         if use_cache:
-            new_input, positions = e_in, next_position
+            new_input, new_mask = e_in, one
         else:
-            new_input = torch.cat([new_input, e_in], dim=1)
-            positions = torch.cat([positions, next_position], dim=1)
-    return Thoughts(hidden=torch.stack(hidden, dim=1), embeds=torch.stack(thoughts, dim=1))
+            new_input, new_mask = torch.cat([new_input, e_in], dim=1), torch.cat([new_mask, one], dim=1)
+    cache = None
+    if keep_cache:  # the last thought goes in as an input too, as every earlier one did
+        with graph_kept(steps):
+            if use_cache:
+                forward(new_mask, embeds=new_input)
+                cache = forward.kv_prefix()
+            else:
+                cache = prefill(backbone, new_input, new_mask, prefix)
+    return Thoughts(hidden=torch.stack(hidden, dim=1), embeds=torch.stack(thoughts, dim=1), cache=cache)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..core.forward import Forward
 from ..core.links import Link, placement
 from ..errors import GraphError
 
@@ -148,8 +149,9 @@ def hidden_states(agent: Agent, texts: list[str], max_tokens: int) -> tuple[torc
         tokens = agent.tokenizer(text, return_tensors="pt")["input_ids"][:, : max_tokens - total]
         if tokens.shape[1] < 2:
             continue
-        out = agent.backbone.decoder(input_ids=tokens.to(agent.backbone.device))
-        states.append(out.last_hidden_state[0, :-1].float().cpu())  # (T - 1, H): the last has no next token
+        tokens = tokens.to(agent.backbone.device)
+        out = Forward(agent.backbone, keep=False)(torch.ones_like(tokens), ids=tokens)
+        states.append(out.hidden[0, :-1].float().cpu())  # (T - 1, H): the last has no next token
         next_ids.append(tokens[0, 1:])
         total += tokens.shape[1]
         if total >= max_tokens:

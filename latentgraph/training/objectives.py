@@ -27,9 +27,10 @@ from ..core.agent import Agent, Encoded
 from ..core.edges import Message
 from ..core.engine import Spoken, Step, unroll
 from ..core.events import AgentThought, Event, MessageDelivered
+from ..core.forward import Forward, KVPrefix
 from ..core.links import placement
 from ..core.plan import Turn
-from ..core.think import Thoughts, positions_from_mask
+from ..core.think import Thoughts
 from ..errors import GraphError, InputError
 from .data import TrainExample
 
@@ -65,23 +66,21 @@ def target_ids(agent: Agent, texts: list[str]) -> list[list[int]]:
             for t in texts]
 
 
-def teacher_forced(agent: Agent, prompt: Encoded, targets: list[list[int]], *, logits: bool = False) -> Forced:
-    """Run the agent's backbone on each prompt followed by its target tokens (right-padded)."""
+def teacher_forced(agent: Agent, prompt: Encoded, targets: list[list[int]], *, logits: bool = False,
+                   prefix: KVPrefix | None = None) -> Forced:
+    """Run the agent's backbone on each prompt followed by its target tokens (right-padded); with ``prefix``,
+    the prompt continues that KV prefix (a KV-cache edge's)."""
     device = prompt.embeds.device
     length = max(len(t) for t in targets)
     ids = torch.tensor([t + [0] * (length - len(t)) for t in targets], device=device)  # (B, T)
     target_mask = torch.tensor([[1] * len(t) + [0] * (length - len(t)) for t in targets], device=device)
     embeds = torch.cat([prompt.embeds, agent.backbone.embed(ids) * target_mask[..., None]], dim=1)  # (B, L+T, H)
     mask = torch.cat([prompt.mask, target_mask], dim=1)
-    positions, start = positions_from_mask(mask), prompt.embeds.shape[1] - 1
-    if logits:
-        out = agent.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                          output_hidden_states=True, logits_to_keep=length + 1)
-        hidden, scores = out.hidden_states[-1][:, start:start + length], out.logits[:, :length]
-    else:
-        out = agent.backbone.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
-        hidden, scores = out.last_hidden_state[:, start:start + length], None
-    return Forced(hidden=hidden, ids=ids, mask=target_mask, logits=scores)
+    start = prompt.embeds.shape[1] - 1
+    forward = Forward(agent.backbone, prefix, keep=False)
+    out = forward(mask, embeds=embeds, logits_to_keep=length + 1 if logits else None)
+    scores = out.logits[:, :length] if logits else None
+    return Forced(hidden=out.hidden[:, start:start + length], ids=ids, mask=target_mask, logits=scores)
 
 
 def cross_entropy(forced: Forced) -> torch.Tensor:
