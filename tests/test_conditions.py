@@ -3,6 +3,7 @@ round trips through dicts, and every error with its message."""
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -316,5 +317,25 @@ def test_a_condition_subclass_must_implement_rows():
     class Unfinished(Condition):
         pass
 
-    with pytest.raises(NotImplementedError, match="Unfinished does not implement Condition.rows"):
+    with pytest.raises(GraphError, match="Unfinished does not implement Condition.rows: implement it, or register"):
         Unfinished(type="unfinished").on(state())
+
+
+def test_the_edges_page_examples_are_valid_conditions():
+    page = (Path(__file__).parents[1] / "docs" / "edges.md").read_text()
+    connected = []
+
+    class System:  # records what the page connects; its conditions are parsed as EdgeConfig.when will
+        def connect(self, src, dst, mode="latent", when=None):
+            connected.append(parse_condition(when, f"edge '{src}->{dst}'"))
+
+    for block in re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL):
+        exec(block, {"system": System()})
+    assert [c.describe() for c in connected] == [
+        "router says /math/", "not (router says /math/)", "long_question(min_chars=80)",
+        "long_question(min_chars=200)", "said_number(agent='solver')"]
+    assert connected[-1].reads() == frozenset({"solver"})
+    assert connected[-1].on(RouteState(round=1, rounds=1, questions=["q", "q"], said={"solver": ["x = 4", "no"]})) \
+        == [True, False]
+    edge = json.loads(re.findall(r"```json\n(.*?)```", page, flags=re.DOTALL)[0])
+    assert parse_condition(edge["when"], "e").to_dict() == edge["when"]  # the stored form, every field shown

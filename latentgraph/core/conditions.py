@@ -75,7 +75,8 @@ class Condition(ConfigModel):
 
     def rows(self, state: RouteState) -> Any:
         """The decision per row, unchecked (:meth:`on` checks it)."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement Condition.rows")
+        raise GraphError(f"{type(self).__name__} does not implement Condition.rows: implement it, or register a "
+                         "function with register_condition instead")
 
     def reads(self) -> frozenset[str]:
         """The agents whose text this condition reads: they must speak before the edge's sender runs."""
