@@ -130,6 +130,11 @@ def test_conditions_are_frozen_and_equal_by_value():
     assert Said(agent="router", pattern="math") != Said(agent="router", pattern="math", ignore_case=False)
     with pytest.raises(ValidationError, match="frozen"):
         Said(agent="router", pattern="math").pattern = "code"
+    assert InRounds(rounds=[1, "last"]) == InRounds(rounds=(1, "last"))
+    labels = {InRounds(rounds=[1]): "first", Not(condition=Said(agent="r", pattern="x")): "else"}  # hashable
+    assert labels[parse_condition({"type": "rounds", "rounds": [1]}, "e")] == "first"
+    assert labels[parse_condition({"type": "not", "condition": {"type": "said", "agent": "r", "pattern": "x"}},
+                                  "e")] == "else"
 
 
 def _registered_for_round_trip():
@@ -183,7 +188,10 @@ BAD = [
     ({"type": "rounds", "rounds": ["first"]},
      "invalid 'rounds' condition: rounds.0: a round is a number from 1, 'last' or 'not_last'; got 'first'"),
     ({"type": "rounds", "rounds": [True]}, "rounds.0: a round is a number from 1, 'last' or 'not_last'; got True"),
-    ({"type": "rounds", "rounds": 2}, "invalid 'rounds' condition: rounds: Input should be a valid list"),
+    ({"type": "rounds", "rounds": 2},
+     "invalid 'rounds' condition: rounds: the rounds are a list such as [1, 'last'], got 2"),
+    ({"type": "rounds", "rounds": [1] * 1001},
+     "rounds: a list of 1,001 rounds exceeds latentgraph's limit of 1,000 rounds"),
     ({"type": "rounds", "rounds": []},
      "rounds: no round is listed, so the edge would never carry a message: list the rounds it is on in, or remove "
      "the edge"),

@@ -23,7 +23,7 @@ from pydantic import BeforeValidator, Field, PlainSerializer, ValidationError, c
 from pydantic_core import PydanticCustomError
 
 from ..errors import GraphError, InputError, shown
-from .config import ConfigModel, _validation_errors, at_most, describe_errors
+from .config import ConfigModel, _validation_errors, describe_errors
 from .limits import PATTERN_CHARS, ROUNDS
 
 
@@ -185,11 +185,17 @@ def _round(value: Any) -> int | str:
     return value
 
 
-def _some(value: Any) -> Any:
-    if value == []:
+def _round_list(value: Any) -> Any:
+    """``InRounds.rounds``: a non-empty list, of bounded length, kept as a tuple so that the condition hashes."""
+    if not isinstance(value, list | tuple):
+        raise PydanticCustomError("rounds", "{problem}", {
+            "problem": f"the rounds are a list such as [1, 'last'], got {shown(value)}"})
+    if not value:
         raise PydanticCustomError("empty", "no round is listed, so the edge would never carry a message: list the "
                                   "rounds it is on in, or remove the edge")
-    return value
+    if problem := ROUNDS.problem(len(value), f"a list of {len(value):,} rounds"):
+        raise PydanticCustomError("limit", "{problem}", {"problem": problem})
+    return tuple(value)
 
 
 @_register
@@ -202,7 +208,7 @@ class InRounds(Condition):
     """
 
     type: Literal["rounds"] = "rounds"
-    rounds: Annotated[list[Annotated[int | str, BeforeValidator(_round)]], at_most(ROUNDS), BeforeValidator(_some)]
+    rounds: Annotated[tuple[Annotated[int | str, BeforeValidator(_round)], ...], BeforeValidator(_round_list)]
 
     def rows(self, state: RouteState) -> list[bool]:
         last = state.round == state.rounds
