@@ -52,8 +52,9 @@ class RouteState:
 class Condition(ConfigModel):
     """Base class of conditions: a frozen config, equal to another when its type and fields are.
 
-    A subclass declares its fields, sets ``type`` to a ``Literal`` of its name, and implements :meth:`rows`,
-    :meth:`describe` and, when it reads agents' texts, :meth:`reads`.
+    The built-ins subclass it: each declares its fields, sets ``type`` to a ``Literal`` of its name, and implements
+    :meth:`rows`, :meth:`describe` and, when it reads agents' texts, :meth:`reads`. A user condition is a function
+    instead, which :func:`register_condition` turns into a subclass.
     """
 
     type: str
