@@ -67,7 +67,8 @@ def test_every_raised_error_is_a_latentgraph_error():
     allowed |= {"AttributeError", "SystemExit", "error", "_error"}  # protocols; error classes passed in by callers
     # raised and converted within the package before a user sees them: (module, exception)
     internal = {("latentgraph.core.config", "ValueError"), ("latentgraph.core.config", "PydanticCustomError"),
-                ("latentgraph.core.links", "ValueError"), ("latentgraph.training.data", "KeyError"),
+                ("latentgraph.core.links", "ValueError"), ("latentgraph.core.conditions", "ValueError"),
+                ("latentgraph.core.conditions", "PydanticCustomError"), ("latentgraph.training.data", "KeyError"),
                 ("latentgraph.files.atomic", "OSError"), ("latentgraph.tools.cgroups", "OSError"),
                 ("latentgraph.files.text", "NotJSON")}
     offenders = []

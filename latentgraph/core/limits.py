@@ -97,4 +97,8 @@ LINK_PARAMETERS = Limit("link_parameters", 2**31, "parameters per link",
 """About 8.6 GB in fp32, where links are kept; the ``ln_res`` outer link between two backbones as wide as Llama 3.1
 405B (16,384) has 1.3 billion parameters. Checked for every link type, before its weights are allocated."""
 
-LIMITS = (ROUNDS, LATENT_STEPS, AGENTS, EDGES, LINK_WIDTH, LINK_PARAMETERS)
+PATTERN_CHARS = Limit("pattern_chars", 1_000, "characters in a pattern", "shorten the pattern")
+"""The regular expression of an edge's ``said`` condition. Routers' patterns are a few words; a system file from
+elsewhere could hold a huge one, which Python's ``re`` compiles and backtracks over at a cost that grows with it."""
+
+LIMITS = (ROUNDS, LATENT_STEPS, AGENTS, EDGES, LINK_WIDTH, LINK_PARAMETERS, PATTERN_CHARS)
