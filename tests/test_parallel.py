@@ -176,9 +176,9 @@ def test_threads_really_run_the_turns(tiny, monkeypatch):
     threads = {}
     original = engine.InferenceStep.encode
 
-    def spy(self, turn, questions, messages):
+    def spy(self, turn, questions, messages, prefix=None):
         threads[turn.name] = threading.get_ident()
-        return original(self, turn, questions, messages)
+        return original(self, turn, questions, messages, prefix)
 
     monkeypatch.setattr(engine.InferenceStep, "encode", spy)
     system.run(QUESTIONS, do_sample=False, max_new_tokens=2, rounds=1, parallel=True)
