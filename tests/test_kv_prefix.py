@@ -212,7 +212,7 @@ def test_teacher_forcing_after_a_prefix_equals_forcing_the_concatenation(tiny, a
     targets = [[7, 8, 9], [10, 11]]
     with torch.no_grad():
         prefix = prefill(agent.backbone, sent, sent_mask)
-        forced = teacher_forced(agent, Encoded(said, said_mask, [0, 0]), targets, logits=logits, prefix=prefix)
+        forced = teacher_forced(agent, Encoded(said, said_mask, [0, 0], prefix=prefix), targets, logits=logits)
         whole = Encoded(torch.cat([sent, said], dim=1), torch.cat([sent_mask, said_mask], dim=1), [0, 0])
         reference = teacher_forced(agent, whole, targets, logits=logits)
     real = forced.mask.bool()

@@ -93,4 +93,4 @@ def test_to_networkx_holds_every_edge_feedback_included_with_its_attributes(syst
     assert graph.edges["critic", "solver"] == {"name": "critic->solver", "slot": "critic", "mode": "text",
                                                "feedback": False, "link_type": None, "in_dim": None,
                                                "out_dim": None, "params": None}
-    assert set(system.forward_graph().edges) == {("planner", "critic"), ("critic", "solver")}
+    assert set(system.graph().forward_dag().edges) == {("planner", "critic"), ("critic", "solver")}

@@ -29,7 +29,7 @@ from .config import EDGE_MODES
 from .links import placement
 
 if TYPE_CHECKING:
-    from .agent import Agent
+    from .agent import Agent, Encoded
     from .conditions import Condition
     from .forward import KVPrefix
     from .think import Thoughts
@@ -49,6 +49,8 @@ class Sent:
     """What a sender produced in its turn, from which each outgoing edge makes its message."""
 
     round: int
+    agent: Agent
+    prompt: Encoded
     thoughts: Thoughts | None  # when it thought
     texts: list[str] | None  # when it spoke
     differentiable: bool  # training: links run with autograd
@@ -85,6 +87,10 @@ class EdgeKind(ABC):
     def options(self) -> dict[str, Any]:
         """Its settings beyond the name, as the config stores them (``{}`` for none)."""
         return {}
+
+    def as_text(self) -> EdgeKind:
+        """What the edge carries in the text baseline (``run(mode="text")``): the sender's text, in a slot."""
+        return TextEdge()
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and other.options() == self.options()
@@ -188,6 +194,9 @@ class KVEdge(EdgeKind):
         cache = sent.thoughts.cache
         return Message(cache=cache.thoughts_only(sent.thoughts.embeds.shape[1]) if self.scope == "thoughts" else cache)
 
+    def as_text(self) -> EdgeKind:
+        return SpokenKVEdge(self.scope)
+
     def problems(self, edge: Edge, sender: Agent, receiver: Agent) -> list[str]:
         from .forward import kv_problem
 
@@ -205,6 +214,32 @@ class KVEdge(EdgeKind):
 
     def options(self) -> dict[str, Any]:
         return {} if self.scope == "all" else {"kv": self.scope}
+
+
+class SpokenKVEdge(KVEdge):
+    """A KV edge in the text baseline: the sender speaks, and the receiver continues the cache of its prompt
+    and what it said (``kv="thoughts"``: of what it said only), as a text multi-agent system reads its
+    teammates' words where the latent one reads their thoughts."""
+
+    thinks = keeps_cache = False
+    speaks = True
+    differentiable = False
+
+    def message(self, edge: Edge, sent: Sent, link: nn.Module | None) -> Message:
+        from .forward import prefill
+
+        backbone, prompt = sent.agent.backbone, sent.prompt
+        ids = sent.agent.tokenizer(sent.texts, add_special_tokens=False)["input_ids"]
+        width = max(1, max(map(len, ids)))  # an empty text still takes one (masked) position
+        padded = torch.tensor([row + [0] * (width - len(row)) for row in ids], device=prompt.embeds.device)
+        said_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids], device=padded.device)
+        with torch.no_grad():
+            cache = prefill(backbone, torch.cat([prompt.embeds, backbone.embed(padded)], dim=1),
+                            torch.cat([prompt.mask, said_mask.to(prompt.mask.dtype)], dim=1), prompt.prefix)
+        return Message(cache=cache.thoughts_only(width) if self.scope == "thoughts" else cache)
+
+    def as_text(self) -> EdgeKind:
+        return self
 
 
 EDGE_KINDS: dict[str, Callable[..., EdgeKind]] = {}

@@ -34,7 +34,6 @@ import torch
 from ..errors import InputError
 from .agent import Encoded, _is_int
 from .edges import Message, Sent
-from .forward import KVPrefix
 from .events import (
     AgentFinished,
     AgentSpoke,
@@ -48,6 +47,7 @@ from .events import (
     RunOutput,
     TokensDecoded,
 )
+from .forward import KVPrefix
 from .parallel import Outcome, batches, check_parallel, drain_in_threads
 from .plan import Plan, Turn, answer_turn
 from .sampling import Sampling, per_row_sampling, per_row_seeds
@@ -313,7 +313,8 @@ def _run_turn(plan: Plan, turn: Turn, questions: list[str], step: Step, inbox: I
         record.text, record.tokens_out, record.tool_calls = spoken.texts, spoken.tokens_out, spoken.tool_calls
         paused += yield from _emit(AgentSpoke(round=r, agent=agent.name, texts=spoken.texts,
                                               tokens_out=spoken.tokens_out, tool_calls=spoken.tool_calls), seen)
-    sent = Sent(round=r, thoughts=thoughts, texts=record.text, differentiable=step.differentiable)
+    sent = Sent(round=r, agent=agent, prompt=prompt, thoughts=thoughts, texts=record.text,
+                differentiable=step.differentiable)
     for edge in turn.outgoing:
         message = edge.kind.message(edge, sent, plan.links.get(edge.name))
         (next_inbox if edge.feedback else inbox)[edge.dst][edge.port] = message

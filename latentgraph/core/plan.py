@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import GraphError, InputError
 from .agent import Agent
-from .edges import Edge, Message, TextEdge
+from .edges import Edge, Message
 from .events import RUN_MODES, RunMode, format_table
 from .graph import Graph
 from .limits import ROUNDS
@@ -208,8 +208,7 @@ def build_plan(graph: Graph, rounds: int, mode: RunMode = "latent") -> Plan:
         turn = Turn(round=1, agent=agents[answer], incoming=(), outgoing=(), thinks=False, speaks=True,
                     reads_feedback=False, is_answer=True)
         return Plan(agents=agents, links=graph.links, answer=answer, mode=mode, turns=((turn,),))
-    text = TextEdge()
-    edges = [replace(e, kind=text, slot=e.slot or e.src) if mode == "text" else e for e in graph.edges]
+    edges = [replace(e, kind=e.kind.as_text()) if mode == "text" else e for e in graph.edges]
     order, plan = graph.order(), []
     sent = {name: [e for e in edges if e.src == name] for name in order}  # once, not in every round
     received = {name: [e for e in edges if e.dst == name] for name in order}

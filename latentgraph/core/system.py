@@ -10,38 +10,32 @@ Every check that can fail runs before the first forward of a run. A plan is comp
 
 from __future__ import annotations
 
-import tempfile
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import networkx as nx
 from torch import nn
 
-from ..checkpoints import native
-from ..checkpoints.link_dtype import check_link_dtype
-from ..errors import CheckpointError, GraphError, InputError
-from ..files.hub import fetch
-from ..version import __version__
+from ..errors import GraphError, InputError
 from .agent import Agent, _is_int, check_name
-from .config import CONFIG_NAME, CONFIG_SUFFIXES, FORMAT_VERSION, EdgeConfig, SystemConfig, read_config
 from .edges import Edge, edge_kind
 from .engine import InferenceStep, Stop, question_list, unroll
 from .events import Event, RunMode, RunOutput
 from .graph import Graph
 from .limits import AGENTS, EDGES, ROUNDS
-from .links import Link, config_of, make_link
+from .links import Link, make_link
 from .parallel import check_parallel
 from .plan import Plan, build_plan
 from .prompt import QUESTION
 from .sampling import Sampling
+from .system_files import SystemFiles
 from .validation import graph_problems
 
 PLANS_KEPT = 8  # compiled plans a system keeps (per graph, round count and run mode)
 
 
-class System(nn.Module):
+class System(SystemFiles, nn.Module):
     """A multi-agent system: a typed graph of agents, links and rounds.
 
     Args:
@@ -178,12 +172,6 @@ class System(nn.Module):
                 params=None if link is None else sum(p.numel() for p in link.parameters()))
         return graph
 
-    def forward_graph(self) -> nx.DiGraph:
-        """:meth:`to_networkx` without the feedback edges: the DAG a round runs in."""
-        graph = self.to_networkx()
-        graph.remove_edges_from([(src, dst) for src, dst, feedback in graph.edges(data="feedback") if feedback])
-        return graph
-
     def order(self) -> list[str]:
         """Agents in topological order of the forward edges; ties keep the order agents were added."""
         return self.graph().order()
@@ -276,111 +264,6 @@ class System(nn.Module):
     def link_modules(self) -> dict[str, nn.Module]:
         """Every link: inner links by agent name, then outer links by edge name (``"planner->critic"``)."""
         return {**{name: agent.inner_link for name, agent in self.agents.items()}, **dict(self.links)}
-
-    def to_config(self) -> SystemConfig:
-        """The system as data (a :class:`~latentgraph.SystemConfig`): exactly what ``latentgraph_config.json``
-        holds. Link weights and tools are not part of it."""
-        return SystemConfig(
-            format_version=FORMAT_VERSION, latentgraph_version=__version__, rounds=self.rounds, answer=self.answer,
-            agents=[agent.config for agent in self.agents.values()],
-            edges=[EdgeConfig(src=e.src, dst=e.dst, slot=e.slot, mode=e.mode, feedback=e.feedback,
-                              link=config_of(self.links[e.name], f"edge '{e.name}' link")
-                              if e.kind.carries_link else None, **e.kind.options())
-                   for e in self.edges.values()])
-
-    @classmethod
-    def from_config(cls, config: SystemConfig | dict | str | Path, *, backbones: dict[str, Any] | None = None,
-                    device: Any = None, dtype: Any = None, device_map: Any = None, max_memory: Any = None,
-                    offload_folder: Any = None) -> System:
-        """Build the system a config describes, with freshly initialised links.
-
-        Args:
-            config: a :class:`~latentgraph.SystemConfig`, a dict of its fields, or a ``.json``/``.yaml``/``.yml``
-                file holding one (a system declared in a file).
-            backbones: ``{agent: backbone}`` to use instead of the config's: a hub id, a directory, a
-                ``(model, tokenizer)`` pair or a ``Backbone``.
-            device: where the backbones run; dtype: their dtype.
-            device_map, max_memory, offload_folder: instead of ``device``, spread each backbone over several
-                GPUs with CPU or disk offload (see :class:`~latentgraph.Agent`). Placement is not part of the
-                config: pass it again on every load.
-        """
-        if isinstance(config, (str, Path)):
-            if Path(config).suffix.lower() not in CONFIG_SUFFIXES:
-                raise GraphError(f"{config} is not a system config file ({', '.join(CONFIG_SUFFIXES)}); to load a "
-                                 "directory written by save_pretrained, use System.from_pretrained")
-            config = read_config(Path(config))
-        elif isinstance(config, dict):
-            config = SystemConfig(**config)
-        elif not isinstance(config, SystemConfig):
-            raise GraphError(f"System.from_config takes a SystemConfig, a dict or a file path, got {config!r}")
-        backbones = backbones or {}
-        names = [a.name for a in config.agents]
-        for name in backbones:
-            if name not in names:
-                raise GraphError(f"backbones= names agent '{name}', which the config does not have; agents: {names}")
-        placement = {"device": device, "dtype": dtype, "device_map": device_map, "max_memory": max_memory,
-                     "offload_folder": offload_folder}
-        system = cls([Agent.from_config(a, backbones.get(a.name), **placement) for a in config.agents],
-                     rounds=config.rounds, answer=config.answer)
-        for e in config.edges:
-            system.connect(e.src, e.dst, slot=e.slot, mode=e.mode, feedback=e.feedback, link=e.link, kv=e.kv)
-        return system.validate()
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the graph (``latentgraph_config.json``, which is :meth:`to_config` as JSON) and the link weights
-        (``links.safetensors``).
-
-        Backbones are referenced by ``name_or_path`` and revision, never copied. The save is crash-safe: a
-        kill or a full disk leaves the complete old checkpoint or the complete new one, other files in the
-        folder are kept, and a failed save raises :class:`~latentgraph.errors.CheckpointError` with the old
-        one intact. See :mod:`latentgraph.checkpoints.native`.
-        """
-        return native.save(directory, self.validate().to_config(), self.link_modules())
-
-    @classmethod
-    def from_pretrained(cls, source: str | Path, *, revision: str | None = None,
-                        backbones: dict[str, Any] | None = None, device: Any = None, dtype: Any = None,
-                        device_map: Any = None, max_memory: Any = None, offload_folder: Any = None,
-                        link_dtype: Any = "float32") -> System:
-        """Load a system written by :meth:`save_pretrained`, from a directory or a hub repo.
-
-        Args:
-            source: a directory, or a hub repo id (fetched through the hub cache). A path that cannot be a hub
-                repo id (absolute, ``./x``, ``~/x``, ``a/b/c``) must name an existing folder.
-            revision: hub revision of ``source``.
-            backbones: ``{agent: backbone}`` to use instead of the saved references: a hub id, a directory,
-                a ``(model, tokenizer)`` pair or a ``Backbone``.
-            device: where the backbones run; dtype: their dtype.
-            device_map, max_memory, offload_folder: instead of ``device``, spread each backbone over several
-                GPUs with CPU or disk offload (see :class:`~latentgraph.Agent`).
-            link_dtype: what the links hold their parameters and compute in: ``"float32"`` (default), ``"auto"``
-                (the dtype ``links.safetensors`` holds them in: the dtype they had when saved), or another dtype
-                (see :mod:`latentgraph.checkpoints.link_dtype`). Like placement, it is not saved.
-        """
-        link_dtype = check_link_dtype(link_dtype)
-        directory = fetch(source, revision=revision)  # a folder a save killed midway left aside is put back
-        config = read_config(directory / CONFIG_NAME)
-        names = [a.name for a in config.agents]
-        for name in backbones or {}:
-            if name not in names:
-                raise CheckpointError(f"backbones= names agent '{name}', which {directory} does not have; "
-                                      f"agents: {names}")
-        system = cls.from_config(config, backbones=backbones, device=device, dtype=dtype, device_map=device_map,
-                                 max_memory=max_memory, offload_folder=offload_folder)
-        native.load_weights(directory, system.link_modules(), link_dtype=link_dtype)
-        return system
-
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                    commit_message: str = "Upload latentgraph system") -> str:
-        """Save the system to a temporary directory and upload it to the hub repo ``repo_id`` (created if
-        needed). Returns the commit URL."""
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        with tempfile.TemporaryDirectory() as directory:
-            self.save_pretrained(directory)
-            return str(api.upload_folder(repo_id=repo_id, folder_path=directory, commit_message=commit_message))
 
     def __repr__(self) -> str:
         agents = "\n".join(f"    {a.name}: {a.backbone.name_or_path} (hidden {a.hidden_size}, "

@@ -27,7 +27,7 @@ from ..core.agent import Agent, Encoded
 from ..core.edges import Message
 from ..core.engine import Spoken, Step, unroll
 from ..core.events import AgentThought, Event, MessageDelivered
-from ..core.forward import Forward, KVPrefix
+from ..core.forward import Forward, prefill
 from ..core.links import placement
 from ..core.plan import Turn
 from ..core.think import Thoughts
@@ -66,10 +66,9 @@ def target_ids(agent: Agent, texts: list[str]) -> list[list[int]]:
             for t in texts]
 
 
-def teacher_forced(agent: Agent, prompt: Encoded, targets: list[list[int]], *, logits: bool = False,
-                   prefix: KVPrefix | None = None) -> Forced:
-    """Run the agent's backbone on each prompt followed by its target tokens (right-padded); with ``prefix``,
-    the prompt continues that KV prefix (a KV-cache edge's)."""
+def teacher_forced(agent: Agent, prompt: Encoded, targets: list[list[int]], *, logits: bool = False) -> Forced:
+    """Run the agent's backbone on each prompt followed by its target tokens (right-padded), continuing the KV
+    cache the prompt continues (``prompt.prefix``, what its KV in-edges carried), if any."""
     device = prompt.embeds.device
     length = max(len(t) for t in targets)
     ids = torch.tensor([t + [0] * (length - len(t)) for t in targets], device=device)  # (B, T)
@@ -77,7 +76,7 @@ def teacher_forced(agent: Agent, prompt: Encoded, targets: list[list[int]], *, l
     embeds = torch.cat([prompt.embeds, agent.backbone.embed(ids) * target_mask[..., None]], dim=1)  # (B, L+T, H)
     mask = torch.cat([prompt.mask, target_mask], dim=1)
     start = prompt.embeds.shape[1] - 1
-    forward = Forward(agent.backbone, prefix, keep=False)
+    forward = Forward(agent.backbone, prompt.prefix, keep=False)
     out = forward(mask, embeds=embeds, logits_to_keep=length + 1 if logits else None)
     scores = out.logits[:, :length] if logits else None
     return Forced(hidden=out.hidden[:, start:start + length], ids=ids, mask=target_mask, logits=scores)
@@ -152,11 +151,17 @@ class TrainingStep(Step):
             forced = teacher_forced(agent, prompt, self._targets(turn), logits=True)
             self.losses[turn.round] = cross_entropy(forced)
         if self.regime == "rollout":
-            return agent.think(prompt, grad_steps=self.grad_steps)
+            return agent.think(prompt, grad_steps=self.grad_steps, keep_cache=turn.keeps_cache)
         if forced is None:  # a message uses only the first latent_steps states: skip the rest of the text
             forced = teacher_forced(agent, prompt, [t[:agent.latent_steps] for t in self._targets(turn)])
         hidden = _first_steps(forced.hidden, agent.latent_steps)  # (B, m, H)
-        return Thoughts(hidden=hidden, embeds=agent.inner_link(hidden.to(**placement(agent.inner_link))))
+        thoughts = Thoughts(hidden=hidden, embeds=agent.inner_link(hidden.to(**placement(agent.inner_link))))
+        if turn.keeps_cache:  # a KV edge carries the prompt and the thoughts, as the rollout's cache would
+            embeds = thoughts.embeds.to(prompt.embeds)
+            thoughts.cache = prefill(agent.backbone, torch.cat([prompt.embeds, embeds], dim=1),
+                                     torch.cat([prompt.mask, prompt.mask.new_ones(embeds.shape[:2])], dim=1),
+                                     prompt.prefix)
+        return thoughts
 
     def speak(self, turn: Turn, prompt: Encoded) -> Generator[Event, None, Spoken]:
         yield from ()  # teacher forcing decodes nothing, so there is nothing to stream
