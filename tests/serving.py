@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import httpx
 
-from latentgraph.serve.app import Service, create_app
+from latentgraph.serve.app import create_app
 from latentgraph.serve.server import Server, listen
+from latentgraph.serve.service import Service
 
 WAIT = 60.0  # seconds any wait in these tests may take before it fails
 
@@ -77,11 +78,11 @@ class Gate:
         self.previous = self.agent.__dict__.get("think")
         think = self.agent.think
 
-        def held(prompt):
+        def held(prompt, **options):
             if self.rows in (None, prompt.embeds.shape[0]):
                 self.entered.set()
                 assert self._open.wait(WAIT), "the gate was never opened"
-            return think(prompt)
+            return think(prompt, **options)
 
         self.agent.think = held
         return self

@@ -187,7 +187,7 @@ def test_a_system_that_fails_to_load_says_why(tmp_path):
 
 
 def test_an_internal_error_is_a_500_without_a_traceback_and_the_server_goes_on(served, system, monkeypatch):
-    def broken(prompt):
+    def broken(prompt, **options):
         raise RuntimeError("boom in a secret place")
 
     monkeypatch.setattr(system.agents["planner"], "think", broken)
@@ -199,7 +199,7 @@ def test_an_internal_error_is_a_500_without_a_traceback_and_the_server_goes_on(s
 
 
 def test_a_failure_after_a_stream_started_ends_it_with_an_error_event(served, system, monkeypatch):
-    def broken(prompt):
+    def broken(prompt, **options):
         raise RuntimeError("boom in a secret place")
 
     monkeypatch.setattr(system.agents["planner"], "think", broken)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 
@@ -22,59 +20,17 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from ..core.system import System
-from ..errors import LatentGraphError, RequestError
-from .batcher import Batcher, Failed, Item, Ticket
+from ..errors import RequestError
+from .batcher import Failed, Item, Ticket
 from .limits import Limits
-from .metrics import ServerMetrics
 from .middleware import BearerAuth, BodyLimit, RequestMetrics
 from .page import add_page_routes
 from .protocol import ChatRequest, CompletionRequest, job_of, parse, prompt_questions, question_of
 from .responses import Reply, error_body, request_error_body, sse
+from .service import LOADING_RETRY, Service
 
 logger = logging.getLogger("latentgraph.serve")
-LOADING_RETRY = "5"  # seconds a client should wait while the system loads
 CLIENT_GONE = 499  # the status (nginx's) counted for a request whose client went away before its answer
-
-
-class Service:
-    """The system behind the app, loaded in a thread, and its batcher once it is ready."""
-
-    def __init__(self, load_system: Callable[[], System], name: str, limits: Limits):
-        self.load_system, self.name, self.limits = load_system, name, limits
-        self.metrics = ServerMetrics(queue_depth=lambda: self.batcher.depth if self.batcher else 0)
-        self.system: System | None = None  # once loaded
-        self.batcher: Batcher | None = None
-        self.error: str | None = None  # why loading failed
-        self.created = int(time.time())
-
-    def start(self) -> None:
-        threading.Thread(target=self._load, name="latentgraph-load", daemon=True).start()
-
-    def _load(self) -> None:
-        try:
-            system = self.load_system()
-            for agent in system.agents.values():
-                agent.backbone.load()  # now, not in the first request
-            batcher = Batcher(system, self.limits, self.metrics)
-        except Exception as e:  # reported by /health and to every request
-            self.error = " ".join(str(e).split()) if isinstance(e, LatentGraphError) else repr(e)
-            logger.error("the system could not be loaded: %s", self.error)
-            return
-        batcher.start()
-        self.system, self.batcher = system, batcher
-
-    def stop(self) -> None:
-        if self.batcher is not None:
-            self.batcher.stop()
-
-    def ready(self) -> Batcher:
-        """The batcher, or a 503 saying why there is none yet."""
-        if self.batcher is not None:
-            return self.batcher
-        if self.error is not None:
-            raise RequestError(f"the system failed to load: {self.error}", status=503)
-        raise RequestError("the system is still loading; retry shortly", status=503,
-                           headers={"Retry-After": LOADING_RETRY})
 
 
 def create_app(load_system: System | Callable[[], System], *, name: str, limits: Limits | None = None,

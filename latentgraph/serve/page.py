@@ -23,7 +23,7 @@ from ..core.render import MISSING_DOT, render
 if TYPE_CHECKING:
     from ..core.plan import Plan
     from ..core.system import System
-    from .app import Service
+    from .service import Service
 
 STATIC = Path(__file__).parent / "static"
 # The page runs only its own files and talks only to this server.
