@@ -214,3 +214,14 @@ def test_more_inner_rounds_and_inner_feedback_are_refused_with_the_fix(tiny):
     team.connect("c", "a", slot="feedback", feedback=True)
     with pytest.raises(lg.GraphError, match=r"nested system 'team' has feedback edges \(c->a\)"):
         outer.validate()
+
+
+def test_a_nested_system_can_be_the_answer_node(tiny):
+    _, agents = team_and_outer(tiny)
+    team = lg.System([agents["a"], agents["b"], agents["c"]], answer="c")
+    team.connect("a", "c").connect("b", "c", mode="text")
+    outer = lg.System([agents["planner"], team.node("team", entry=["a", "b"])], rounds=1, answer="team")
+    outer.connect("planner", "team")
+    out = outer.run(QUESTIONS[:2], do_sample=False, max_new_tokens=4)
+    assert outer.plan().answer == "team.c"
+    assert out.texts == out.trace[0]["team.c"].text and out.trace[0]["team.c"].tokens_out is not None
