@@ -78,7 +78,7 @@ def run(
     with console.status(f"loading {style} (the first run converts and caches the models)"):
         system = load(style, task=task, **placement(device, device_map, max_memory, offload_folder),
                       link_dtype=link_dtype, allow_unsandboxed_tools=allow_unsandboxed_tools)
-        for agent in system.agents.values():
+        for agent in system.graph().agents.values():  # a nested system's too
             agent.backbone.load()  # now, under the spinner, not during the first round
             if latent_steps is not None:
                 agent.latent_steps = latent_steps
@@ -278,7 +278,7 @@ def eval_command(
         system = load(style, task=task, **placement(device, device_map, max_memory, offload_folder),
                       link_dtype=link_dtype, allow_unsandboxed_tools=allow_unsandboxed_tools)
         if workers is None:  # Ray workers load their own copies
-            for agent in system.agents.values():
+            for agent in system.graph().agents.values():  # a nested system's too
                 agent.backbone.load()  # now, not inside the first batch's timing
     code = allow_unsandboxed_tools and any(e.kind == "code" for e in examples)
     code_runner = SandboxRunner(require=()) if code else None  # None: the default, which fails closed

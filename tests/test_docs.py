@@ -31,12 +31,13 @@ def test_format_page_example_is_a_valid_config():
 
 
 def test_format_page_schema_lists_exactly_the_config_fields():
-    from latentgraph.core.config import AgentConfig, EdgeConfig
+    from latentgraph.core.config import AgentConfig, EdgeConfig, SubsystemConfig
 
     page = (DOCS / "format.md").read_text()
     table = page[page.index("### Schema"):page.index("A link is")]
     listed = {name for row in re.findall(r"^\| (`[^|]+) \|", table, flags=re.MULTILINE)
               for name in re.findall(r"`([^`]+)`", row)}
     expected = ({*SystemConfig.model_fields} | {f"agents[].{f}" for f in AgentConfig.model_fields}
-                | {f"edges[].{f}" for f in EdgeConfig.model_fields})
+                | {f"edges[].{f}" for f in EdgeConfig.model_fields}
+                | {f"subsystems[].{f}" for f in SubsystemConfig.model_fields})
     assert listed == expected

@@ -29,3 +29,18 @@ def test_readme_shows_the_quickstart():
     for line in ('system.connect("solver", "planner", slot="feedback", feedback=True)',
                  'prompt="Plan: {critic}\\n{question}\\nAnswer in \\\\boxed{{}}.")'):
         assert line in readme and line in example
+
+
+def test_subgraph_example_runs_the_team_as_one_node(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "subgraph.py")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    trace = [row.split() for row in lines[lines.index("round  agent            prompt  tokens in  latents in  "
+                                                      "thoughts  tokens out  seconds") + 1:] if row[:1].isdigit()]
+    assert [row[1] for row in trace] == ["planner", "team.algebra", "team.arithmetic", "team.judge", "solver"]
+    assert [row[4] for row in trace] == ["0", "4", "4", "8", "4"]  # latents in: one link per entry, two into the judge
+    links = next(line for line in lines if line.startswith("links: "))
+    assert "planner->team.algebra" in links and "planner->team.arithmetic" in links and "team.judge->solver" in links
+    assert sum(line.startswith("answer: ") for line in lines) == 1

@@ -82,7 +82,7 @@ def test_to_networkx_holds_every_edge_feedback_included_with_its_attributes(syst
     graph = system.to_networkx()
     assert list(graph.nodes) == ["planner", "critic", "solver"] and graph.graph == {"rounds": 3, "answer": "solver"}
     assert graph.nodes["critic"] == {"backbone": "LlamaForCausalLM", "revision": None, "hidden_size": 48,
-                                     "latent_steps": 4, "answer": False, "tools": []}
+                                     "latent_steps": 4, "answer": False, "tools": [], "system": None}
     assert graph.nodes["solver"]["answer"] is True
     assert graph.edges["solver", "planner"] == {
         "name": "solver->planner", "slot": "feedback", "mode": "latent", "feedback": True, "link_type": "linear",

@@ -286,7 +286,16 @@ class SystemConfig(ConfigModel):
     rounds: Annotated[int, within(ROUNDS)] = Field(3, ge=1)
     answer: str | None = None
     agents: Annotated[list[AgentConfig], at_most(AGENTS)]
+    subsystems: list[SubsystemConfig] = []
     edges: Annotated[list[EdgeConfig], at_most(EDGES)] = []
+
+    @model_serializer(mode="wrap")
+    def _without_absent_subsystems(self, handler: Any) -> dict[str, Any]:
+        """Written only where there are some, so a flat system's file reads as before they existed."""
+        data = handler(self)
+        if not data.get("subsystems"):
+            data.pop("subsystems", None)
+        return data
 
     def to_json(self) -> str:
         """The JSON text ``save_pretrained`` writes."""
@@ -296,6 +305,19 @@ class SystemConfig(ConfigModel):
     def from_file(cls, path: str | Path) -> SystemConfig:
         """Read a ``.json`` or ``.yaml``/``.yml`` file; see :func:`read_config`."""
         return read_config(Path(path))
+
+
+class SubsystemConfig(ConfigModel):
+    """A nested system (:meth:`System.node <latentgraph.System.node>`): its node ``name``, the ``entry`` agents
+    its in-edges deliver to, the ``rounds`` it runs inside each outer round and the ``system`` itself."""
+
+    name: str
+    entry: list[str]
+    rounds: int = Field(1, ge=1)
+    system: SystemConfig
+
+
+SystemConfig.model_rebuild()
 
 
 def read_config(path: Path) -> SystemConfig:
@@ -340,19 +362,24 @@ def _newer(version: Any) -> bool:
     return isinstance(version, str) and parts(version) > parts(__version__)
 
 
-def _drop_unknown(raw: dict) -> list[str]:
+def _drop_unknown(raw: dict, where: str = "config") -> list[str]:
     """Remove, in place, the keys the config models do not have; return their dotted paths."""
-    found = _drop(raw, SystemConfig, "config")
+    found = _drop(raw, SystemConfig, where)
     for i, agent in enumerate(raw.get("agents") or []):
         if isinstance(agent, dict):
-            found += _drop(agent, AgentConfig, f"config.agents[{i}]")
+            found += _drop(agent, AgentConfig, f"{where}.agents[{i}]")
             if isinstance(agent.get("backbone"), dict):
-                found += _drop(agent["backbone"], BackboneConfig, f"config.agents[{i}].backbone")
-            found += _drop_link(agent.get("inner_link"), f"config.agents[{i}].inner_link")
+                found += _drop(agent["backbone"], BackboneConfig, f"{where}.agents[{i}].backbone")
+            found += _drop_link(agent.get("inner_link"), f"{where}.agents[{i}].inner_link")
+    for i, sub in enumerate(raw.get("subsystems") or []):
+        if isinstance(sub, dict):
+            found += _drop(sub, SubsystemConfig, f"{where}.subsystems[{i}]")
+            if isinstance(sub.get("system"), dict):
+                found += _drop_unknown(sub["system"], f"{where}.subsystems[{i}].system")
     for i, edge in enumerate(raw.get("edges") or []):
         if isinstance(edge, dict):
-            found += _drop(edge, EdgeConfig, f"config.edges[{i}]")
-            found += _drop_link(edge.get("link"), f"config.edges[{i}].link")
+            found += _drop(edge, EdgeConfig, f"{where}.edges[{i}]")
+            found += _drop_link(edge.get("link"), f"{where}.edges[{i}].link")
     return found
 
 

@@ -288,30 +288,30 @@ def _run_turn(plan: Plan, turn: Turn, questions: list[str], step: Step, inbox: I
     its prompt (and has a trace line) goes on from them."""
     agent, r = turn.agent, turn.round
     devices = agent.backbone.devices
-    yield from _emit(AgentStarted(round=r, agent=agent.name, prompt=turn.prompt_kind), seen)
+    yield from _emit(AgentStarted(round=r, agent=turn.name, prompt=turn.prompt_kind), seen)
     start, paused = _now(devices), 0.0
     if prompt is None:
-        received = inbox[agent.name]
+        received = inbox[turn.name]
         blank = Message(text=[""] * len(questions))  # slots with no edge: the single-agent baseline
         messages = {s: received.get(s, blank) for s in turn.template.slots}
         caches = [received[e.port].cache for e in turn.incoming if not e.kind.fills_slot and e.port in received]
         prompt = step.encode(turn, questions, messages, KVPrefix.concat(caches) if caches else None)
-        record = AgentStep(round=r, agent=agent.name, prompt=turn.prompt_kind, tokens_in=prompt.text_tokens,
+        record = AgentStep(round=r, agent=turn.name, prompt=turn.prompt_kind, tokens_in=prompt.text_tokens,
                            latents_in=sum(m.latent.shape[1] for m in messages.values() if m.latent is not None),
                            cache_in=0 if prompt.prefix is None else prompt.prefix.length)
     thoughts = None
     if turn.thinks:
         thoughts = step.think(turn, prompt)
-        _check_thoughts(agent.name, thoughts, r)
+        _check_thoughts(turn.name, thoughts, r)
         record.latent_shape = tuple(thoughts.hidden.shape)
         record.latent_norm = thoughts.hidden.detach().float().norm(dim=-1).mean().item()
-        paused += yield from _emit(AgentThought(round=r, agent=agent.name, shape=record.latent_shape,
+        paused += yield from _emit(AgentThought(round=r, agent=turn.name, shape=record.latent_shape,
                                                 norm=record.latent_norm, thoughts=thoughts), seen)
     if turn.speaks:
         spoken, waited = yield from _relay(step.speak(turn, prompt), seen)
         paused += waited
         record.text, record.tokens_out, record.tool_calls = spoken.texts, spoken.tokens_out, spoken.tool_calls
-        paused += yield from _emit(AgentSpoke(round=r, agent=agent.name, texts=spoken.texts,
+        paused += yield from _emit(AgentSpoke(round=r, agent=turn.name, texts=spoken.texts,
                                               tokens_out=spoken.tokens_out, tool_calls=spoken.tool_calls), seen)
     sent = Sent(round=r, agent=agent, prompt=prompt, thoughts=thoughts, texts=record.text,
                 differentiable=step.differentiable)
@@ -322,7 +322,7 @@ def _run_turn(plan: Plan, turn: Turn, questions: list[str], step: Step, inbox: I
                                                     next_round=edge.feedback, latent=message.latent,
                                                     text=message.text), seen)
     record.seconds += _now(devices) - start - paused
-    yield from _emit(AgentFinished(round=r, agent=agent.name, step=record), seen)
+    yield from _emit(AgentFinished(round=r, agent=turn.name, step=record), seen)
     return record, prompt
 
 

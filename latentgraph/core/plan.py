@@ -42,6 +42,7 @@ class Turn:
     """One agent's part in one round."""
 
     round: int
+    name: str  # the agent's name in the graph (a nested system's agents: "team.a")
     agent: Agent
     incoming: tuple[Edge, ...]  # the edges whose messages fill its prompt's slots
     outgoing: tuple[Edge, ...]  # the edges it sends on this round
@@ -54,10 +55,6 @@ class Turn:
     def keeps_cache(self) -> bool:
         """An outgoing edge passes on the KV cache its rollout ends with."""
         return any(e.kind.keeps_cache for e in self.outgoing)
-
-    @property
-    def name(self) -> str:
-        return self.agent.name
 
     @property
     def prompt_kind(self) -> str:
@@ -151,7 +148,7 @@ class Plan:
         for turn in self.turns_in_order():
             agent = turn.agent
             prefix = sum(cached.get(e.src, 0) for e in turn.incoming if not e.kind.fills_slot)
-            key = (agent.name, turn.reads_feedback, turn.thinks, turn.speaks, prefix)
+            key = (turn.name, turn.reads_feedback, turn.thinks, turn.speaks, prefix)
             if key in seen or agent.backbone.max_positions is None:
                 continue
             seen.add(key)
@@ -161,21 +158,21 @@ class Plan:
             extra = prefix + sum(e.kind.positions(self.agents[e.src], max_new_tokens) for e in incoming.values())
             own = max(agent.latent_steps if turn.thinks else 0, max_new_tokens if turn.speaks else 0)
             rendered = agent.render(questions, turn.template, messages)
-            _check_characters(agent, rendered, extra + own)
+            _check_characters(turn.name, agent, rendered, extra + own)
             longest = 0
             for i, row in enumerate(agent.tokenize(rendered)):
                 longest = max(longest, sum(len(p) for p in row if not isinstance(p, tuple)) + extra)
                 if longest + own > agent.backbone.max_positions:
                     raise InputError(
-                        f"agent '{agent.name}': question {i} needs {longest + own} positions (prompt, incoming "
+                        f"agent '{turn.name}': question {i} needs {longest + own} positions (prompt, incoming "
                         f"messages and its own output) but its backbone has {agent.backbone.max_positions}; "
                         "shorten the question or lower latent_steps / max_new_tokens"
                     )
             if turn.keeps_cache:
-                cached[agent.name] = longest + agent.latent_steps
+                cached[turn.name] = longest + agent.latent_steps
 
 
-def _check_characters(agent: Agent, rendered: list[list[str | tuple[str]]], extra: int) -> None:
+def _check_characters(name: str, agent: Agent, rendered: list[list[str | tuple[str]]], extra: int) -> None:
     """Refuse, before tokenizing, a prompt whose characters cannot fit: it has at least ``characters /
     longest_token`` tokens."""
     longest, positions = agent.backbone.longest_token, agent.backbone.max_positions
@@ -186,7 +183,7 @@ def _check_characters(agent: Agent, rendered: list[list[str | tuple[str]]], extr
         needed = -(-characters // longest) + extra  # ceil(characters / longest), then what is appended
         if needed > positions:
             raise InputError(
-                f"agent '{agent.name}': question {i} makes a prompt of {characters:,} characters, which needs at "
+                f"agent '{name}': question {i} makes a prompt of {characters:,} characters, which needs at "
                 f"least {needed:,} positions (no token of its tokenizer has more than {longest} characters; "
                 f"incoming messages and its own output need the rest) but its backbone has {positions:,}; "
                 "shorten the question (or the agent's prompts)"
@@ -205,7 +202,7 @@ def build_plan(graph: Graph, rounds: int, mode: RunMode = "latent") -> Plan:
         raise GraphError("the system is invalid:\n  - " + "\n  - ".join(problems))
     agents, answer = graph.agents, graph.answer
     if mode == "single":
-        turn = Turn(round=1, agent=agents[answer], incoming=(), outgoing=(), thinks=False, speaks=True,
+        turn = Turn(round=1, name=answer, agent=agents[answer], incoming=(), outgoing=(), thinks=False, speaks=True,
                     reads_feedback=False, is_answer=True)
         return Plan(agents=agents, links=graph.links, answer=answer, mode=mode, turns=((turn,),))
     edges = [replace(e, kind=e.kind.as_text()) if mode == "text" else e for e in graph.edges]
@@ -219,7 +216,7 @@ def build_plan(graph: Graph, rounds: int, mode: RunMode = "latent") -> Plan:
             is_answer = name == answer
             if outgoing or (last and is_answer):
                 incoming = tuple(e for e in received[name] if r > 1 or not e.feedback)
-                turns.append(Turn(round=r, agent=agents[name], incoming=incoming, outgoing=outgoing,
+                turns.append(Turn(round=r, name=name, agent=agents[name], incoming=incoming, outgoing=outgoing,
                                   thinks=any(e.kind.thinks for e in outgoing),
                                   speaks=(last and is_answer) or any(e.kind.speaks for e in outgoing),
                                   reads_feedback=_reads_feedback(incoming), is_answer=is_answer))
@@ -238,8 +235,8 @@ def answer_turn(plan: Plan, round_: int) -> Turn:
     if round_ > 1:  # feedback sent to it in the previous round
         incoming += tuple(e for turn in plan.turns[round_ - 2] for e in turn.outgoing
                           if e.dst == plan.answer and e.feedback)
-    return Turn(round=round_, agent=plan.agents[plan.answer], incoming=incoming, outgoing=(), thinks=False,
-                speaks=True, reads_feedback=_reads_feedback(incoming), is_answer=True)
+    return Turn(round=round_, name=plan.answer, agent=plan.agents[plan.answer], incoming=incoming, outgoing=(),
+                thinks=False, speaks=True, reads_feedback=_reads_feedback(incoming), is_answer=True)
 
 
 def _reads_feedback(incoming: tuple[Edge, ...]) -> bool:

@@ -3,7 +3,8 @@
 Drawn from :meth:`System.to_networkx <latentgraph.System.to_networkx>`. Agents show their backbone, hidden
 size and latent steps; the answer node has a double border. Each edge is drawn as its kind says
 (:mod:`~latentgraph.core.edges`): latent edges show their link type, dims and parameter count, text edges say
-``text`` (in grey), KV edges ``kv`` (bold); feedback edges are dashed. Building
+``text`` (in grey), KV edges ``kv`` (bold); feedback edges are dashed. A nested system is a cluster
+(``subgraph cluster_<name>``) holding its agents and the edges between them. Building
 the DOT source needs no Graphviz binary; writing SVG or PNG does (Debian package ``graphviz``).
 """
 
@@ -36,24 +37,38 @@ def render(system: System, path: str | Path | None = None, *, sizes: bool = True
         edge_attr={"fontname": "Helvetica", "fontsize": "10"},
     )
     network = system.to_networkx()
+    kinds = {edge.name: edge.kind for edge in system.graph().edges}
+    clusters = {"": graph}  # by nested system ("team", "team.sub"); "" is the system itself
+    for name in sorted({node["system"] for _, node in network.nodes(data=True) if node["system"]}):
+        _cluster(clusters, name)
     for name, node in network.nodes(data=True):
         title = f"{name} (answer)" if node["answer"] else name
         steps = f"{node['latent_steps']} latent steps"
         tools = [f"tools: {', '.join(f'<{tag}>' for tag in node['tools'])}"] if node["tools"] else []
         label = _lines(title, node["backbone"], f"hidden {node['hidden_size']}, {steps}" if sizes else steps, *tools)
-        graph.node(name, label, **({"peripheries": "2"} if node["answer"] else {}))
+        clusters[node["system"] or ""].node(name, label, **({"peripheries": "2"} if node["answer"] else {}))
     for src, dst, edge in network.edges(data=True):
-        kind = system.edges[edge["name"]].kind
+        kind = kinds[edge["name"]]
         lines = kind.labels(edge, sizes)
-        if edge["slot"] not in (src, None):
+        if edge["slot"] not in (src.rpartition(".")[2], None):
             lines.append(f"slot {edge['slot']}")
         style = dict(kind.draw_style)
         if edge["feedback"]:
             style.update(style="dashed", constraint="false")
-        graph.edge(src, dst, _lines(*lines), **style)
+        inside = network.nodes[src]["system"] if network.nodes[src]["system"] == network.nodes[dst]["system"] else None
+        clusters[inside or ""].edge(src, dst, _lines(*lines), **style)
+    for name in sorted(clusters, key=len, reverse=True)[:-1]:  # innermost first: a cluster is copied when added
+        clusters[name.rpartition(".")[0]].subgraph(clusters[name])
     if path is not None:
         _write(graph, Path(path))
     return graph
+
+
+def _cluster(clusters: dict[str, graphviz.Digraph], name: str) -> None:
+    """The cluster of nested system ``name``, and those of the systems it is nested in."""
+    if name and name not in clusters:
+        _cluster(clusters, name.rpartition(".")[0])
+        clusters[name] = graphviz.Digraph(name=f"cluster_{name}", graph_attr={"label": name, "style": "rounded"})
 
 
 def _lines(*lines: str) -> str:

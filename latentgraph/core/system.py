@@ -11,7 +11,7 @@ Every check that can fail runs before the first forward of a run. A plan is comp
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import networkx as nx
@@ -29,6 +29,7 @@ from .parallel import check_parallel
 from .plan import Plan, build_plan
 from .prompt import QUESTION
 from .sampling import Sampling
+from .subsystem import Subsystem, flatten
 from .system_files import SystemFiles
 from .validation import graph_problems
 
@@ -39,25 +40,28 @@ class System(SystemFiles, nn.Module):
     """A multi-agent system: a typed graph of agents, links and rounds.
 
     Args:
-        agents: the agents (names must be unique).
+        agents: the agents (names must be unique), and any nested systems (:meth:`node`).
         rounds: how many rounds :meth:`run` unrolls by default.
-        answer: the agent that decodes the final text (default: the only agent, if there is one).
+        answer: the agent (or nested system) that decodes the final text (default: the only one, if there is one).
 
-    ``system.agents`` maps names to agents and ``system.links`` edge names (``"planner->critic"``) to
-    outer links; both are ``nn.ModuleDict``s, so ``system.parameters()`` are exactly the link parameters
-    (backbones are referenced, not registered).
+    ``system.agents`` maps names to agents, ``system.subsystems`` names to nested systems and ``system.links``
+    edge names (``"planner->critic"``) to outer links (an edge into a nested system: ``{entry: link}``); all are
+    ``nn.ModuleDict``s, so ``system.parameters()`` are exactly the link parameters, each once (backbones are
+    referenced, not registered).
     """
 
-    def __init__(self, agents: Iterable[Agent], *, rounds: int = 3, answer: str | None = None):
+    def __init__(self, agents: Iterable[Agent | Subsystem], *, rounds: int = 3, answer: str | None = None):
         super().__init__()
         self.agents = nn.ModuleDict()
+        self.subsystems = nn.ModuleDict()
         self.links = nn.ModuleDict()
         self.edges: dict[str, Edge] = {}
         self._plans: OrderedDict[Any, Plan] = OrderedDict()
         for agent in agents:
             self.add(agent)
         self.rounds = rounds
-        self.answer = answer if answer is not None or len(self.agents) != 1 else next(iter(self.agents))
+        nodes = [*self.agents, *self.subsystems]
+        self.answer = answer if answer is not None or len(nodes) != 1 else nodes[0]
 
     @property
     def rounds(self) -> int:
@@ -71,19 +75,30 @@ class System(SystemFiles, nn.Module):
             raise GraphError(f"rounds: {problem}")
         self._rounds = value
 
-    def add(self, agent: Agent) -> System:
-        """Add an agent."""
-        if not isinstance(agent, Agent):
-            raise GraphError(f"System takes Agent objects, got {agent!r}")
-        if agent.name in self.agents:
-            raise GraphError(f"duplicate agent name '{agent.name}'; give each agent its own name")
-        if problem := AGENTS.problem(len(self.agents) + 1, f"a system of {len(self.agents) + 1} agents"):
+    def add(self, agent: Agent | Subsystem) -> System:
+        """Add an agent, or a nested system (:meth:`node`)."""
+        if not isinstance(agent, (Agent, Subsystem)):
+            raise GraphError(f"System takes Agent objects and nested systems (system.node(...)), got {agent!r}")
+        if agent.name in self.agents or agent.name in self.subsystems:
+            raise GraphError(f"duplicate agent name '{agent.name}'; give each agent and nested system its own name")
+        count = sum(len(node.graph().agents) if isinstance(node, Subsystem) else 1
+                    for node in [*self.agents.values(), *self.subsystems.values(), agent])
+        if problem := AGENTS.problem(count, f"a system of {count} agents"):
             raise GraphError(f"cannot add agent '{agent.name}': {problem}")
         try:
-            self.agents[agent.name] = agent
+            (self.subsystems if isinstance(agent, Subsystem) else self.agents)[agent.name] = agent
         except KeyError:
             raise GraphError(f"agent name '{agent.name}' is reserved by nn.ModuleDict; choose another") from None
         return self
+
+    def node(self, name: str, *, entry: Sequence[str], rounds: int = 1) -> Subsystem:
+        """This system as a node named ``name`` of another system (a subgraph): ``outer = System([planner,
+        team.node("team", entry=["a"])])``. An in-edge ``x -> team`` delivers to each ``entry`` agent, into the
+        slot it names (which every entry's prompt must have; a latent edge gets one link per entry); an out-edge
+        ``team -> y`` carries what this system's answer node sends. It runs ``rounds`` of its own rounds inside
+        each outer round: one (more are not supported yet), so it may have no feedback edges. Its agents run
+        as ``<name>.<agent>``; see :mod:`~latentgraph.core.subsystem`."""
+        return Subsystem(self, name, entry, rounds)
 
     def connect(self, src: str, dst: str, *, slot: str | None = None, feedback: bool = False,
                 mode: str = "latent", link: Any = None, kv: str | None = None) -> System:
@@ -103,8 +118,9 @@ class System(SystemFiles, nn.Module):
         """
         where = f"edge '{src}->{dst}'"
         for name in (src, dst):
-            if name not in self.agents:
-                raise GraphError(f"{where}: unknown agent '{name}'; agents are {list(self.agents)}")
+            if name not in self.agents and name not in self.subsystems:
+                raise GraphError(f"{where}: unknown agent '{name}'; agents are {list(self.agents)}"
+                                 + (f", nested systems {list(self.subsystems)}" if self.subsystems else ""))
         if f"{src}->{dst}" in self.edges:
             raise GraphError(f"{where} already exists; disconnect('{src}', '{dst}') first to replace it")
         if problem := EDGES.problem(len(self.edges) + 1, f"a system of {len(self.edges) + 1} edges"):
@@ -121,13 +137,25 @@ class System(SystemFiles, nn.Module):
             self._check_acyclic(src, dst, where)
         edge = Edge(src=src, dst=dst, slot=slot, kind=kind, feedback=bool(feedback))
         if kind.carries_link:
-            self.links[edge.name] = make_link(link if link is not None else "ln_res", role="outer",
-                                              in_dim=self.agents[src].hidden_size,
-                                              out_dim=self.agents[dst].hidden_size, where=where)
+            self.links[edge.name] = self._make_links(src, dst, link if link is not None else "ln_res", where)
         elif link is not None:
             raise GraphError(f"{where}: a {kind.name} edge carries no link; drop link= or use mode='latent'")
         self.edges[edge.name] = edge
         return self
+
+    def _make_links(self, src: str, dst: str, link: Any, where: str) -> nn.Module:
+        """The outer link of a latent edge; into a nested system, ``{entry: link}`` with a link per entry."""
+        sender = self.subsystems[src].exit_agent() if src in self.subsystems else self.agents[src]
+        if dst in self.agents:
+            return make_link(link, role="outer", in_dim=sender.hidden_size, out_dim=self.agents[dst].hidden_size,
+                             where=where)
+        entries = self.subsystems[dst].entry_agents()
+        if isinstance(link, nn.Module) and len(entries) > 1:
+            raise GraphError(f"{where}: '{dst}' has {len(entries)} entry agents, each with its own link; pass a "
+                             "link type or config (one link is made per entry), not a module")
+        return nn.ModuleDict({entry: make_link(link, role="outer", in_dim=sender.hidden_size,
+                                               out_dim=agent.hidden_size, where=f"{where} (entry '{entry}')")
+                              for entry, agent in entries.items()})
 
     def disconnect(self, src: str, dst: str) -> System:
         """Remove the edge ``src -> dst`` and its link."""
@@ -140,7 +168,9 @@ class System(SystemFiles, nn.Module):
         return self
 
     def _check_acyclic(self, src: str, dst: str, where: str) -> None:
-        graph = self.graph().forward_dag()
+        graph = nx.DiGraph()  # a nested system is one node here: its own edges form a DAG
+        graph.add_nodes_from([*self.agents, *self.subsystems])
+        graph.add_edges_from((e.src, e.dst) for e in self.edges.values() if not e.feedback)
         graph.add_edge(src, dst)
         if nx.has_path(graph, dst, src):
             cycle = " -> ".join([src, *nx.shortest_path(graph, dst, src)])
@@ -152,33 +182,41 @@ class System(SystemFiles, nn.Module):
     def to_networkx(self) -> nx.DiGraph:
         """The whole graph, feedback edges included, as a ``networkx.DiGraph``.
 
-        Nodes are agent names with attributes ``backbone``, ``revision``, ``hidden_size``, ``latent_steps``,
-        ``answer`` (bool) and ``tools`` (tags). Edges carry ``name``, ``slot``, ``mode``, ``feedback``,
-        ``link_type``, ``in_dim``, ``out_dim`` and ``params`` (link attributes are ``None`` on text edges).
-        The graph attributes are ``rounds`` and ``answer``.
+        Nodes are agent names (a nested system's as ``<node>.<agent>``: the graph is flattened) with attributes
+        ``backbone``, ``revision``, ``hidden_size``, ``latent_steps``, ``answer`` (bool), ``tools`` (tags) and
+        ``system`` (the nested system it runs in, as ``"team"`` or ``"team.sub"``; ``None`` for the system's own
+        agents). Edges carry ``name``, ``slot``, ``mode``, ``feedback``, ``link_type``, ``in_dim``, ``out_dim``
+        and ``params`` (link attributes are ``None`` on text edges). The graph attributes are ``rounds`` and
+        ``answer``.
         """
-        graph = nx.DiGraph(rounds=self.rounds, answer=self.answer)
-        for name, agent in self.agents.items():
+        flat = self.graph()
+        graph = nx.DiGraph(rounds=self.rounds, answer=flat.answer)
+        for name, agent in flat.agents.items():
             graph.add_node(name, backbone=str(agent.backbone.name_or_path), revision=agent.backbone.revision,
                            hidden_size=agent.hidden_size, latent_steps=agent.latent_steps,
-                           answer=name == self.answer, tools=[tool.tag for tool in agent.tools])
-        for edge in self.edges.values():
-            link = self.links[edge.name] if edge.kind.carries_link else None
+                           answer=name == flat.answer, tools=[tool.tag for tool in agent.tools],
+                           system=name.rpartition(".")[0] or None)
+        for edge in flat.edges:
+            link = flat.links[edge.name] if edge.kind.carries_link else None
             graph.add_edge(
                 edge.src, edge.dst, name=edge.name, slot=edge.slot, mode=edge.mode, feedback=edge.feedback,
                 link_type=None if link is None else link.config.type if isinstance(link, Link) else type(link).__name__,
-                in_dim=None if link is None else self.agents[edge.src].hidden_size,
-                out_dim=None if link is None else self.agents[edge.dst].hidden_size,
+                in_dim=None if link is None else flat.agents[edge.src].hidden_size,
+                out_dim=None if link is None else flat.agents[edge.dst].hidden_size,
                 params=None if link is None else sum(p.numel() for p in link.parameters()))
         return graph
 
     def order(self) -> list[str]:
-        """Agents in topological order of the forward edges; ties keep the order agents were added."""
+        """Agents in topological order of the forward edges; ties keep the order agents were added (a nested
+        system's agents come after the system's own)."""
         return self.graph().order()
 
     def graph(self) -> Graph:
-        """The graph as data: a snapshot of the agents, edges, answer node and outer links."""
-        return Graph.of(self.agents, self.edges, self.answer, self.links)
+        """The graph as data: a snapshot of the agents, edges, answer node and outer links, with nested systems
+        flattened into it (:func:`~latentgraph.core.subsystem.flatten`)."""
+        if not self.subsystems:
+            return Graph.of(self.agents, self.edges, self.answer, self.links)
+        return flatten(self)
 
     def validate(self) -> System:
         """Check the whole graph; raise one :class:`GraphError` listing every problem and its fix."""
@@ -262,15 +300,19 @@ class System(SystemFiles, nn.Module):
         return finished.output
 
     def link_modules(self) -> dict[str, nn.Module]:
-        """Every link: inner links by agent name, then outer links by edge name (``"planner->critic"``)."""
-        return {**{name: agent.inner_link for name, agent in self.agents.items()}, **dict(self.links)}
+        """Every link: inner links by agent name, then outer links by edge name (``"planner->critic"``); a nested
+        system's by their flattened names (``"team.a"``, ``"planner->team.a"``, ``"team.a->team.b"``)."""
+        graph = self.graph()
+        return {**{name: agent.inner_link for name, agent in graph.agents.items()}, **dict(graph.links)}
 
     def __repr__(self) -> str:
         agents = "\n".join(f"    {a.name}: {a.backbone.name_or_path} (hidden {a.hidden_size}, "
                            f"{a.latent_steps} latent steps)" for a in self.agents.values())
         edges = "\n".join(f"    {e.name} [{e.mode}{', feedback' if e.feedback else ''}"
                           f"{f', slot {e.slot!r}' if e.slot else ''}]" for e in self.edges.values())
-        return f"System(rounds={self.rounds}, answer={self.answer!r})\n  agents:\n{agents}\n  edges:\n{edges}"
+        nested = "".join(f"\n    {name}: nested system, entry {list(sub.entry)}, agents {list(sub.system.agents)}"
+                         for name, sub in self.subsystems.items())
+        return f"System(rounds={self.rounds}, answer={self.answer!r})\n  agents:\n{agents}{nested}\n  edges:\n{edges}"
 
     def num_parameters(self) -> int:
         """Trainable link parameters (inner and outer); backbones are not counted."""
@@ -278,7 +320,9 @@ class System(SystemFiles, nn.Module):
 
     def place_links(self) -> None:
         """Put each inner link on its agent's device and each outer link on its receiver's device."""
-        for agent in self.agents.values():
+        graph = self.graph()
+        for agent in graph.agents.values():
             agent.inner_link.to(agent.backbone.device)
-        for name, link in self.links.items():
-            link.to(self.agents[self.edges[name].dst].backbone.device)
+        for edge in graph.edges:
+            if edge.name in graph.links:
+                graph.links[edge.name].to(graph.agents[edge.dst].backbone.device)

@@ -17,7 +17,16 @@ from ..errors import CheckpointError, GraphError
 from ..files.hub import fetch
 from ..version import __version__
 from .agent import Agent
-from .config import CONFIG_NAME, CONFIG_SUFFIXES, FORMAT_VERSION, EdgeConfig, SystemConfig, read_config
+from .config import (
+    CONFIG_NAME,
+    CONFIG_SUFFIXES,
+    FORMAT_VERSION,
+    EdgeConfig,
+    LinkConfig,
+    SubsystemConfig,
+    SystemConfig,
+    read_config,
+)
 from .links import config_of
 
 if TYPE_CHECKING:
@@ -29,14 +38,27 @@ class SystemFiles:
 
     def to_config(self) -> SystemConfig:
         """The system as data (a :class:`~latentgraph.SystemConfig`): exactly what ``latentgraph_config.json``
-        holds. Link weights and tools are not part of it."""
+        holds (a nested system as a ``subsystems`` entry holding its own config). Link weights and tools are not
+        part of it."""
         return SystemConfig(
             format_version=FORMAT_VERSION, latentgraph_version=__version__, rounds=self.rounds, answer=self.answer,
             agents=[agent.config for agent in self.agents.values()],
+            subsystems=[SubsystemConfig(name=name, entry=list(sub.entry), rounds=sub.rounds,
+                                        system=sub.system.to_config()) for name, sub in self.subsystems.items()],
             edges=[EdgeConfig(src=e.src, dst=e.dst, slot=e.slot, mode=e.mode, feedback=e.feedback,
-                              link=config_of(self.links[e.name], f"edge '{e.name}' link")
-                              if e.kind.carries_link else None, **e.kind.options())
+                              link=self._link_config(e.name) if e.kind.carries_link else None, **e.kind.options())
                    for e in self.edges.values()])
+
+    def _link_config(self, edge: str) -> LinkConfig:
+        """An edge's link config; into a nested system, the one config all its entries' links share."""
+        link = self.links[edge]
+        if edge.split("->")[1] not in self.subsystems:
+            return config_of(link, f"edge '{edge}' link")
+        configs = {entry: config_of(module, f"edge '{edge}' link to entry '{entry}'") for entry, module in link.items()}
+        if len({c.model_dump_json() for c in configs.values()}) > 1:
+            raise GraphError(f"edge '{edge}': its entries' links have different configs ({configs}), which one "
+                             "edge config cannot describe; give them the same link type and settings")
+        return next(iter(configs.values()))
 
     @classmethod
     def from_config(cls, config: SystemConfig | dict | str | Path, *, backbones: dict[str, Any] | None = None,
@@ -64,17 +86,25 @@ class SystemFiles:
         elif not isinstance(config, SystemConfig):
             raise GraphError(f"System.from_config takes a SystemConfig, a dict or a file path, got {config!r}")
         backbones = backbones or {}
-        names = [a.name for a in config.agents]
+        names = agent_names(config)
         for name in backbones:
             if name not in names:
                 raise GraphError(f"backbones= names agent '{name}', which the config does not have; agents: {names}")
         placement = {"device": device, "dtype": dtype, "device_map": device_map, "max_memory": max_memory,
                      "offload_folder": offload_folder}
-        system = cls([Agent.from_config(a, backbones.get(a.name), **placement) for a in config.agents],
+        return cls._build(config, backbones, placement).validate()
+
+    @classmethod
+    def _build(cls, config: SystemConfig, backbones: dict[str, Any], placement: dict[str, Any]) -> System:
+        """The system ``config`` describes, unvalidated: a nested system is valid only inside its outer one."""
+        nested = [cls._build(sub.system, {k.partition(".")[2]: v for k, v in backbones.items()
+                                          if k.startswith(f"{sub.name}.")}, placement)
+                  .node(sub.name, entry=sub.entry, rounds=sub.rounds) for sub in config.subsystems]
+        system = cls([*(Agent.from_config(a, backbones.get(a.name), **placement) for a in config.agents), *nested],
                      rounds=config.rounds, answer=config.answer)
         for e in config.edges:
             system.connect(e.src, e.dst, slot=e.slot, mode=e.mode, feedback=e.feedback, link=e.link, kv=e.kv)
-        return system.validate()
+        return system
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the graph (``latentgraph_config.json``, which is :meth:`to_config` as JSON) and the link weights
@@ -110,7 +140,7 @@ class SystemFiles:
         link_dtype = check_link_dtype(link_dtype)
         directory = fetch(source, revision=revision)  # a folder a save killed midway left aside is put back
         config = read_config(directory / CONFIG_NAME)
-        names = [a.name for a in config.agents]
+        names = agent_names(config)
         for name in backbones or {}:
             if name not in names:
                 raise CheckpointError(f"backbones= names agent '{name}', which {directory} does not have; "
@@ -131,3 +161,9 @@ class SystemFiles:
         with tempfile.TemporaryDirectory() as directory:
             self.save_pretrained(directory)
             return str(api.upload_folder(repo_id=repo_id, folder_path=directory, commit_message=commit_message))
+
+
+def agent_names(config: SystemConfig) -> list[str]:
+    """Every agent a config describes, a nested system's as ``<node>.<agent>``."""
+    return [a.name for a in config.agents] + [f"{sub.name}.{name}" for sub in config.subsystems
+                                              for name in agent_names(sub.system)]

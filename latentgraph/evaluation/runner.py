@@ -224,8 +224,8 @@ def fingerprint(system: System) -> str:
     except GraphError:  # a plain nn.Module link has no config: the module tree and the prompts stand in for it
         described = [nn.Module.__repr__(system), repr(system),
                      [[a.prompt, a.feedback_prompt, a.system_prompt, a.backbone.revision]
-                      for a in system.agents.values()]]
-    dtypes = {name: str(agent.backbone.dtype) for name, agent in system.agents.items()}
+                      for a in system.graph().agents.values()]]
+    dtypes = {name: str(agent.backbone.dtype) for name, agent in system.graph().agents.items()}  # nested ones too
     digest = hashlib.sha256(json.dumps([described, dtypes], sort_keys=True).encode())
     for name, tensor in sorted(link_state_dict(system.link_modules()).items()):
         digest.update(f"{name}:{tensor.dtype}".encode() + tensor.detach().float().cpu().numpy().tobytes())

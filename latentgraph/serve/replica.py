@@ -54,7 +54,7 @@ class Replica:
 
 def _load_with_backbones(style: str, load_options: dict[str, Any]) -> System:
     system = load(style, **load_options)
-    for agent in system.agents.values():
+    for agent in system.graph().agents.values():  # a nested system's too
         agent.backbone.load()  # here, so that a replica is ready only with its weights in memory
     return system
 

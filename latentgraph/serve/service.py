@@ -34,7 +34,7 @@ class Service:
     def _load(self) -> None:
         try:
             system = self.load_system()
-            for agent in system.agents.values():
+            for agent in system.graph().agents.values():  # a nested system's too
                 agent.backbone.load()  # now, not in the first request
             batcher = Batcher(system, self.limits, self.metrics)
         except Exception as e:  # reported by /health and to every request

@@ -36,6 +36,8 @@ from ..errors import GraphError
 
 if TYPE_CHECKING:
     from ..core.agent import Agent
+    from ..core.edges import Edge
+    from ..core.graph import Graph
     from ..core.system import System
 
 
@@ -53,14 +55,15 @@ def initialize(system: System, texts: list[str], *, max_tokens: int = 4096) -> S
             states[id(agent.backbone)] = hidden_states(agent, texts, max_tokens)
         return states[id(agent.backbone)]
 
-    for agent in system.agents.values():
+    graph = system.graph()  # a nested system's agents and links too
+    for agent in graph.agents.values():
         hidden = states_of(agent)[0]
         if id(agent.backbone) not in maps:
             maps[id(agent.backbone)] = realignment(agent, hidden)
         _write_realigned(agent, maps[id(agent.backbone)], hidden)
-    for name, edge in system.edges.items():
+    for edge in graph.edges:
         if edge.kind.carries_link:
-            _bridge(system, name, *states_of(system.agents[edge.src]))
+            _bridge(graph, edge, *states_of(graph.agents[edge.src]))
     return system
 
 
@@ -73,8 +76,13 @@ def realign(agent: Agent, texts: list[str], *, max_tokens: int = 4096) -> None:
 
 @torch.no_grad()
 def bridge(system: System, edge: str, texts: list[str], *, max_tokens: int = 4096) -> None:
-    """Fit the outer link of ``edge`` (``"src->dst"``) by ridge regression on ``texts``."""
-    _bridge(system, edge, *hidden_states(system.agents[system.edges[edge].src], texts, max_tokens))
+    """Fit the outer link of ``edge`` (``"src->dst"``; into a nested system, ``"src->team.a"``) by ridge
+    regression on ``texts``."""
+    graph = system.graph()
+    edges = {e.name: e for e in graph.edges if e.kind.carries_link}
+    if edge not in edges:
+        raise GraphError(f"no latent edge '{edge}' to bridge; latent edges are {list(edges)}")
+    _bridge(graph, edges[edge], *hidden_states(graph.agents[edges[edge].src], texts, max_tokens))
 
 
 def realignment(agent: Agent, hidden: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
@@ -117,8 +125,8 @@ def _write_realigned(agent: Agent, matrix: torch.Tensor, hidden: torch.Tensor) -
            f"agent '{agent.name}' inner link")
 
 
-def _bridge(system: System, edge: str, hidden: torch.Tensor, next_ids: torch.Tensor, ridge: float = 1e-2) -> None:
-    src, dst = system.agents[system.edges[edge].src], system.agents[system.edges[edge].dst]
+def _bridge(graph: Graph, edge: Edge, hidden: torch.Tensor, next_ids: torch.Tensor, ridge: float = 1e-2) -> None:
+    src, dst = graph.agents[edge.src], graph.agents[edge.dst]
     inner = src.inner_link
     sent = inner(hidden.to(**placement(inner))).double().cpu()  # what the sender sends, (N, H_src)
     inputs, targets = [], []
@@ -131,14 +139,14 @@ def _bridge(system: System, edge: str, hidden: torch.Tensor, next_ids: torch.Ten
             inputs.append(sent[row])
             targets.append(dst_embed(torch.tensor(dst_ids, device=dst.backbone.device)).double().mean(0).cpu())
     if len(inputs) < 16:
-        raise GraphError(f"edge '{edge}': bridge found only {len(inputs)} token pairs; give it more text")
+        raise GraphError(f"edge '{edge.name}': bridge found only {len(inputs)} token pairs; give it more text")
     x, y = torch.stack(inputs), torch.stack(targets)  # (n, H_src), (n, H_dst)
     x_mean, y_mean = x.mean(0), y.mean(0)
     xc = x - x_mean
     gram = xc.T @ xc
     lam = ridge * gram.diagonal().mean()
     weight = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), xc.T @ (y - y_mean))
-    _write(system.links[edge], weight, y_mean - x_mean @ weight, x, f"edge '{edge}' link", targets=y)
+    _write(graph.links[edge.name], weight, y_mean - x_mean @ weight, x, f"edge '{edge.name}' link", targets=y)
 
 
 def hidden_states(agent: Agent, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -159,8 +159,9 @@ def train(system: System, examples: list[TrainExample], config: TrainConfig | No
 
 
 def _trainable(system: System, stage: str) -> list[torch.nn.Parameter]:
-    inner = [p for agent in system.agents.values() for p in agent.inner_link.parameters()]
-    outer = list(system.links.parameters())
+    graph = system.graph()  # a nested system's links too; a module under two names (a shared agent) once
+    inner = list({id(p): p for agent in graph.agents.values() for p in agent.inner_link.parameters()}.values())
+    outer = list({id(p): p for link in graph.links.values() for p in link.parameters()}.values())
     return {"inner": inner, "outer": outer, "joint": inner + outer}[stage]
 
 
@@ -196,7 +197,8 @@ def _step(system: System, examples: list[TrainExample], config: TrainConfig, ste
     for micro in batches_for(step, config, len(examples), ranks.rank, ranks.size):
         batch = [examples[i] for i in micro]
         if config.stage == "inner":
-            loss = sum(inner_loss(system, agent, batch) for agent in system.agents.values()) / len(system.agents)
+            names = list(system.graph().agents)
+            loss = sum(inner_loss(system, name, batch) for name in names) / len(names)
         else:
             unrolled = unrolled_loss(system, batch, regime=config.regime, rounds=config.rounds,
                                      intermediate_weight=config.intermediate_weight, grad_steps=config.grad_steps)

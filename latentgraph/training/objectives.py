@@ -98,19 +98,21 @@ def example_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
 
 
-def inner_loss(system: System, agent: Agent, batch: list[TrainExample]) -> torch.Tensor:
-    """Cosine loss of ``agent``'s inner link against next-token input embeddings on its role targets (a mean
-    per example, as :func:`example_mean` says).
+def inner_loss(system: System, name: str, batch: list[TrainExample]) -> torch.Tensor:
+    """Cosine loss of the inner link of agent ``name`` (a nested system's as ``"team.a"``) against next-token
+    input embeddings on its role targets (a mean per example, as :func:`example_mean` says).
 
     The prompt is the agent's round-1 prompt with every slot filled by the sender's target text.
     """
+    graph = system.graph()
+    agent = graph.agents[name]
     template = agent.template(feedback=False)
-    senders = {e.slot: e.src for e in system.graph().into(agent.name) if not e.feedback and e.kind.fills_slot}
+    senders = {e.slot: e.src for e in graph.into(name) if not e.feedback and e.kind.fills_slot}
     messages = {slot: Message(text=[ex.target_for(senders[slot]) for ex in batch]) for slot in template.slots}
     with torch.no_grad():
         prompt = agent.encode([ex.question for ex in batch], template, messages)
-        answer = agent.name == system.answer
-        forced = teacher_forced(agent, prompt, target_ids(agent, [ex.answer if answer else ex.target_for(agent.name)
+        answer = name == graph.answer
+        forced = teacher_forced(agent, prompt, target_ids(agent, [ex.answer if answer else ex.target_for(name)
                                                                   for ex in batch]))
         goals = agent.backbone.embed(forced.ids)  # (B, T, H): hidden[:, t] should map to the embedding of token t
     predicted = agent.inner_link(forced.hidden.to(**placement(agent.inner_link)))  # (B, T, H)
