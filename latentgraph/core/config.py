@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -41,6 +41,9 @@ from ..errors import CheckpointError, GraphError, shown
 from ..files.text import read_json, read_yaml
 from ..version import __version__
 from .limits import AGENTS, EDGES, LATENT_STEPS, ROUNDS, Limit
+
+if TYPE_CHECKING:  # conditions.py builds on this module; it resolves EdgeConfig.when when it is imported
+    from .conditions import ConditionField
 
 CONFIG_NAME = "latentgraph_config.json"
 WEIGHTS_NAME = "links.safetensors"
@@ -144,7 +147,7 @@ class LinkConfig(ConfigModel):
 LINK_CONFIGS: dict[str, type[LinkConfig]] = {}
 # the edge kinds' names; filled by latentgraph.core.edges.register_edge_kind
 EDGE_MODES: set[str] = set()
-OPTIONAL_EDGE_FIELDS = ("kv",)  # written only when set
+OPTIONAL_EDGE_FIELDS = ("kv", "when")  # written only when set
 
 
 def link_config_class(name: str) -> type[LinkConfig]:
@@ -241,7 +244,8 @@ class AgentConfig(ConfigModel):
 class EdgeConfig(ConfigModel):
     """A directed edge ``src -> dst`` of kind ``mode`` filling slot ``{slot}`` (default: ``src``; a KV edge
     fills none) of the receiver's prompt; a latent edge carries ``link`` (default ``ln_res``), the others none;
-    ``kv`` is what a KV edge passes (``"all"`` when absent, or ``"thoughts"``)."""
+    ``kv`` is what a KV edge passes (``"all"`` when absent, or ``"thoughts"``); ``when``, the condition under which
+    the edge carries its message (absent: always; see :mod:`~latentgraph.core.conditions`)."""
 
     src: str
     dst: str
@@ -250,6 +254,7 @@ class EdgeConfig(ConfigModel):
     feedback: bool = False
     link: LinkConfig | None = None
     kv: Literal["all", "thoughts"] | None = None
+    when: ConditionField | None = None
 
     @field_validator("mode")
     @classmethod

@@ -35,7 +35,7 @@ class SystemFiles:
             agents=[agent.config for agent in self.agents.values()],
             edges=[EdgeConfig(src=e.src, dst=e.dst, slot=e.slot, mode=e.mode, feedback=e.feedback,
                               link=config_of(self.links[e.name], f"edge '{e.name}' link")
-                              if e.kind.carries_link else None, **e.kind.options())
+                              if e.kind.carries_link else None, when=e.when, **e.kind.options())
                    for e in self.edges.values()])
 
     @classmethod
@@ -73,7 +73,8 @@ class SystemFiles:
         system = cls([Agent.from_config(a, backbones.get(a.name), **placement) for a in config.agents],
                      rounds=config.rounds, answer=config.answer)
         for e in config.edges:
-            system.connect(e.src, e.dst, slot=e.slot, mode=e.mode, feedback=e.feedback, link=e.link, kv=e.kv)
+            system.connect(e.src, e.dst, slot=e.slot, mode=e.mode, feedback=e.feedback, link=e.link, kv=e.kv,
+                           when=e.when)
         return system.validate()
 
     def save_pretrained(self, directory: str | Path) -> Path:
