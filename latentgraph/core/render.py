@@ -3,7 +3,8 @@
 Drawn from :meth:`System.to_networkx <latentgraph.System.to_networkx>`. Agents show their backbone, hidden
 size and latent steps; the answer node has a double border. Each edge is drawn as its kind says
 (:mod:`~latentgraph.core.edges`): latent edges show their link type, dims and parameter count, text edges say
-``text`` (in grey), KV edges ``kv`` (bold); feedback edges are dashed. Building
+``text`` (in grey), KV edges ``kv`` (bold); feedback edges are dashed, and conditional edges dotted, with their
+condition as a last label line (``when ...``). Building
 the DOT source needs no Graphviz binary; writing SVG or PNG does (Debian package ``graphviz``).
 """
 
@@ -43,13 +44,17 @@ def render(system: System, path: str | Path | None = None, *, sizes: bool = True
         label = _lines(title, node["backbone"], f"hidden {node['hidden_size']}, {steps}" if sizes else steps, *tools)
         graph.node(name, label, **({"peripheries": "2"} if node["answer"] else {}))
     for src, dst, edge in network.edges(data=True):
-        kind = system.edges[edge["name"]].kind
+        kind, when = system.edges[edge["name"]].kind, system.edges[edge["name"]].when
         lines = kind.labels(edge, sizes)
         if edge["slot"] not in (src, None):
             lines.append(f"slot {edge['slot']}")
+        if when is not None:
+            lines.append(f"when {when.describe()}")
         style = dict(kind.draw_style)
         if edge["feedback"]:
             style.update(style="dashed", constraint="false")
+        if when is not None:  # dotted: it carries its message only where its condition holds
+            style["style"] = "dotted"
         graph.edge(src, dst, _lines(*lines), **style)
     if path is not None:
         _write(graph, Path(path))
