@@ -29,7 +29,6 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from ..core.conditions import ConditionField  # noqa: F401 (importing it resolves the config's edge conditions)
 from ..core.config import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, SystemConfig, read_config
 from ..errors import CheckpointError, unpickling_problem
 from ..files.atomic import recover, write_directory

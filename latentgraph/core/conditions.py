@@ -23,7 +23,7 @@ from pydantic import BeforeValidator, Field, PlainSerializer, ValidationError, c
 from pydantic_core import PydanticCustomError
 
 from ..errors import GraphError, InputError, shown
-from .config import ConfigModel, EdgeConfig, SystemConfig, _validation_errors, describe_errors
+from .config_base import ConfigModel, _validation_errors, describe_errors
 from .limits import PATTERN_CHARS, ROUNDS
 
 
@@ -172,10 +172,6 @@ ConditionField = Annotated[Condition, BeforeValidator(_condition_field),
                            PlainSerializer(lambda condition: condition.to_dict(), return_type=dict)]
 """The type of a config field holding a condition (``when: ConditionField | None = None``): it reads any spec
 :func:`parse_condition` reads, reports bad fields under the field's path, and stores :meth:`Condition.to_dict`."""
-
-# config.py cannot import this module (it builds on config.py), so an edge's ``when`` is resolved here
-EdgeConfig.model_rebuild(_types_namespace={"ConditionField": ConditionField})
-SystemConfig.model_rebuild(force=True)
 
 
 # ---- built-ins ----

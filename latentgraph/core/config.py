@@ -18,17 +18,13 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     ValidationError,
     field_serializer,
@@ -40,10 +36,9 @@ from pydantic_core import PydanticCustomError
 from ..errors import CheckpointError, GraphError, shown
 from ..files.text import read_json, read_yaml
 from ..version import __version__
+from .conditions import ConditionField
+from .config_base import ConfigModel, _validation_errors, describe_errors
 from .limits import AGENTS, EDGES, LATENT_STEPS, ROUNDS, Limit
-
-if TYPE_CHECKING:  # conditions.py builds on this module; it resolves EdgeConfig.when when it is imported
-    from .conditions import ConditionField
 
 CONFIG_NAME = "latentgraph_config.json"
 WEIGHTS_NAME = "links.safetensors"
@@ -52,36 +47,6 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
 Role = Literal["inner", "outer"]
-
-
-_AS_GRAPH_ERROR: ContextVar[bool] = ContextVar("latentgraph_config_as_graph_error", default=True)
-
-
-@contextmanager
-def _validation_errors() -> Iterator[None]:
-    """Within this block configs raise pydantic's ``ValidationError`` (for callers that report it)."""
-    token = _AS_GRAPH_ERROR.set(False)
-    try:
-        yield
-    finally:
-        _AS_GRAPH_ERROR.reset(token)
-
-
-class ConfigModel(BaseModel):
-    """Base of latentgraph's configs: strict types, no unknown fields, and building one in Python raises a
-    :class:`~latentgraph.GraphError` that names each bad field."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    def __init__(self, **data: Any):
-        if not _AS_GRAPH_ERROR.get():  # nested in another config's validation: that one reports, with the path
-            super().__init__(**data)
-            return
-        with _validation_errors():
-            try:
-                super().__init__(**data)
-            except ValidationError as e:
-                raise GraphError(f"invalid {type(self).__name__}: {describe_errors(e)}") from None
 
 
 def within(limit: Limit) -> AfterValidator:
@@ -104,18 +69,6 @@ def at_most(limit: Limit) -> BeforeValidator:
         return value
 
     return BeforeValidator(check)
-
-
-def describe_errors(error: ValidationError) -> str:
-    """One line per problem: the dotted field path and what is wrong with it."""
-    problems = []
-    for err in error.errors():
-        where = ".".join(map(str, err["loc"])) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            problems.append(f"{where}: unknown field (a typo? remove or rename it)")
-        else:
-            problems.append(f"{where}: {err['msg']}")
-    return "; ".join(problems)
 
 
 class LinkConfig(ConfigModel):
