@@ -50,9 +50,11 @@ def experts(tiny, arch, *, mode="latent", math_seed=1):
 
 
 def share_links(source, target):
-    """Give ``target`` the weights of ``source``'s links on the edges they share (links start random)."""
+    """Give ``target`` the weights of ``source``'s links on the edges and agents they share (links start random)."""
     for name, link in target.links.items():
         link.load_state_dict(source.links[name].state_dict())
+    for name, agent in target.agents.items():
+        agent.inner_link.load_state_dict(source.agents[name].inner_link.state_dict())
     return target
 
 
