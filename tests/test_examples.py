@@ -44,3 +44,14 @@ def test_subgraph_example_runs_the_team_as_one_node(tmp_path):
     links = next(line for line in lines if line.startswith("links: "))
     assert "planner->team.algebra" in links and "planner->team.arithmetic" in links and "team.judge->solver" in links
     assert sum(line.startswith("answer: ") for line in lines) == 1
+
+
+def test_routing_sends_each_question_to_one_expert_offline(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "routing.py")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    routes = [line.rsplit(" -> ", 1)[1] for line in result.stdout.splitlines() if " -> " in line and "'" in line[:1]]
+    assert routes[:4] == ["math", "writer", "math", "writer"]  # digits go to the math expert
+    assert len(routes) == 8 and set(routes[4:]) <= {"math", "writer"}  # the said route: one expert per question
+    assert "router->math (latent, now, when has_digits)" in result.stdout  # the plan shows the conditions

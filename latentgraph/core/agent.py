@@ -39,6 +39,7 @@ class Encoded:
     mask: torch.Tensor  # (B, L), 1 for real positions
     text_tokens: list[int]  # per row: prompt positions that are tokens (the rest are latents or padding)
     prefix: KVPrefix | None = None  # what the prompt continues: the caches of its KV in-edges, in edge order
+    rows: list[int] | None = None  # the batch rows these rows are, when a routed turn runs a sub-batch (None: all)
 
 
 def _is_int(value: Any) -> bool:
@@ -230,10 +231,11 @@ class Agent(nn.Module):
     def render(self, questions: list[str], template: PromptTemplate,
                messages: dict[str, Message]) -> list[list[str | tuple[str]]]:
         """Each row's rendered prompt, split into text segments and ``(slot,)`` latent positions."""
-        latent_slots = [s for s in template.slots if messages[s].latent is not None]
         rows = []
-        for i, question in enumerate(questions):
-            values = {s: marker(s) if s in latent_slots else scrub(messages[s].text[i]) for s in template.slots}
+        for i, question in enumerate(questions):  # a slot whose message does not reach a row is empty there
+            latent_slots = [s for s in template.slots if messages[s].latent is not None and messages[s].reaches(i)]
+            values = {s: marker(s) if s in latent_slots else scrub(messages[s].text[i] if messages[s].text else "")
+                      for s in template.slots}
             user = template.fill(scrub(question), values)
             rows.append(split_at_markers(render_chat(self.tokenizer, self.system_prompt, user), latent_slots))
         return rows

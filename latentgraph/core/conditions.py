@@ -23,7 +23,7 @@ from pydantic import BeforeValidator, Field, PlainSerializer, ValidationError, c
 from pydantic_core import PydanticCustomError
 
 from ..errors import GraphError, InputError, shown
-from .config import ConfigModel, _validation_errors, describe_errors
+from .config_base import ConfigModel, _validation_errors, describe_errors
 from .limits import PATTERN_CHARS, ROUNDS
 
 
@@ -82,6 +82,11 @@ class Condition(ConfigModel):
     def reads(self) -> frozenset[str]:
         """The agents whose text this condition reads: they must speak before the edge's sender runs."""
         return frozenset()
+
+    def fixed(self, round_: int, rounds: int) -> bool | None:
+        """Its decision for every row of round ``round_`` of ``rounds`` when only the round decides it (a plan
+        resolves it when compiled); ``None`` when it depends on the run."""
+        return None
 
     def describe(self) -> str:
         """A short label for diagrams and plan tables."""
@@ -216,6 +221,9 @@ class InRounds(Condition):
         on = state.round in self.rounds or ("last" in self.rounds and last) or ("not_last" in self.rounds and not last)
         return [on] * state.rows
 
+    def fixed(self, round_: int, rounds: int) -> bool | None:
+        return self.rows(RouteState(round=round_, rounds=rounds, questions=[""], said={}))[0]
+
     def describe(self) -> str:
         numbers = [str(r) for r in self.rounds if isinstance(r, int)]
         parts = [f"round{'s' if len(numbers) > 1 else ''} {', '.join(numbers)}"] if numbers else []
@@ -282,6 +290,10 @@ class Not(Condition):
 
     def reads(self) -> frozenset[str]:
         return self.condition.reads()
+
+    def fixed(self, round_: int, rounds: int) -> bool | None:
+        inner = self.condition.fixed(round_, rounds)
+        return None if inner is None else not inner
 
     def describe(self) -> str:
         return f"not ({self.condition.describe()})"

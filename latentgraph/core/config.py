@@ -18,9 +18,6 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,7 +25,6 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     ValidationError,
     field_serializer,
@@ -40,6 +36,8 @@ from pydantic_core import PydanticCustomError
 from ..errors import CheckpointError, GraphError, shown
 from ..files.text import read_json, read_yaml
 from ..version import __version__
+from .conditions import ConditionField
+from .config_base import ConfigModel, _validation_errors, describe_errors
 from .limits import AGENTS, EDGES, LATENT_STEPS, ROUNDS, Limit
 
 CONFIG_NAME = "latentgraph_config.json"
@@ -49,36 +47,6 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
 Role = Literal["inner", "outer"]
-
-
-_AS_GRAPH_ERROR: ContextVar[bool] = ContextVar("latentgraph_config_as_graph_error", default=True)
-
-
-@contextmanager
-def _validation_errors() -> Iterator[None]:
-    """Within this block configs raise pydantic's ``ValidationError`` (for callers that report it)."""
-    token = _AS_GRAPH_ERROR.set(False)
-    try:
-        yield
-    finally:
-        _AS_GRAPH_ERROR.reset(token)
-
-
-class ConfigModel(BaseModel):
-    """Base of latentgraph's configs: strict types, no unknown fields, and building one in Python raises a
-    :class:`~latentgraph.GraphError` that names each bad field."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    def __init__(self, **data: Any):
-        if not _AS_GRAPH_ERROR.get():  # nested in another config's validation: that one reports, with the path
-            super().__init__(**data)
-            return
-        with _validation_errors():
-            try:
-                super().__init__(**data)
-            except ValidationError as e:
-                raise GraphError(f"invalid {type(self).__name__}: {describe_errors(e)}") from None
 
 
 def within(limit: Limit) -> AfterValidator:
@@ -101,18 +69,6 @@ def at_most(limit: Limit) -> BeforeValidator:
         return value
 
     return BeforeValidator(check)
-
-
-def describe_errors(error: ValidationError) -> str:
-    """One line per problem: the dotted field path and what is wrong with it."""
-    problems = []
-    for err in error.errors():
-        where = ".".join(map(str, err["loc"])) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            problems.append(f"{where}: unknown field (a typo? remove or rename it)")
-        else:
-            problems.append(f"{where}: {err['msg']}")
-    return "; ".join(problems)
 
 
 class LinkConfig(ConfigModel):
@@ -144,7 +100,7 @@ class LinkConfig(ConfigModel):
 LINK_CONFIGS: dict[str, type[LinkConfig]] = {}
 # the edge kinds' names; filled by latentgraph.core.edges.register_edge_kind
 EDGE_MODES: set[str] = set()
-OPTIONAL_EDGE_FIELDS = ("kv",)  # written only when set
+OPTIONAL_EDGE_FIELDS = ("kv", "when")  # written only when set
 
 
 def link_config_class(name: str) -> type[LinkConfig]:
@@ -241,7 +197,8 @@ class AgentConfig(ConfigModel):
 class EdgeConfig(ConfigModel):
     """A directed edge ``src -> dst`` of kind ``mode`` filling slot ``{slot}`` (default: ``src``; a KV edge
     fills none) of the receiver's prompt; a latent edge carries ``link`` (default ``ln_res``), the others none;
-    ``kv`` is what a KV edge passes (``"all"`` when absent, or ``"thoughts"``)."""
+    ``kv`` is what a KV edge passes (``"all"`` when absent, or ``"thoughts"``); ``when``, the condition under which
+    the edge carries its message (absent: always; see :mod:`~latentgraph.core.conditions`)."""
 
     src: str
     dst: str
@@ -250,6 +207,7 @@ class EdgeConfig(ConfigModel):
     feedback: bool = False
     link: LinkConfig | None = None
     kv: Literal["all", "thoughts"] | None = None
+    when: ConditionField | None = None
 
     @field_validator("mode")
     @classmethod

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Container, Generator, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 
@@ -50,9 +50,10 @@ from .events import (
 from .forward import KVPrefix
 from .parallel import Outcome, batches, check_parallel, drain_in_threads
 from .plan import Plan, Turn, answer_turn
+from .routing import Router, RowsCancelled, narrow, spread, spread_tensor, widen, widen_rows
 from .sampling import Sampling, per_row_sampling, per_row_seeds
 from .speak import ToolCall
-from .think import Thoughts
+from .think import Thoughts, check_thoughts
 
 Inbox = dict[str, dict[str, Message]]  # per receiver (every agent has one), per port (a slot, or a KV edge)
 
@@ -148,21 +149,31 @@ class InferenceStep(Step):
     def think(self, turn: Turn, prompt: Encoded) -> Thoughts:
         with torch.no_grad():
             thoughts = turn.agent.think(prompt, keep_cache=turn.keeps_cache)
-        if self.latents is not None:
-            self.latents.setdefault(turn.round, {})[turn.name] = thoughts.hidden.cpu()
+        if self.latents is not None:  # a routed sub-batch's rows in place, NaN in the rows the agent did not run for
+            hidden = thoughts.hidden.cpu()
+            rows = prompt.rows
+            self.latents.setdefault(turn.round, {})[turn.name] = (
+                hidden if rows is None else spread_tensor(hidden, rows, len(self.rows), float("nan")))
         return thoughts
 
     def speak(self, turn: Turn, prompt: Encoded) -> Generator[Event, None, Spoken]:
-        agent = turn.agent
-        generators = self.generators.get(agent.backbone.device)
-        with closing(agent.speak(prompt, self.rows, generators, cancelled=self.cancelled)) as decoding:
+        agent, rows, batch = turn.agent, prompt.rows, len(self.rows)
+        sampling, generators = self.rows, self.generators.get(agent.backbone.device)
+        cancelled: Container[int] = self.cancelled
+        if rows is not None:  # a routed sub-batch: each row keeps its question's settings, generator and cancel()
+            sampling, cancelled = [sampling[row] for row in rows], RowsCancelled(rows, self.cancelled)
+            generators = None if generators is None else [generators[row] for row in rows]
+        with closing(agent.speak(prompt, sampling, generators, cancelled=cancelled)) as decoding:
             while True:  # closing: a stream abandoned here frees the decoding's cache at once
                 try:
                     decoded = next(decoding)
                 except StopIteration as end:
                     spoken = end.value
                     break
-                yield TokensDecoded(round=turn.round, agent=turn.name, texts=decoded.texts, finished=decoded.finished)
+                texts, finished = decoded.texts, decoded.finished
+                if rows is not None:  # rows the agent does not run for show nothing and are finished
+                    texts, finished = widen(texts, rows, batch, ""), widen(finished, rows, batch, True)
+                yield TokensDecoded(round=turn.round, agent=turn.name, texts=texts, finished=finished)
         return Spoken(texts=[g.text for g in spoken], tokens_out=[g.sampled for g in spoken],
                       tool_calls=[g.calls for g in spoken] if agent.tools else None)
 
@@ -251,6 +262,7 @@ def unroll(plan: Plan, questions: list[str], step: Step, *, stop: Stop | None = 
     trace: list[dict[str, AgentStep]] = []
     texts: list[str] = []
     inbox: Inbox = _empty_inbox(plan)
+    router = Router(plan, questions)
     stopped = False
     for r in range(1, plan.rounds + 1):
         next_inbox = _empty_inbox(plan)
@@ -259,18 +271,24 @@ def unroll(plan: Plan, questions: list[str], step: Step, *, stop: Stop | None = 
         seen: list[Event] | None = [] if stop is not None else None
         for batch in batches(plan, r, parallel):
             alone = len(batch) == 1  # a turn alone yields its events live; turns at once, after the batch
-            runs = [_run_turn(plan, turn, questions, step, inbox, next_inbox, seen if alone else None)
+            runs = [_run_turn(plan, turn, router, step, inbox, next_inbox, seen if alone else None)
                     for turn in batch]
             if not alone:
                 runs = [_replay(outcome, seen) for outcome in drain_in_threads(runs)]
             for turn, run in zip(batch, runs):
-                steps[turn.name], prompts[turn.name] = yield from run
+                record, prompt = yield from run
+                if record is None:  # no row needed the agent this round
+                    continue
+                steps[turn.name], prompts[turn.name] = record, prompt
+                router.remember(record)
                 if turn.speaks and turn.is_answer:
-                    texts = steps[turn.name].text
+                    texts = record.text
         if stop is not None and r < plan.rounds and stop(seen):
             turn = answer_turn(plan, r)
-            steps[turn.name], _ = yield from _run_turn(plan, turn, questions, step, inbox, next_inbox, None,
-                                                       prompts.get(turn.name), steps.get(turn.name))
+            ran = steps.get(turn.name)  # when it ran for some rows only, it encodes again, for all
+            ran = ran if ran is not None and ran.rows is None else None
+            steps[turn.name], _ = yield from _run_turn(plan, turn, router, step, inbox, next_inbox, None,
+                                                       ran and prompts[turn.name], ran)
             texts, stopped = steps[turn.name].text, True
         trace.append(steps)
         yield RoundEnded(round=r, steps=steps)
@@ -281,28 +299,37 @@ def unroll(plan: Plan, questions: list[str], step: Step, *, stop: Stop | None = 
     yield RunFinished(round=len(trace), output=output)
 
 
-def _run_turn(plan: Plan, turn: Turn, questions: list[str], step: Step, inbox: Inbox, next_inbox: Inbox,
+def _run_turn(plan: Plan, turn: Turn, router: Router, step: Step, inbox: Inbox, next_inbox: Inbox,
               seen: list[Event] | None, prompt: Encoded | None = None, record: AgentStep | None = None
-              ) -> Generator[Event, None, tuple[AgentStep, Encoded]]:
-    """One turn; returns its trace line and prompt. ``prompt`` and ``record``: a turn that already encoded
+              ) -> Generator[Event, None, tuple[AgentStep | None, Encoded | None]]:
+    """One turn, for the rows its routes need (:mod:`~latentgraph.core.routing`); returns its trace line and
+    prompt, or ``(None, None)`` when no row needs it. ``prompt`` and ``record``: a turn that already encoded
     its prompt (and has a trace line) goes on from them."""
-    agent, r = turn.agent, turn.round
-    devices = agent.backbone.devices
+    agent, r, batch = turn.agent, turn.round, router.batch
+    rows = router.rows_for(turn) if prompt is None else list(range(batch))
+    if not rows:
+        return None, None
+    sub = None if len(rows) == batch else rows  # a routed sub-batch: per-row lists of the trace widen to the batch
     yield from _emit(AgentStarted(round=r, agent=turn.name, prompt=turn.prompt_kind), seen)
+    devices = agent.backbone.devices
     start, paused = _now(devices), 0.0
     if prompt is None:
-        received = inbox[turn.name]
-        blank = Message(text=[""] * len(questions))  # slots with no edge: the single-agent baseline
+        received = {port: m for port, message in inbox[turn.name].items()
+                    if (m := narrow(message, rows, batch)) is not None}
+        questions = [router.questions[row] for row in rows]
+        blank = Message(text=[""] * len(rows))  # slots with no edge: the single-agent baseline
         messages = {s: received.get(s, blank) for s in turn.template.slots}
         caches = [received[e.port].cache for e in turn.incoming if not e.kind.fills_slot and e.port in received]
         prompt = step.encode(turn, questions, messages, KVPrefix.concat(caches) if caches else None)
-        record = AgentStep(round=r, agent=turn.name, prompt=turn.prompt_kind, tokens_in=prompt.text_tokens,
+        prompt.rows = sub
+        record = AgentStep(round=r, agent=turn.name, prompt=turn.prompt_kind, rows=sub,
+                           tokens_in=widen_rows(prompt.text_tokens, sub, batch),
                            latents_in=sum(m.latent.shape[1] for m in messages.values() if m.latent is not None),
                            cache_in=0 if prompt.prefix is None else prompt.prefix.length)
     thoughts = None
     if turn.thinks:
         thoughts = step.think(turn, prompt)
-        _check_thoughts(turn.name, thoughts, r)
+        check_thoughts(turn.name, thoughts, r)
         record.latent_shape = tuple(thoughts.hidden.shape)
         record.latent_norm = thoughts.hidden.detach().float().norm(dim=-1).mean().item()
         paused += yield from _emit(AgentThought(round=r, agent=turn.name, shape=record.latent_shape,
@@ -310,13 +337,18 @@ def _run_turn(plan: Plan, turn: Turn, questions: list[str], step: Step, inbox: I
     if turn.speaks:
         spoken, waited = yield from _relay(step.speak(turn, prompt), seen)
         paused += waited
-        record.text, record.tokens_out, record.tool_calls = spoken.texts, spoken.tokens_out, spoken.tool_calls
-        paused += yield from _emit(AgentSpoke(round=r, agent=turn.name, texts=spoken.texts,
-                                              tokens_out=spoken.tokens_out, tool_calls=spoken.tool_calls), seen)
-    sent = Sent(round=r, agent=agent, prompt=prompt, thoughts=thoughts, texts=record.text,
+        record.text, record.tokens_out, record.tool_calls = (
+            widen_rows(values, sub, batch) for values in (spoken.texts, spoken.tokens_out, spoken.tool_calls))
+        paused += yield from _emit(AgentSpoke(round=r, agent=turn.name, texts=record.text,
+                                              tokens_out=record.tokens_out, tool_calls=record.tool_calls), seen)
+    sent = Sent(round=r, agent=agent, prompt=prompt, thoughts=thoughts, texts=spoken.texts if turn.speaks else None,
                 differentiable=step.differentiable)
+    own = (turn.name, record.text) if turn.speaks else None  # a condition on the sender's text reads this turn's
     for edge in turn.outgoing:
-        message = edge.kind.message(edge, sent, plan.links.get(edge.name))
+        on = router.on(edge, r, own)
+        if not any(on[row] for row in rows):
+            continue  # off for every row it ran for: the receiver's slot stays empty
+        message = spread(edge.kind.message(edge, sent, plan.links.get(edge.name)), rows, on, batch)
         (next_inbox if edge.feedback else inbox)[edge.dst][edge.port] = message
         paused += yield from _emit(MessageDelivered(round=r, edge=edge.name, receiver=edge.dst, slot=edge.slot,
                                                     next_round=edge.feedback, latent=message.latent,
@@ -359,22 +391,6 @@ def _emit(event: Event, seen: list[Event] | None) -> Generator[Event, None, floa
     suspended = time.perf_counter()
     yield event
     return time.perf_counter() - suspended
-
-
-def _check_thoughts(agent: str, thoughts: Thoughts, round_: int) -> None:
-    """Name what made an agent's thoughts non-finite: its backbone (the first state, before any inner link
-    ran, is already bad), its inner link (finite state in, NaN/inf out), or an overflow during the rollout."""
-    if torch.isfinite(thoughts.hidden).all() and torch.isfinite(thoughts.embeds).all():
-        return
-    where = f"agent '{agent}' produced non-finite latents (NaN/inf) in round {round_}"
-    if not torch.isfinite(thoughts.hidden[:, :1]).all():
-        raise InputError(f"{where}: its backbone's hidden state at the end of the prompt is already non-finite; "
-                         "check the backbone's dtype (fp16 overflows; use bf16 or fp32) and weights")
-    if not torch.isfinite(thoughts.embeds[:, :1]).all():
-        raise InputError(f"{where}: its inner link turned finite hidden states into NaN/inf; its weights hold "
-                         "NaN/inf or overflow: reload them from a good checkpoint, or retrain the link")
-    raise InputError(f"{where}: the backbone overflowed during the rollout; check the backbone's dtype "
-                     "(fp16 overflows; use bf16 or fp32) and the inner link's weights")
 
 
 def _now(devices: frozenset[torch.device]) -> float:

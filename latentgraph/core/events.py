@@ -28,7 +28,10 @@ RUN_MODES = ("latent", "text", "single")
 
 @dataclass
 class AgentStep:
-    """What one agent did in one round (lists hold one value per question)."""
+    """What one agent did in one round (lists hold one value per question).
+
+    ``rows``: the questions it ran for when its routes needed only some (conditional edges); its lists then hold
+    ``None`` for the others, and ``latent_shape`` is that of the rows it ran for. ``None``: every question."""
 
     round: int
     agent: str
@@ -42,6 +45,7 @@ class AgentStep:
     text: list[str] | None = None  # what it said, tool results included
     tool_calls: list[list[ToolCall]] | None = None  # per question, when the agent has tools and spoke
     seconds: float = 0.0
+    rows: list[int] | None = None
 
 
 @dataclass

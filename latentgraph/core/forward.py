@@ -74,6 +74,17 @@ class KVPrefix:
 
         return self._map(pick, pick)
 
+    def spread(self, rows: Sequence[int], batch: int) -> KVPrefix:
+        """This prefix of a sub-batch placed at ``rows`` of a batch of ``batch`` rows; the other rows hold no
+        position (masked, next position 0), as if a receiver continued nothing there."""
+        index = torch.tensor(list(rows), dtype=torch.long)
+
+        def place(tensor: torch.Tensor) -> torch.Tensor:
+            full = tensor.new_zeros((batch, *tensor.shape[1:]))
+            return full.index_copy(0, index.to(tensor.device), tensor)
+
+        return self._map(place, place)
+
     @staticmethod
     def concat(parts: Sequence[KVPrefix]) -> KVPrefix:
         """The parts laid end to end along the sequence, in order.

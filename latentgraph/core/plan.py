@@ -86,6 +86,10 @@ class Plan:
         """How many rounds the plan unrolls."""
         return len(self.turns)
 
+    def readers(self) -> frozenset[str]:
+        """The agents whose text some edge's condition reads (they speak in each of their turns, for every row)."""
+        return frozenset(name for turn in self.turns_in_order() for name in _reads(turn))
+
     def turns_in_order(self) -> list[Turn]:
         """Every turn of every round, in execution order."""
         return [turn for turns in self.turns for turn in turns]
@@ -93,11 +97,14 @@ class Plan:
     def independent_groups(self, round_: int) -> list[tuple[Turn, ...]]:
         """The turns of round ``round_`` in execution order, cut into runs of consecutive turns none of which
         delivers to another by a forward edge (mixture's experts, say): the turns of a run may go at once.
-        A turn that reads what an earlier turn of the current run sends this round starts the next run."""
+        A turn that reads what an earlier turn of the current run sends this round starts the next run, and so
+        does one whose edges' conditions read the text of a turn of the run (or the other way round): a
+        condition then reads the same text however the turns run."""
         groups: list[list[Turn]] = []
         for turn in self.turns[round_ - 1]:
-            senders = {e.src for e in turn.incoming if not e.feedback}
-            if groups and not senders & {member.name for member in groups[-1]}:
+            senders = {e.src for e in turn.incoming if not e.feedback} | _reads(turn)
+            members = {member.name for member in groups[-1]} if groups else set()
+            if groups and not senders & members and not any(turn.name in _reads(m) for m in groups[-1]):
                 groups[-1].append(turn)
             else:
                 groups.append([turn])
@@ -114,8 +121,8 @@ class Plan:
             does = " + ".join(filter(None, ["thinks" if turn.thinks else "",
                                             ("speaks the answer" if turn.is_answer else "speaks")
                                             if turn.speaks else ""]))
-            sends = ", ".join(f"{e.name} ({e.mode}, {'next round' if e.feedback else 'now'})"
-                              for e in turn.outgoing)
+            sends = ", ".join(f"{e.name} ({e.mode}, {'next round' if e.feedback else 'now'}"
+                              f"{'' if e.when is None else ', when ' + e.when.describe()})" for e in turn.outgoing)
             lines.append((str(turn.round), turn.name, turn.prompt_kind, reads or "-", does, sends or "-"))
         return format_table(lines)
 
@@ -206,19 +213,22 @@ def build_plan(graph: Graph, rounds: int, mode: RunMode = "latent") -> Plan:
                     reads_feedback=False, is_answer=True)
         return Plan(agents=agents, links=graph.links, answer=answer, mode=mode, turns=((turn,),))
     edges = [replace(e, kind=e.kind.as_text()) if mode == "text" else e for e in graph.edges]
+    readers = {name for e in edges if e.when is not None for name in e.when.reads()}  # they speak in every turn
     order, plan = graph.order(), []
     sent = {name: [e for e in edges if e.src == name] for name in order}  # once, not in every round
     received = {name: [e for e in edges if e.dst == name] for name in order}
     for r in range(1, rounds + 1):
         last, turns = r == rounds, []
         for name in order:
-            outgoing = tuple(e for e in sent[name] if not (e.feedback and last))
+            outgoing = tuple(e for e in sent[name] if not (e.feedback and last) and _may_send(e, r, rounds))
             is_answer = name == answer
             if outgoing or (last and is_answer):
-                incoming = tuple(e for e in received[name] if r > 1 or not e.feedback)
+                incoming = tuple(e for e in received[name] if (not e.feedback and _may_send(e, r, rounds))
+                                 or (e.feedback and r > 1 and _may_send(e, r - 1, rounds)))
                 turns.append(Turn(round=r, name=name, agent=agents[name], incoming=incoming, outgoing=outgoing,
                                   thinks=any(e.kind.thinks for e in outgoing),
-                                  speaks=(last and is_answer) or any(e.kind.speaks for e in outgoing),
+                                  speaks=(last and is_answer) or name in readers
+                                  or any(e.kind.speaks for e in outgoing),
                                   reads_feedback=_reads_feedback(incoming), is_answer=is_answer))
         plan.append(tuple(turns))
     return Plan(agents=agents, links=graph.links, answer=answer, mode=mode, turns=tuple(plan))
@@ -237,6 +247,17 @@ def answer_turn(plan: Plan, round_: int) -> Turn:
                           if e.dst == plan.answer and e.feedback)
     return Turn(round=round_, name=plan.answer, agent=plan.agents[plan.answer], incoming=incoming, outgoing=(),
                 thinks=False, speaks=True, reads_feedback=_reads_feedback(incoming), is_answer=True)
+
+
+def _reads(turn: Turn) -> frozenset[str]:
+    """The agents whose text the conditions of the turn's outgoing edges read."""
+    return frozenset(name for e in turn.outgoing if e.when is not None for name in e.when.reads())
+
+
+def _may_send(edge: Edge, round_: int, rounds: int) -> bool:
+    """Whether ``edge`` may carry a message in round ``round_``: False only when its condition depends on the
+    round alone and is off then (then the edge is in none of that round's turns)."""
+    return edge.when is None or edge.when.fixed(round_, rounds) is not False
 
 
 def _reads_feedback(incoming: tuple[Edge, ...]) -> bool:

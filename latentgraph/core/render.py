@@ -3,8 +3,9 @@
 Drawn from :meth:`System.to_networkx <latentgraph.System.to_networkx>`. Agents show their backbone, hidden
 size and latent steps; the answer node has a double border. Each edge is drawn as its kind says
 (:mod:`~latentgraph.core.edges`): latent edges show their link type, dims and parameter count, text edges say
-``text`` (in grey), KV edges ``kv`` (bold); feedback edges are dashed. A nested system is a cluster
-(``subgraph cluster_<name>``) holding its agents and the edges between them. Building
+``text`` (in grey), KV edges ``kv`` (bold); feedback edges are dashed, and conditional edges dotted, with their
+condition as a last label line (``when ...``). A nested system is a cluster (``subgraph cluster_<name>``)
+holding its agents and the edges between them. Building
 the DOT source needs no Graphviz binary; writing SVG or PNG does (Debian package ``graphviz``).
 """
 
@@ -37,7 +38,7 @@ def render(system: System, path: str | Path | None = None, *, sizes: bool = True
         edge_attr={"fontname": "Helvetica", "fontsize": "10"},
     )
     network = system.to_networkx()
-    kinds = {edge.name: edge.kind for edge in system.graph().edges}
+    edges = {edge.name: edge for edge in system.graph().edges}
     clusters = {"": graph}  # by nested system ("team", "team.sub"); "" is the system itself
     for name in sorted({node["system"] for _, node in network.nodes(data=True) if node["system"]}):
         _cluster(clusters, name)
@@ -48,13 +49,17 @@ def render(system: System, path: str | Path | None = None, *, sizes: bool = True
         label = _lines(title, node["backbone"], f"hidden {node['hidden_size']}, {steps}" if sizes else steps, *tools)
         clusters[node["system"] or ""].node(name, label, **({"peripheries": "2"} if node["answer"] else {}))
     for src, dst, edge in network.edges(data=True):
-        kind = kinds[edge["name"]]
+        kind, when = edges[edge["name"]].kind, edges[edge["name"]].when
         lines = kind.labels(edge, sizes)
         if edge["slot"] not in (src.rpartition(".")[2], None):
             lines.append(f"slot {edge['slot']}")
+        if when is not None:
+            lines.append(f"when {when.describe()}")
         style = dict(kind.draw_style)
         if edge["feedback"]:
             style.update(style="dashed", constraint="false")
+        if when is not None:  # dotted: it carries its message only where its condition holds
+            style["style"] = "dotted"
         inside = network.nodes[src]["system"] if network.nodes[src]["system"] == network.nodes[dst]["system"] else None
         clusters[inside or ""].edge(src, dst, _lines(*lines), **style)
     for name in sorted(clusters, key=len, reverse=True)[:-1]:  # innermost first: a cluster is copied when added

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import GraphError, InputError
 from .agent import Agent, _is_int, check_name
+from .conditions import parse_condition
 from .edges import Edge, edge_kind
 from .engine import InferenceStep, Stop, question_list, unroll
 from .events import Event, RunMode, RunOutput
@@ -101,7 +102,7 @@ class System(SystemFiles, nn.Module):
         return Subsystem(self, name, entry, rounds)
 
     def connect(self, src: str, dst: str, *, slot: str | None = None, feedback: bool = False,
-                mode: str = "latent", link: Any = None, kv: str | None = None) -> System:
+                mode: str = "latent", link: Any = None, kv: str | None = None, when: Any = None) -> System:
         """Add the edge ``src -> dst``.
 
         Args:
@@ -115,6 +116,9 @@ class System(SystemFiles, nn.Module):
             link: the outer link of a latent edge: a registered type name (default ``"ln_res"``), a
                 :class:`~latentgraph.core.config.LinkConfig` or dict, or a module mapping ``d_src`` to ``d_dst``.
             kv: for a KV edge, ``"all"`` (default) or ``"thoughts"``: pass the thought positions only.
+            when: the condition under which the edge carries its message, decided per question and round
+                (:mod:`~latentgraph.core.conditions`): a ``Condition``, a dict such as ``{"type": "rounds",
+                "rounds": [1]}`` or a registered condition's name. ``None``: always.
         """
         where = f"edge '{src}->{dst}'"
         for name in (src, dst):
@@ -135,7 +139,8 @@ class System(SystemFiles, nn.Module):
                              "carries); drop slot=")
         if not feedback:
             self._check_acyclic(src, dst, where)
-        edge = Edge(src=src, dst=dst, slot=slot, kind=kind, feedback=bool(feedback))
+        condition = None if when is None else parse_condition(when, f"{where} when")
+        edge = Edge(src=src, dst=dst, slot=slot, kind=kind, feedback=bool(feedback), when=condition)
         if kind.carries_link:
             self.links[edge.name] = self._make_links(src, dst, link if link is not None else "ln_res", where)
         elif link is not None:

@@ -46,7 +46,8 @@ class SystemFiles:
             subsystems=[SubsystemConfig(name=name, entry=list(sub.entry), rounds=sub.rounds,
                                         system=sub.system.to_config()) for name, sub in self.subsystems.items()],
             edges=[EdgeConfig(src=e.src, dst=e.dst, slot=e.slot, mode=e.mode, feedback=e.feedback,
-                              link=self._link_config(e.name) if e.kind.carries_link else None, **e.kind.options())
+                              link=self._link_config(e.name) if e.kind.carries_link else None, when=e.when,
+                              **e.kind.options())
                    for e in self.edges.values()])
 
     def _link_config(self, edge: str) -> LinkConfig:
@@ -103,7 +104,8 @@ class SystemFiles:
         system = cls([*(Agent.from_config(a, backbones.get(a.name), **placement) for a in config.agents), *nested],
                      rounds=config.rounds, answer=config.answer)
         for e in config.edges:
-            system.connect(e.src, e.dst, slot=e.slot, mode=e.mode, feedback=e.feedback, link=e.link, kv=e.kv)
+            system.connect(e.src, e.dst, slot=e.slot, mode=e.mode, feedback=e.feedback, link=e.link, kv=e.kv,
+                           when=e.when)
         return system
 
     def save_pretrained(self, directory: str | Path) -> Path:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .backbone import Backbone
 from .forward import Forward, KVPrefix, prefill
 from .links import placement
@@ -80,3 +81,19 @@ def latent_rollout(backbone: Backbone, inner: nn.Module, embeds: torch.Tensor, m
             else:
                 cache = prefill(backbone, new_input, new_mask, prefix)
     return Thoughts(hidden=torch.stack(hidden, dim=1), embeds=torch.stack(thoughts, dim=1), cache=cache)
+
+
+def check_thoughts(agent: str, thoughts: Thoughts, round_: int) -> None:
+    """Name what made an agent's thoughts non-finite: its backbone (the first state, before any inner link
+    ran, is already bad), its inner link (finite state in, NaN/inf out), or an overflow during the rollout."""
+    if torch.isfinite(thoughts.hidden).all() and torch.isfinite(thoughts.embeds).all():
+        return
+    where = f"agent '{agent}' produced non-finite latents (NaN/inf) in round {round_}"
+    if not torch.isfinite(thoughts.hidden[:, :1]).all():
+        raise InputError(f"{where}: its backbone's hidden state at the end of the prompt is already non-finite; "
+                         "check the backbone's dtype (fp16 overflows; use bf16 or fp32) and weights")
+    if not torch.isfinite(thoughts.embeds[:, :1]).all():
+        raise InputError(f"{where}: its inner link turned finite hidden states into NaN/inf; its weights hold "
+                         "NaN/inf or overflow: reload them from a good checkpoint, or retrain the link")
+    raise InputError(f"{where}: the backbone overflowed during the rollout; check the backbone's dtype "
+                     "(fp16 overflows; use bf16 or fp32) and the inner link's weights")

@@ -10,6 +10,7 @@ from .links import check_link
 
 if TYPE_CHECKING:
     from .agent import Agent
+    from .edges import Edge
     from .graph import Graph
 
 
@@ -31,6 +32,23 @@ def graph_problems(graph: Graph) -> list[str]:
             except GraphError as e:
                 problems.append(str(e))
         problems += edge.kind.problems(edge, sender, receiver)
+        if edge.when is not None:
+            problems += _condition_problems(graph, edge)
+    return problems
+
+
+def _condition_problems(graph: Graph, edge: Edge) -> list[str]:
+    """An agent a condition reads must exist and speak: it has a turn (every turn of such an agent speaks).
+    One that runs after the edge's sender in a round is read as it spoke in the round before."""
+    problems = []
+    for name in sorted(edge.when.reads()):
+        if name not in graph.agents:
+            problems.append(f"edge '{edge.name}': its condition ({edge.when.describe()}) reads agent '{name}', which "
+                            f"is not an agent of the system ({', '.join(graph.agents)}); name one of them")
+        elif not graph.out_of(name) and name != graph.answer:
+            problems.append(f"edge '{edge.name}': its condition ({edge.when.describe()}) reads what agent '{name}' "
+                            "says, but that agent never runs (it has no outgoing edge and is not the answer node); "
+                            f"connect '{name}' to an agent that runs, or read another agent")
     return problems
 
 

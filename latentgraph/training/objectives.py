@@ -142,20 +142,24 @@ class TrainingStep(Step):
         self.intermediate_weight, self.grad_steps = intermediate_weight, grad_steps
         self.losses: dict[int, torch.Tensor] = {}
 
-    def _targets(self, turn: Turn) -> list[list[int]]:
-        texts = [ex.answer if turn.is_answer else ex.target_for(turn.name) for ex in self.batch]
+    def _examples(self, prompt: Encoded) -> list[TrainExample]:
+        """The examples of the prompt's rows (a routed turn runs for some of them only)."""
+        return self.batch if prompt.rows is None else [self.batch[row] for row in prompt.rows]
+
+    def _targets(self, turn: Turn, prompt: Encoded) -> list[list[int]]:
+        texts = [ex.answer if turn.is_answer else ex.target_for(turn.name) for ex in self._examples(prompt)]
         return target_ids(turn.agent, texts)
 
     def think(self, turn: Turn, prompt: Encoded) -> Thoughts:
         agent = turn.agent
         forced = None
         if turn.is_answer and self.intermediate_weight > 0 and not turn.speaks:  # an earlier round's answer
-            forced = teacher_forced(agent, prompt, self._targets(turn), logits=True)
+            forced = teacher_forced(agent, prompt, self._targets(turn, prompt), logits=True)
             self.losses[turn.round] = cross_entropy(forced)
         if self.regime == "rollout":
             return agent.think(prompt, grad_steps=self.grad_steps, keep_cache=turn.keeps_cache)
         if forced is None:  # a message uses only the first latent_steps states: skip the rest of the text
-            forced = teacher_forced(agent, prompt, [t[:agent.latent_steps] for t in self._targets(turn)])
+            forced = teacher_forced(agent, prompt, [t[:agent.latent_steps] for t in self._targets(turn, prompt)])
         hidden = _first_steps(forced.hidden, agent.latent_steps)  # (B, m, H)
         thoughts = Thoughts(hidden=hidden, embeds=agent.inner_link(hidden.to(**placement(agent.inner_link))))
         if turn.keeps_cache:  # a KV edge carries the prompt and the thoughts, as the rollout's cache would
@@ -170,8 +174,9 @@ class TrainingStep(Step):
         if not turn.is_answer:
             raise GraphError(f"agent '{turn.name}' speaks on a text edge; training through text edges is not "
                              "supported: their messages are not differentiable")
-        self.losses[turn.round] = cross_entropy(teacher_forced(turn.agent, prompt, self._targets(turn), logits=True))
-        return Spoken(texts=[ex.answer for ex in self.batch])
+        forced = teacher_forced(turn.agent, prompt, self._targets(turn, prompt), logits=True)
+        self.losses[turn.round] = cross_entropy(forced)
+        return Spoken(texts=[ex.answer for ex in self._examples(prompt)])
 
 
 def unrolled_loss(system: System, batch: list[TrainExample], *, regime: Regime = "rollout", rounds: int | None = None,
