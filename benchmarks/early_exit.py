@@ -18,7 +18,7 @@ from pathlib import Path
 
 import transformers
 
-from latentgraph.core.engine import ThoughtsConverged
+from latentgraph.core.stopping import ThoughtsConverged
 from latentgraph.embedded.default_system import default_system
 from latentgraph.evaluation.datasets import load_dataset
 from latentgraph.evaluation.strict import score_math

@@ -70,8 +70,8 @@ def run(
                                                      "less than this (relative) between rounds, e.g. 0.05."),
 ) -> None:
     """Answer a question with a system, and show what each agent did in each round, live."""
-    from .core.engine import ThoughtsConverged
     from .core.events import AgentFinished, AgentStarted
+    from .core.stopping import ThoughtsConverged
 
     check_size("--rounds", rounds, ROUNDS)
     check_size("--latent-steps", latent_steps, LATENT_STEPS)

@@ -6,7 +6,7 @@ import torch
 from systems import QUESTIONS, sequential
 
 import latentgraph as lg
-from latentgraph.core.engine import InferenceStep, ThoughtsConverged, unroll
+from latentgraph.core.engine import InferenceStep, unroll
 from latentgraph.core.events import (
     AgentFinished,
     AgentSpoke,
@@ -18,6 +18,7 @@ from latentgraph.core.events import (
     TokensDecoded,
 )
 from latentgraph.core.speak import Sampling
+from latentgraph.core.stopping import ThoughtsConverged
 from latentgraph.testing import tiny_backbone
 from latentgraph.training.data import TrainExample
 from latentgraph.training.objectives import TrainingStep

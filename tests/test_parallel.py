@@ -9,9 +9,10 @@ import torch
 
 import latentgraph as lg
 from latentgraph.core import engine
-from latentgraph.core.engine import ThoughtsConverged, unroll
+from latentgraph.core.engine import unroll
 from latentgraph.core.events import AgentFinished, AgentStarted, RoundEnded, RunFinished
 from latentgraph.core.parallel import batches
+from latentgraph.core.stopping import ThoughtsConverged
 from latentgraph.training.data import TrainExample
 from latentgraph.training.objectives import TrainingStep
 

@@ -253,3 +253,35 @@ def test_validation_names_an_unknown_agent_and_one_that_never_speaks(tiny):
                                                                         "pattern": "x"})
     with pytest.raises(lg.GraphError, match=r"reads what agent 'mute' says, but that agent never runs"):
         system.validate()
+
+
+def test_a_stop_criterion_compares_only_the_rows_a_routed_agent_thought_for(tiny):
+    from latentgraph.core.stopping import ThoughtsConverged
+
+    system = experts(tiny, "llama")
+    system.agents["math"].feedback_prompt = "Math {router} {again}: {question}"
+    system.connect("math", "math", slot="again", feedback=True, when=DIGITS)  # math thinks again where it ran
+    system.rounds = 3
+    never = ThoughtsConverged(tol=0.0, agent="math")
+    out = system.run(QUESTIONS, do_sample=False, max_new_tokens=2, stop=never)
+    assert not out.stopped_early and len(never.changes) == 1  # called after rounds 1 and 2, compared after 2
+    (change,) = never.changes  # the question without digits never reaches math: rows 0 and 1 only
+    assert len(change) == 2 and change.isfinite().all() and (change > 0).all()
+    always = ThoughtsConverged(tol=float("inf"), agent="math")
+    assert system.run(QUESTIONS, do_sample=False, max_new_tokens=2, stop=always).rounds_run == 2
+
+
+def test_a_routed_agents_events_reach_only_the_rows_it_ran_for(tiny):
+    from latentgraph.core.events import AgentThought
+    from latentgraph.serve.records import event_record
+
+    system = experts(tiny, "qwen2")
+    events = list(system.stream(QUESTIONS, do_sample=False, max_new_tokens=2))
+    thought = next(e for e in events if isinstance(e, AgentThought) and e.agent == "math")
+    assert thought.rows == [0, 1]
+    for row in range(3):
+        records = [event_record(e, row) for e in events if getattr(e, "agent", None) == "math"]
+        kinds = {r["type"] for r in records if r is not None}
+        assert kinds == (set() if row == 2 else {"AgentStarted", "AgentThought", "AgentFinished"})
+    norm = thought.thoughts.hidden[1].float().norm(dim=-1).mean().item()
+    assert event_record(thought, 1)["norm"] == pytest.approx(norm)

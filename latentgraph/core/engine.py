@@ -15,7 +15,7 @@ What a turn computes is the step's business, which is how inference and training
 
 ``stop`` ends a run early: after each round but the last it is called on that round's events, and when it
 returns True the answer node speaks in that round, from the prompt it encoded in that round (or, if it did
-not run, from what it received), and the run ends. :class:`ThoughtsConverged` is a built-in criterion.
+not run, from what it received), and the run ends. Built-in criteria: :mod:`~latentgraph.core.stopping`.
 
 ``parallel`` runs the independent turns of a round at once (:mod:`~latentgraph.core.parallel`): by default
 those of agents whose backbones share no device. Their events come in plan order all the same.
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Container, Generator, Iterator, Sequence
+from collections.abc import Container, Generator, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 
@@ -53,6 +53,7 @@ from .plan import Plan, Turn, answer_turn
 from .routing import Router, RowsCancelled, narrow, spread, spread_tensor, widen, widen_rows
 from .sampling import Sampling, per_row_sampling, per_row_seeds
 from .speak import ToolCall
+from .stopping import Stop, StopCriterion
 from .think import Thoughts, check_thoughts
 
 Inbox = dict[str, dict[str, Message]]  # per receiver (every agent has one), per port (a slot, or a KV edge)
@@ -184,53 +185,6 @@ class InferenceStep(Step):
         return output
 
 
-Stop = Callable[[list[Event]], bool]
-
-
-class StopCriterion(ABC):
-    """A stop criterion with state across rounds; :func:`unroll` calls :meth:`reset` before each run."""
-
-    def reset(self, plan: Plan) -> None:  # noqa: B027 (a criterion without state keeps this no-op)
-        """Forget earlier runs."""
-
-    @abstractmethod
-    def __call__(self, events: list[Event]) -> bool:
-        """Whether the run should end after the round whose events these are."""
-
-
-class ThoughtsConverged(StopCriterion):
-    """Stop when an agent's mean thought changed by less than ``tol`` (relative L2) since its last thoughts,
-    for every question. The agent is the answer node unless ``agent`` names another one.
-
-    It compares the mean over the ``m`` raw hidden states of one round with the previous round's, so it
-    can fire from round 2 on, in rounds where the agent thinks.
-    """
-
-    def __init__(self, tol: float = 0.05, agent: str | None = None):
-        if not tol >= 0:
-            raise InputError(f"ThoughtsConverged: tol must be >= 0, got {tol!r}")
-        self.tol, self.agent = tol, agent
-        self._watched: str | None = agent
-        self._previous: torch.Tensor | None = None
-        self.changes: list[torch.Tensor] = []  # per comparison: the relative change of each question, (B,)
-
-    def reset(self, plan: Plan) -> None:
-        self._watched = self.agent or plan.answer
-        self._previous, self.changes = None, []
-
-    def __call__(self, events: list[Event]) -> bool:
-        thought = next((e for e in events if isinstance(e, AgentThought) and e.agent == self._watched), None)
-        if thought is None:
-            return False
-        mean = thought.thoughts.hidden.detach().float().mean(dim=1)  # (B, H)
-        previous, self._previous = self._previous, mean
-        if previous is None:
-            return False
-        change = (mean - previous).norm(dim=-1) / previous.norm(dim=-1).clamp_min(1e-12)  # (B,)
-        self.changes.append(change.cpu())
-        return bool((change < self.tol).all())
-
-
 def question_list(questions: str | Sequence[str]) -> list[str]:
     """The batch a run answers: one question, or a list or tuple of them (not a dict, set or generator)."""
     if isinstance(questions, str):
@@ -310,7 +264,7 @@ def _run_turn(plan: Plan, turn: Turn, router: Router, step: Step, inbox: Inbox, 
     if not rows:
         return None, None
     sub = None if len(rows) == batch else rows  # a routed sub-batch: per-row lists of the trace widen to the batch
-    yield from _emit(AgentStarted(round=r, agent=turn.name, prompt=turn.prompt_kind), seen)
+    yield from _emit(AgentStarted(round=r, agent=turn.name, prompt=turn.prompt_kind, rows=sub), seen)
     devices = agent.backbone.devices
     start, paused = _now(devices), 0.0
     if prompt is None:
@@ -333,7 +287,7 @@ def _run_turn(plan: Plan, turn: Turn, router: Router, step: Step, inbox: Inbox, 
         record.latent_shape = tuple(thoughts.hidden.shape)
         record.latent_norm = thoughts.hidden.detach().float().norm(dim=-1).mean().item()
         paused += yield from _emit(AgentThought(round=r, agent=turn.name, shape=record.latent_shape,
-                                                norm=record.latent_norm, thoughts=thoughts), seen)
+                                                norm=record.latent_norm, thoughts=thoughts, rows=sub), seen)
     if turn.speaks:
         spoken, waited = yield from _relay(step.speak(turn, prompt), seen)
         paused += waited

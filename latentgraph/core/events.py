@@ -99,10 +99,12 @@ class Event:
 
 @dataclass(frozen=True)
 class AgentStarted(Event):
-    """An agent begins its turn; ``prompt`` is ``"prompt"`` or ``"feedback_prompt"``."""
+    """An agent begins its turn; ``prompt`` is ``"prompt"`` or ``"feedback_prompt"``. ``rows``: the questions
+    it runs for, when conditional edges route only some of them to it (None: all)."""
 
     agent: str
     prompt: str
+    rows: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -110,9 +112,10 @@ class AgentThought(Event):
     """An agent thought: a latent rollout of ``shape[1]`` steps."""
 
     agent: str
-    shape: tuple[int, ...]  # (B, m, H)
+    shape: tuple[int, ...]  # (B, m, H); B counts the rows it ran for
     norm: float  # mean L2 norm of the raw hidden states
     thoughts: Thoughts = field(repr=False)  # the raw states and what the inner link made of them
+    rows: list[int] | None = None  # the questions its rows are, when routing ran it for some only (None: all)
 
 
 @dataclass(frozen=True)

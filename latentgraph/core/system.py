@@ -21,7 +21,7 @@ from ..errors import GraphError, InputError
 from .agent import Agent, _is_int, check_name
 from .conditions import parse_condition
 from .edges import Edge, edge_kind
-from .engine import InferenceStep, Stop, question_list, unroll
+from .engine import InferenceStep, question_list, unroll
 from .events import Event, RunMode, RunOutput
 from .graph import Graph
 from .limits import AGENTS, EDGES, ROUNDS
@@ -30,6 +30,7 @@ from .parallel import check_parallel
 from .plan import Plan, build_plan
 from .prompt import QUESTION
 from .sampling import Sampling
+from .stopping import Stop
 from .subsystem import Subsystem, flatten
 from .system_files import SystemFiles
 from .validation import graph_problems
@@ -261,7 +262,7 @@ class System(SystemFiles, nn.Module):
         questions = question_list(questions)
         if stop is not None and not callable(stop):
             raise InputError(f"stop must be a callable on a round's events or a criterion such as "
-                             f"latentgraph.core.engine.ThoughtsConverged(tol=0.05), got {stop!r}")
+                             f"latentgraph.core.stopping.ThoughtsConverged(tol=0.05), got {stop!r}")
         sampling = Sampling(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
                             max_new_tokens=max_new_tokens)
         step = InferenceStep(sampling, seed=seed, return_latents=return_latents)
@@ -290,7 +291,7 @@ class System(SystemFiles, nn.Module):
         ``stop`` ends the run early: after each round but the last it is called on the round's events (a
         list of :mod:`~latentgraph.core.events`); when it returns True, the answer node speaks in that round,
         from the prompt it read in that round, and the run ends (``RunOutput.stopped_early``). A built-in
-        criterion: :class:`latentgraph.core.engine.ThoughtsConverged`.
+        criterion: :class:`latentgraph.core.stopping.ThoughtsConverged`.
 
         ``parallel`` runs agents of a round that do not depend on each other (mixture's experts, say) at once,
         in threads: ``None`` (default) when their backbones share no device (agents on different GPUs),

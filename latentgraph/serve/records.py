@@ -22,10 +22,13 @@ from ..core.events import (
 def event_record(event: Event, row: int) -> dict[str, Any] | None:
     """What ``event`` says about row ``row`` of its batch, or None for events that say nothing per row."""
     record: dict[str, Any] = {"type": type(event).__name__, "round": event.round}
+    if not _ran_for(event, row):
+        return None  # conditional edges routed this row past the agent
     if isinstance(event, AgentStarted):
         record.update(agent=event.agent, prompt=event.prompt)
     elif isinstance(event, AgentThought):
-        hidden = event.thoughts.hidden[row].detach().float()
+        index = row if event.rows is None else event.rows.index(row)  # a routed turn's thoughts are its rows'
+        hidden = event.thoughts.hidden[index].detach().float()
         record.update(agent=event.agent, latent_steps=hidden.shape[0], norm=hidden.norm(dim=-1).mean().item())
     elif isinstance(event, TokensDecoded):
         if not event.texts[row]:
@@ -52,3 +55,14 @@ def event_record(event: Event, row: int) -> dict[str, Any] | None:
     elif not isinstance(event, RoundEnded):
         return None
     return record
+
+
+def _ran_for(event: Event, row: int) -> bool:
+    """Whether the agent of an agent's event ran for ``row`` (routing may run it for some rows only)."""
+    if isinstance(event, (AgentStarted, AgentThought)):
+        return event.rows is None or row in event.rows
+    if isinstance(event, AgentFinished):
+        return event.step.rows is None or row in event.step.rows
+    if isinstance(event, AgentSpoke):
+        return event.texts[row] is not None
+    return True
