@@ -92,7 +92,7 @@ def test_trace_token_counts_add_up(system):
 
 
 def _latent(steps):
-    from latentgraph.core.agent import Message
+    from latentgraph.core.messages import Message
 
     return Message(latent=torch.zeros(1, steps, 576))
 

@@ -8,10 +8,11 @@ an explicit attention mask and explicit position ids.
 import pytest
 import torch
 
-from latentgraph.core.agent import Agent, Encoded
+from latentgraph.core.agent import Agent
 from latentgraph.core.backbone import get_backbone
 from latentgraph.core.forward import Forward, KVPrefix, kv_problem, prefill
 from latentgraph.core.links import make_link
+from latentgraph.core.messages import Encoded
 from latentgraph.core.speak import Sampling, generate, run_to_end
 from latentgraph.core.think import latent_rollout
 from latentgraph.errors import GraphError

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import latentgraph as lg
-from latentgraph.core.agent import DEFAULT_SYSTEM_PROMPT, Message
+from latentgraph.core.agent import DEFAULT_SYSTEM_PROMPT
+from latentgraph.core.messages import Message
 from latentgraph.core.prompt import PLAIN_FORMAT, PromptTemplate, render_chat
 
 

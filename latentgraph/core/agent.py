@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Container, Generator, Sequence
-from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,9 +18,9 @@ from ..tools.base import Tool
 from .backbone import Backbone, get_backbone
 from .config import DEFAULT_SYSTEM_PROMPT, AgentConfig, BackboneConfig
 from .detokenize import Decoded
-from .edges import Message
 from .limits import LATENT_STEPS
 from .links import config_of, make_link
+from .messages import Encoded, Message
 from .prompt import PromptTemplate, marker, render_chat, scrub, split_at_markers
 from .sampling import Sampling
 from .speak import Generation, generate
@@ -29,17 +28,6 @@ from .think import Thoughts, latent_rollout
 
 if TYPE_CHECKING:
     from .forward import KVPrefix
-
-
-@dataclass
-class Encoded:
-    """A batch of assembled prompts, left-padded, and the KV cache they continue (KV edges), if any."""
-
-    embeds: torch.Tensor  # (B, L, H)
-    mask: torch.Tensor  # (B, L), 1 for real positions
-    text_tokens: list[int]  # per row: prompt positions that are tokens (the rest are latents or padding)
-    prefix: KVPrefix | None = None  # what the prompt continues: the caches of its KV in-edges, in edge order
-    rows: list[int] | None = None  # the batch rows these rows are, when a routed turn runs a sub-batch (None: all)
 
 
 def _is_int(value: Any) -> bool:

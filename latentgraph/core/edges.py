@@ -27,30 +27,12 @@ from torch import nn
 from ..errors import GraphError, InputError
 from .config import EDGE_MODES
 from .links import placement
+from .messages import Encoded, Message
 
 if TYPE_CHECKING:
-    from .agent import Agent, Encoded
+    from .agent import Agent
     from .conditions import Condition
-    from .forward import KVPrefix
     from .think import Thoughts
-
-
-@dataclass
-class Message:
-    """What travels on an edge for a batch: latent vectors, one text per row, or a KV cache to continue.
-
-    ``present``: per row, whether the edge carried the message there (a routed edge, :mod:`~latentgraph.core.routing`);
-    a row without it reads an empty slot (its latent rows are zeros never read, its text ``""``, its cache
-    positions masked). None: every row."""
-
-    latent: torch.Tensor | None = None  # (B, m, d_receiver)
-    text: list[str] | None = None
-    cache: KVPrefix | None = None
-    present: tuple[bool, ...] | None = None
-
-    def reaches(self, row: int) -> bool:
-        """Whether the message carries anything for ``row``."""
-        return self.present is None or self.present[row]
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
-from .agent import Encoded, _is_int
-from .edges import Message, Sent
+from .agent import _is_int
+from .edges import Sent
 from .events import (
     AgentFinished,
     AgentSpoke,
@@ -48,6 +48,7 @@ from .events import (
     TokensDecoded,
 )
 from .forward import KVPrefix
+from .messages import Encoded, Message
 from .parallel import Outcome, batches, check_parallel, drain_in_threads
 from .plan import Plan, Turn, answer_turn
 from .routing import Router, RowsCancelled, narrow, spread, spread_tensor, widen, widen_rows

@@ -29,10 +29,11 @@ from torch import nn
 
 from ..errors import GraphError, InputError
 from .agent import Agent
-from .edges import Edge, Message
+from .edges import Edge
 from .events import RUN_MODES, RunMode, format_table
 from .graph import Graph
 from .limits import ROUNDS
+from .messages import Message
 from .prompt import PromptTemplate
 from .validation import graph_problems
 

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from .conditions import RouteState
-from .edges import Edge, Message
+from .edges import Edge
 from .events import AgentStep
+from .messages import Message
 from .plan import Plan, Turn
 
 

@@ -15,19 +15,29 @@ in the outer system), so ``outer.parameters()`` holds each once and training mov
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from torch import nn
 
 from ..errors import GraphError
 from .agent import Agent, _is_int, check_name
+from .edges import Edge
 from .graph import Graph
 
-if TYPE_CHECKING:
-    from .system import System
+
+class Composite(Protocol):
+    """What nesting reads of a system (a :class:`~latentgraph.System`): its nodes, edges, links and answer node."""
+
+    agents: Mapping[str, Agent]
+    subsystems: Mapping[str, Subsystem]
+    edges: Mapping[str, Edge]
+    links: Mapping[str, nn.Module]
+    answer: str | None
+
+    def graph(self) -> Graph: ...
 
 
 class Subsystem(nn.Module):
@@ -35,7 +45,7 @@ class Subsystem(nn.Module):
     <latentgraph.System.node>`. ``entry``: the inner agents an in-edge delivers to. ``rounds``: how many of its
     own rounds it runs inside each outer round (one; more are not supported yet)."""
 
-    def __init__(self, system: System, name: str, entry: Sequence[str], rounds: int = 1):
+    def __init__(self, system: Composite, name: str, entry: Sequence[str], rounds: int = 1):
         super().__init__()
         self.name = check_name(name, "nested system")
         where = f"nested system '{name}'"
@@ -84,7 +94,7 @@ class Subsystem(nn.Module):
         return f"name={self.name!r}, entry={list(self.entry)}, rounds={self.rounds}"
 
 
-def flatten(system: System) -> Graph:
+def flatten(system: Composite) -> Graph:
     """``system``'s graph with every nested system expanded in place: its own agents first (in the order they
     were added), then each nested system's agents as ``<node>.<agent>`` (in the order the nested systems were
     added); inner edges under the prefixed names; each outer edge redirected from the inner answer node and,

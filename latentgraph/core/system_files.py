@@ -30,7 +30,7 @@ from .config import (
 from .links import config_of
 
 if TYPE_CHECKING:
-    from .system import System
+    from typing_extensions import Self
 
 
 class SystemFiles:
@@ -64,7 +64,7 @@ class SystemFiles:
     @classmethod
     def from_config(cls, config: SystemConfig | dict | str | Path, *, backbones: dict[str, Any] | None = None,
                     device: Any = None, dtype: Any = None, device_map: Any = None, max_memory: Any = None,
-                    offload_folder: Any = None) -> System:
+                    offload_folder: Any = None) -> Self:
         """Build the system a config describes, with freshly initialised links.
 
         Args:
@@ -96,7 +96,7 @@ class SystemFiles:
         return cls._build(config, backbones, placement).validate()
 
     @classmethod
-    def _build(cls, config: SystemConfig, backbones: dict[str, Any], placement: dict[str, Any]) -> System:
+    def _build(cls, config: SystemConfig, backbones: dict[str, Any], placement: dict[str, Any]) -> Self:
         """The system ``config`` describes, unvalidated: a nested system is valid only inside its outer one."""
         nested = [cls._build(sub.system, {k.partition(".")[2]: v for k, v in backbones.items()
                                           if k.startswith(f"{sub.name}.")}, placement)
@@ -123,7 +123,7 @@ class SystemFiles:
     def from_pretrained(cls, source: str | Path, *, revision: str | None = None,
                         backbones: dict[str, Any] | None = None, device: Any = None, dtype: Any = None,
                         device_map: Any = None, max_memory: Any = None, offload_folder: Any = None,
-                        link_dtype: Any = "float32") -> System:
+                        link_dtype: Any = "float32") -> Self:
         """Load a system written by :meth:`save_pretrained`, from a directory or a hub repo.
 
         Args:

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn.functional as F
 
-from ..core.agent import Agent, Encoded
-from ..core.edges import Message
+from ..core.agent import Agent
 from ..core.engine import Spoken, Step, unroll
 from ..core.events import AgentThought, Event, MessageDelivered
 from ..core.forward import Forward, prefill
 from ..core.links import placement
+from ..core.messages import Encoded, Message
 from ..core.plan import Turn
 from ..core.think import Thoughts
 from ..errors import GraphError, InputError
