@@ -151,7 +151,8 @@ def _training_free(name: str, style: ModuleType, task: str, *, revision: Any, ch
     refused = [option for option, value in (("revision=", revision), ("checkpoints=", checkpoints)) if value]
     if refused:
         raise CheckpointError(f"style '{name}' is training-free: it has no published checkpoint, so "
-                              f"{' and '.join(refused)} do not apply; drop {'them' if len(refused) > 1 else 'it'} "
+                              f"{' and '.join(refused)} {'do' if len(refused) > 1 else 'does'} not apply; drop "
+                              f"{'them' if len(refused) > 1 else 'it'} "
                               "(backbones= runs its roles on another backbone)")
     unknown = set(backbones or {}) - set(style.ROLES)
     if unknown:
