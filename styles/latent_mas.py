@@ -13,7 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 from latentgraph.core.agent import Agent
+from latentgraph.core.backbone import get_backbone
 from latentgraph.core.system import System
+from latentgraph.embedded import backbones as packaged
+from latentgraph.embedded.cached_links import fit_once
+from latentgraph.embedded.default_system import calibration_texts
+from latentgraph.training import closed_form
 
 EMBEDDED = "smollm2-135m"  # the backbone build_default() runs every role on
 ROLES = ("planner", "critic", "refiner", "judger")
@@ -54,21 +59,15 @@ def build_default(backbones: dict | None = None, task: str = "math", *, fit: boo
 
     On the embedded backbone the realignment is computed once and cached beside the converted backbones.
     """
-    from latentgraph.core.backbone import get_backbone
-    from latentgraph.embedded.backbones import embedded_backbone
-    from latentgraph.embedded.cached_links import fit_once
-    from latentgraph.embedded.default_system import calibration_texts
-    from latentgraph.training.closed_form import initialize
-
     given = dict(backbones or {})
     missing = [role for role in ROLES if role not in given]
     if missing:
-        embedded = get_backbone(embedded_backbone(EMBEDDED), device=device, dtype=dtype, **spread)
-        given.update(dict.fromkeys(missing, embedded))
+        shipped = get_backbone(packaged.embedded_backbone(EMBEDDED), device=device, dtype=dtype, **spread)
+        given.update(dict.fromkeys(missing, shipped))
     system = build(given, task=task).validate()
     if not fit:
         return system
     if len(missing) == len(ROLES):  # all on the embedded backbone: the same fit on every machine, so cached
-        return fit_once(system, "latent_mas", f"{RECIPE}|{embedded.name_or_path}",
-                        lambda: initialize(system, calibration_texts()))
-    return initialize(system, calibration_texts())
+        return fit_once(system, "latent_mas", f"{RECIPE}|{shipped.name_or_path}",
+                        lambda: closed_form.initialize(system, calibration_texts()))
+    return closed_form.initialize(system, calibration_texts())
