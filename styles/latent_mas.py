@@ -44,8 +44,8 @@ def build(backbones: dict, task: str = "math") -> System:
     the same backbone, or ones of the same architecture and sizes, since a KV cache is read only by such)."""
     prompts = {"planner": PLANNER, "critic": CRITIC, "refiner": REFINER,
                "judger": JUDGER.format(question="{question}", answer=ANSWER[task])}
-    agents = [Agent(role, backbones[role], prompts[role], latent_steps=LATENT_STEPS, inner_link=INNER_LINK)
-              for role in ROLES]
+    agents = [Agent(role, backbones[role], prompts[role], latent_steps=0 if role == "judger" else LATENT_STEPS,
+                    inner_link=INNER_LINK) for role in ROLES]  # the judger only decodes
     system = System(agents, rounds=1, answer="judger")
     for src, dst in zip(ROLES, ROLES[1:]):
         system.connect(src, dst, mode="kv")

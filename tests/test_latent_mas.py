@@ -52,6 +52,7 @@ def test_the_graph_is_a_kv_chain_of_thinkers_to_a_judger(shared):
         ("refiner", "judger", "kv", None, False)]
     assert len({id(agent.backbone) for agent in system.agents.values()}) == 1  # one backbone, as LatentMAS
     assert {agent.inner_link.config.type for agent in system.agents.values()} == {"linear"}
+    assert [agent.latent_steps for agent in system.agents.values()] == [latent_mas.LATENT_STEPS] * 3 + [0]
     assert not system.links  # KV edges carry no outer link
     assert "\\boxed{{}}" in system.agents["judger"].prompt  # a format string: {{}} renders as {}
     assert "```python" in on_tiny(shared, load_weights=False, task="code").agents["judger"].prompt
