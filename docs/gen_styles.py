@@ -2,8 +2,9 @@
 
     python docs/gen_styles.py
 
-Each style is built on tiny stand-in backbones named after the published repos (no download), so the
-diagrams show the topology, link types, slots and latent steps, but no sizes. The tests check that
+Each style is built on tiny stand-in backbones named after the published repos (a training-free style: after
+its embedded backbone), with no download, so the diagrams show the topology, link types, slots and latent
+steps, but no sizes. The tests check that
 docs/styles.md is what this script writes.
 """
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import transformers
 
 import latentgraph as lg
-from latentgraph.checkpoints.published import list_styles, style_module
+from latentgraph.checkpoints.published import list_styles, published_styles, style_module
 from latentgraph.core.backbone import get_backbone
 from latentgraph.testing import tiny_backbone
 
@@ -22,13 +23,16 @@ transformers.logging.set_verbosity_error()
 
 def build_standin(name: str) -> lg.System:
     module = style_module(name)
-    backbones = {}
-    for role, repo in module.CHECKPOINTS.items():
-        if role != "links":
-            model, tokenizer = tiny_backbone("llama", 32)
-            model.config.name_or_path = repo
-            backbones[role] = get_backbone(model, tokenizer=tokenizer)
-    return module.build(backbones)
+    if name not in published_styles():  # one backbone shared by every role, as KV edges need
+        shared = standin(f"embedded {module.EMBEDDED}")
+        return module.build(dict.fromkeys(module.ROLES, shared))
+    return module.build({role: standin(repo) for role, repo in module.CHECKPOINTS.items() if role != "links"})
+
+
+def standin(name: str):
+    model, tokenizer = tiny_backbone("llama", 32)
+    model.config.name_or_path = name
+    return get_backbone(model, tokenizer=tokenizer)
 
 
 def markdown() -> str:
@@ -43,7 +47,7 @@ def markdown() -> str:
         "| style | agents (published repo) | edges (published link name) | answer |",
         "|---|---|---|---|",
     ]
-    for name in list_styles():
+    for name in published_styles():
         module, system = style_module(name), build_standin(name)
         agents = "<br>".join(f"{role}: `{repo}`" for role, repo in module.CHECKPOINTS.items() if role != "links")
         keys = {edge: key for key, edge in module.LEGACY_KEYS.items()}
@@ -51,19 +55,35 @@ def markdown() -> str:
                             f"`{keys[(e.src, e.dst)]}`" for e in system.edges.values())
         lines.append(f"| `{name}` | {agents} | {edges}<br>links: `{module.CHECKPOINTS['links']}` | {system.answer} |")
     lines.append("")
-    for name in list_styles():
-        doc = style_module(name).__doc__.strip().split("\n\n")
-        lines += [f"## {name}", "", " ".join(doc[0].split()), ""]
-        if len(doc) > 1:
-            lines += [" ".join(doc[1].split()), ""]
-        lines += [f"![{name}](assets/styles/{name}.svg)", ""]
+    for name in published_styles():
+        lines += section(name)
     lines += [
         "Latent steps default to 32 and rounds to 3 (the published defaults); change them on the loaded",
         "system (`system.rounds = 2`, `system.agents['planner'].latent_steps = 48`). The prompts are our own",
         "wording of each role; see the style files, or edit `system.agents[role].prompt`.",
         "",
+        "## Training-free styles",
+        "",
+        "Styles with no published checkpoint: `latentgraph.load_style(name)` builds them on the embedded",
+        "SmolLM2-135M-Instruct (nothing downloaded) and fits their links in closed form on the bundled",
+        "calibration corpus ([Closed-form initialisation](api/closed-form.md)), computed once and cached.",
+        "`backbones={role: ...}` runs roles on another backbone (fitted there, uncached); `revision=` and",
+        "`checkpoints=` do not apply and are refused. On the command line: `latentgraph run --style NAME`.",
+        "",
     ]
+    for name in list_styles():
+        if name not in published_styles():
+            lines += section(name, level="###")
     return "\n".join(lines)
+
+
+def section(name: str, level: str = "##") -> list[str]:
+    """A style's heading, the first two paragraphs of its module docstring, and its diagram."""
+    doc = style_module(name).__doc__.strip().split("\n\n")
+    lines = [f"{level} {name}", "", " ".join(doc[0].split()), ""]
+    if len(doc) > 1:
+        lines += [" ".join(doc[1].split()), ""]
+    return [*lines, f"![{name}](assets/styles/{name}.svg)", ""]
 
 
 def main() -> None:

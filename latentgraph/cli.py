@@ -46,8 +46,8 @@ def check_size(flag: str, value: int | None, limit: Limit) -> None:
 @app.command()
 def run(
     question: str = typer.Argument(..., help="The question to answer."),
-    style: str = typer.Option(DEFAULT, help="'default' (real small models, offline), a published style, or a "
-                                            "directory written by save_pretrained."),
+    style: str = typer.Option(DEFAULT, help="'default' (real small models, offline), a style (see `latentgraph "
+                                            "styles`), or a directory written by save_pretrained."),
     rounds: int | None = typer.Option(None, help="Rounds to unroll (default: the system's)."),
     latent_steps: int | None = typer.Option(None, help="Latent steps of every agent (default: each agent's)."),
     mode: str = typer.Option("latent", help="latent (the graph as built), text (every edge carries text) or "
@@ -170,7 +170,7 @@ def render(
 
 @app.command()
 def styles() -> None:
-    """List the published styles, one line each."""
+    """List the styles, one line each: the published ones, then the training-free ones."""
     from .checkpoints.published import list_styles, style_module
 
     for name in list_styles():

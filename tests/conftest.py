@@ -44,10 +44,10 @@ def published_hub():
     """The hub cache (``HF_HUB_CACHE``) holding every published repo of every style; see published_hub.py."""
     from published_hub import PublishedHub
 
-    from latentgraph.checkpoints.published import list_styles
+    from latentgraph.checkpoints.published import published_styles
 
     hub = PublishedHub(Path(os.environ["HF_HUB_CACHE"]))
-    for style in list_styles():
+    for style in published_styles():
         hub.build(style)
     return hub
 

@@ -49,7 +49,8 @@ def test_render_writes_a_file(saved, tmp_path):
 def test_unknown_style_fails_with_a_clear_message(tmp_path):
     result = subprocess.run([sys.executable, "-m", "latentgraph", "run", "Q", "--style", "no_such_style"],
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert result.returncode == 1 and "is not 'default', a published style" in result.stderr
+    assert result.returncode == 1 and "is not 'default', a style (sequential_light, " in result.stderr
+    assert "deliberation, latent_mas)" in result.stderr
     assert "Traceback" not in result.stderr
 
 

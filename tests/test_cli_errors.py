@@ -133,6 +133,9 @@ def busy_port() -> int:
 ROW = {"id": "data-1", "method": "latent", "rounds": 3, "sample": 0, "question": QUESTION["question"]}
 
 CASES = {
+    "convert a training-free style at a --revision": (
+        lambda saved, tmp: ["convert", "latent_mas", str(tmp / "out"), "--revision", "v1"],
+        "style 'latent_mas' is training-free: it has no published checkpoint, so revision= does not apply"),
     "run --max-new-tokens 0": (
         lambda saved, tmp: ["run", "Q?", "--style", str(saved), "--max-new-tokens", "0"],
         "max_new_tokens must be an integer >= 1, got 0"),

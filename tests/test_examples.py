@@ -55,3 +55,20 @@ def test_routing_sends_each_question_to_one_expert_offline(tmp_path):
     assert routes[:4] == ["math", "writer", "math", "writer"]  # digits go to the math expert
     assert len(routes) == 8 and set(routes[4:]) <= {"math", "writer"}  # the said route: one expert per question
     assert "router->math (latent, now, when has_digits)" in result.stdout  # the plan shows the conditions
+
+
+def test_kv_edges_example_reports_each_receivers_cache(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "kv_edges.py")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[:3]}
+    prompt = {name: int(row[3]) for name, row in rows.items()}
+    cache_in = {name: int(row[5]) for name, row in rows.items()}
+    assert list(rows) == ["planner", "critic", "solver"]
+    assert cache_in == {"planner": 0, "critic": prompt["planner"] + 6,
+                        "solver": prompt["planner"] + 6 + prompt["critic"] + 4}  # the chain passes its cache on
+    assert lines[3].endswith("True")
+    assert lines[4] == "with kv='thoughts', the solver's cache_in is 4"  # the critic's 4 thought positions
+    assert lines[5].startswith("answer: ")

@@ -16,7 +16,7 @@ from conftest import ALL_ARCHS
 
 import latentgraph as lg
 import latentgraph.core.backbone
-from latentgraph.checkpoints.published import list_styles
+from latentgraph.checkpoints.published import published_styles
 from latentgraph.core.backbone import get_backbone, own_cache_class
 from latentgraph.core.links import make_link
 from latentgraph.core.think import latent_rollout
@@ -166,7 +166,7 @@ def test_autograd_cache_copies_a_state_in_either_layout(tiny):
         assert read(layer) is not state and torch.equal(read(layer), state)
 
 
-@pytest.mark.parametrize("style", list_styles())
+@pytest.mark.parametrize("style", published_styles())
 def test_every_published_style_trains_one_step(published_hub, style):
     system = lg.load_style(style, device="cpu")
     for agent in system.agents.values():

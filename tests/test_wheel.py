@@ -50,5 +50,6 @@ def test_wheel_installs_and_loads_a_style_outside_the_checkout(published_hub, tm
     assert result.returncode == 0, result.stderr[-3000:]
     path, styles, answers = result.stdout.split()[-3:]
     assert path.startswith(target) and str(ROOT) not in path
-    assert styles.split(",") == ["sequential_light", "sequential_scaled", "mixture", "distillation", "deliberation"]
+    assert styles.split(",") == ["sequential_light", "sequential_scaled", "mixture", "distillation", "deliberation",
+                                  "latent_mas"]
     assert answers == "1"

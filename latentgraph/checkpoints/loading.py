@@ -1,10 +1,10 @@
 """One entry point for every kind of system: ``latentgraph.load(name)``.
 
 A name is ``"default"`` (the embedded default system, real small backbones shipped in packages), a
-published RecursiveMAS style (``"sequential_light"``, ...), a folder written by ``save_pretrained``, or a
-system declared in a ``.json``/``.yaml`` file (with the links of a ``links.safetensors`` beside it, else
-fresh untrained links). A folder that a save killed midway left aside is put back first
-(:func:`~latentgraph.files.atomic.recover`).
+style (a published RecursiveMAS one such as ``"sequential_light"``, or the training-free ``"latent_mas"``), a
+folder written by ``save_pretrained``, or a system declared in a ``.json``/``.yaml`` file (with the links of a
+``links.safetensors`` beside it, else fresh untrained links). A folder that a save killed midway left aside is
+put back first (:func:`~latentgraph.files.atomic.recover`).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ def load(name: str | Path = DEFAULT, *, task: str = "math", weights: bool = True
     """A system by name.
 
     Args:
-        name: ``"default"``, a published style, a saved folder, or a ``.json``/``.yaml`` system file.
-        task: for published styles, ``"math"`` or ``"code"`` (which links and answer format).
-        weights: ``False`` gives a published style's graph with fresh links (for drawing it).
+        name: ``"default"``, a style, a saved folder, or a ``.json``/``.yaml`` system file.
+        task: for styles, ``"math"`` or ``"code"`` (which links and answer format).
+        weights: ``False`` gives a style's graph with fresh links (for drawing it).
         device, dtype: where and in what dtype the backbones run.
         device_map, max_memory, offload_folder: instead of ``device``, spread each backbone over several GPUs
             with CPU or disk offload (see :class:`~latentgraph.Agent`).
@@ -75,5 +75,5 @@ def load(name: str | Path = DEFAULT, *, task: str = "math", weights: bool = True
                               "written by save_pretrained, latentgraph train or latentgraph convert")
     if looks_like_path(name) and not path.exists():
         raise CheckpointError(f"{name!r} does not exist; check the path")
-    raise CheckpointError(f"{name!r} is not '{DEFAULT}', a published style ({', '.join(list_styles())}), a "
+    raise CheckpointError(f"{name!r} is not '{DEFAULT}', a style ({', '.join(list_styles())}), a "
                           f"directory with a {CONFIG_NAME} or a system file ({', '.join(CONFIG_SUFFIXES)})")

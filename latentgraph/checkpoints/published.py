@@ -1,4 +1,5 @@
-"""The published RecursiveMAS systems, loaded by style name into editable :class:`System` objects.
+"""The styles, loaded by name into editable :class:`System` objects: the published RecursiveMAS systems, and
+training-free styles built on the embedded backbone (``latent_mas``).
 
 Each agent's hub repo holds a full base model and its inner link(s) as pickled state dicts: one per task
 (``adapter(math).pt``, ``adapter(code).pt``, named by ``innerlink_config.json``) or one for all
@@ -32,15 +33,22 @@ LINK_PATTERNS = ["*.json", "*.pt"]  # what a link repo snapshot needs; backbones
 
 
 def list_styles() -> list[str]:
-    """The names of the published styles."""
+    """The names of the styles: the published ones, then the training-free ones."""
     from ..styles import STYLES
 
     return list(STYLES)
 
 
+def published_styles() -> list[str]:
+    """The names of the styles with published checkpoints."""
+    from ..styles import PUBLISHED
+
+    return list(PUBLISHED)
+
+
 def style_module(name: str) -> ModuleType:
     if name not in list_styles():
-        raise CheckpointError(f"unknown style {name!r}; the published styles are {list_styles()}")
+        raise CheckpointError(f"unknown style {name!r}; the styles are {list_styles()}")
     return importlib.import_module(f"latentgraph.styles.{name}")
 
 
@@ -49,23 +57,27 @@ def load_style(name: str, task: str = "math", *, revision: str | dict[str, str] 
                device: Any = None, dtype: Any = None, device_map: Any = None, max_memory: Any = None,
                offload_folder: Any = None, load_weights: bool = True, tools: list[Tool] | None = None,
                trust_remote_code: bool = False, link_dtype: Any = "float32") -> System:
-    """A published style as an editable :class:`System`, with its published link weights.
+    """A style as an editable :class:`System`: a published one with its published link weights, or a
+    training-free one (``"latent_mas"``) on the embedded backbone with its links fitted in closed form.
 
     Args:
-        name: a style from :func:`list_styles` (``"sequential_light"``, ``"mixture"``, ...).
+        name: a style from :func:`list_styles` (``"sequential_light"``, ``"mixture"``, ``"latent_mas"``, ...).
         task: ``"math"`` or ``"code"``: which inner links to load where an agent has one per task (use
             ``"code"`` for code benchmarks, ``"math"`` for everything else), and which answer format the
             prompts ask for.
         revision: hub revision for every repo, or ``{role: revision}`` (``"links"`` for the outer links).
+            Published styles only.
         checkpoints: ``{role: repo_or_directory}`` to use instead of the published repo of a role
-            (``"links"`` for the outer links).
+            (``"links"`` for the outer links). Published styles only.
         backbones: ``{role: backbone}`` to run a role on another backbone (a hub id, a directory, a
-            ``(model, tokenizer)`` pair or a ``Backbone``). That agent's inner link and the outer links
-            touching it start fresh (random), with a warning: retrain them.
+            ``(model, tokenizer)`` pair or a ``Backbone``). In a published style, that agent's inner link and
+            the outer links touching it start fresh (random), with a warning: retrain them. In a training-free
+            style, the links are fitted in closed form on that backbone too.
         device: where the backbones run; dtype: their dtype.
         device_map, max_memory, offload_folder: instead of ``device``, spread each backbone over several GPUs
             with CPU or disk offload (see :class:`~latentgraph.Agent`); not for ``backbones=`` given loaded.
-        load_weights: ``False`` gives the graph with fresh links (for rendering, or training from scratch).
+        load_weights: ``False`` gives the graph with fresh links (for rendering, or training from scratch); a
+            training-free style then skips its closed-form fit.
         tools: the tools of the style's tool-using agent (deliberation's tool-caller), instead of the style's
             default ones; ``[]`` for none. Styles without such an agent refuse it.
         trust_remote_code: accepted so that the published model cards' snippet
@@ -82,6 +94,15 @@ def load_style(name: str, task: str = "math", *, revision: str | dict[str, str] 
     link_dtype = check_link_dtype(link_dtype)
     if task not in TASKS:
         raise CheckpointError(f"task must be one of {TASKS}, got {task!r}")
+    if tools is not None and not hasattr(style, "TOOL_AGENT"):
+        raise InputError(f"style '{name}' has no agent that uses tools; tools= applies to "
+                         f"{[s for s in list_styles() if hasattr(style_module(s), 'TOOL_AGENT')]}")
+    spread = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+    if name not in published_styles():
+        system = _training_free(name, style, task, revision=revision, checkpoints=checkpoints, backbones=backbones,
+                                fit=load_weights, device=device, dtype=dtype, spread=spread)
+        cast_links(system.link_modules(), link_dtype)
+        return system
     roles = [role for role in style.CHECKPOINTS if role != "links"]
     revisions = revision if isinstance(revision, dict) else dict.fromkeys(style.CHECKPOINTS, revision)
     for given, what in ((checkpoints, "checkpoints"), (backbones, "backbones"), (revisions, "revision")):
@@ -91,13 +112,9 @@ def load_style(name: str, task: str = "math", *, revision: str | dict[str, str] 
                                   f"{[*roles, 'links']}")
     repos = {**style.CHECKPOINTS, **(checkpoints or {})}
     swapped = backbones or {}
-    spread = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
     members = {role: _backbone(swapped[role], device, dtype, spread) if role in swapped else
                get_backbone(repos[role], revision=revisions.get(role), device=device, dtype=dtype, **spread)
                for role in roles}
-    if tools is not None and not hasattr(style, "TOOL_AGENT"):
-        raise InputError(f"style '{name}' has no agent that uses tools; tools= applies to "
-                         f"{[s for s in list_styles() if hasattr(style_module(s), 'TOOL_AGENT')]}")
     system = style.build(members, task=task, **({"tools": tools} if tools is not None else {}))
     cast_links(system.link_modules(), link_dtype)
     if not load_weights:
@@ -126,6 +143,25 @@ def load_style(name: str, task: str = "math", *, revision: str | dict[str, str] 
     if needed - loaded:
         raise CheckpointError(f"{manifest} does not list the outer links {sorted(needed - loaded)} of style '{name}'")
     return system.validate()
+
+
+def _training_free(name: str, style: ModuleType, task: str, *, revision: Any, checkpoints: Any, backbones: Any,
+                   fit: bool, device: Any, dtype: Any, spread: dict[str, Any]) -> System:
+    """A training-free style: built on the embedded backbone (or the ones given), links fitted in closed form."""
+    refused = [option for option, value in (("revision=", revision), ("checkpoints=", checkpoints)) if value]
+    if refused:
+        raise CheckpointError(f"style '{name}' is training-free: it has no published checkpoint, so "
+                              f"{' and '.join(refused)} {'do' if len(refused) > 1 else 'does'} not apply; drop "
+                              f"{'them' if len(refused) > 1 else 'it'} "
+                              "(backbones= runs its roles on another backbone)")
+    unknown = set(backbones or {}) - set(style.ROLES)
+    if unknown:
+        raise CheckpointError(f"backbones= names {sorted(unknown)}, not roles of style '{name}': {list(style.ROLES)}")
+    loaded: dict[int, Backbone] = {}  # one Backbone per source, so that roles given the same one share it
+    for source in (backbones or {}).values():
+        loaded.setdefault(id(source), _backbone(source, device, dtype, spread))
+    given = {role: loaded[id(source)] for role, source in (backbones or {}).items()}
+    return style.build_default(given, task=task, fit=fit, device=device, dtype=dtype, **spread)
 
 
 def inner_link_file(directory: Path, task: str) -> Path:

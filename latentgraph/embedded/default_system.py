@@ -13,27 +13,19 @@ machine. They are computed once (about a minute on two cores) and cached beside 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
-from importlib.resources import files
 from typing import Any
 
-from safetensors.torch import load_file
-
 from ..checkpoints.link_dtype import check_link_dtype
-from ..checkpoints.native import WEIGHTS_NAME, assign
 from ..core.agent import Agent
 from ..core.backbone import get_backbone
 from ..core.system import System
 from ..training.closed_form import initialize
-from .backbones import cache_dir, embedded_backbone
+from .backbones import embedded_backbone
+from .cached_links import CALIBRATION, fit_once
 
 RECIPE = 1  # bump when the graph, the link types or the initialisation change: it keys the cache
 LATENT_STEPS = 8  # thoughts per agent per round; small, so a CPU answers in seconds
-CALIBRATION = files("latentgraph") / "data" / "gsm8k_calibration.jsonl"
 
 PLANNER = "{question}\n\nWrite a short plan for solving this, step by step. Do not solve it yet."
 PLANNER_FEEDBACK = ("{question}\n\nYour teammate's last attempt: {feedback}\n"
@@ -73,18 +65,5 @@ def default_system(*, device: Any = None, dtype: Any = None, link_dtype: Any = "
     system.connect("planner", "critic", slot="plan")
     system.connect("critic", "solver", slot="plan")
     system.connect("solver", "planner", slot="feedback", feedback=True)
-    key = hashlib.sha256(f"{RECIPE}|{smol.name_or_path}|{gemma.name_or_path}".encode()
-                         + CALIBRATION.read_bytes()).hexdigest()[:16]
-    cached = cache_dir() / "systems" / f"default-{key}"
-    if not (cached / WEIGHTS_NAME).exists():
-        initialize(system, calibration_texts())
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        scratch = tempfile.mkdtemp(dir=cached.parent, prefix=f".{cached.name}.")
-        system.save_pretrained(scratch)
-        try:
-            os.rename(scratch, cached)  # atomic: a folder that exists is complete
-        except OSError:  # another process finished first; its links are the same
-            shutil.rmtree(scratch, ignore_errors=True)
-    assign(system.link_modules(), load_file(cached / WEIGHTS_NAME), source=str(cached / WEIGHTS_NAME),
-           link_dtype=link_dtype)
-    return system
+    recipe = f"{RECIPE}|{smol.name_or_path}|{gemma.name_or_path}"
+    return fit_once(system, "default", recipe, lambda: initialize(system, calibration_texts()), link_dtype=link_dtype)
