@@ -19,11 +19,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BeforeValidator, Field, PlainSerializer, ValidationError, create_model, field_validator
+from pydantic import BeforeValidator, Field, PlainSerializer, create_model, field_validator
 from pydantic_core import PydanticCustomError
 
 from ..errors import GraphError, InputError, shown
-from .config_base import ConfigModel, _validation_errors, describe_errors
+from .config_base import ConfigModel, parse_typed, typed_field
 from .limits import PATTERN_CHARS, ROUNDS
 
 
@@ -144,28 +144,12 @@ def _condition_fields(spec: Any) -> Condition | tuple[type[Condition], dict[str,
 def parse_condition(spec: Any, where: str) -> Condition:
     """A :class:`Condition`, a dict of its fields or a registered name (a condition without fields), as the class
     its type registered; a :class:`~latentgraph.GraphError` naming ``where`` and each bad field otherwise."""
-    try:
-        found = _condition_fields(spec)
-    except ValueError as e:
-        raise GraphError(f"{where}: {e}") from None
-    if isinstance(found, Condition):
-        return found
-    cls, fields = found
-    try:
-        with _validation_errors():
-            return cls.model_validate(fields)
-    except ValidationError as e:
-        raise GraphError(f"{where}: invalid {fields['type']!r} condition: {describe_errors(e)}; its fields are: "
-                         f"{', '.join(cls.model_fields)}") from None
+    return parse_typed(_condition_fields, spec, where, lambda fields: f"{fields['type']!r} condition")
 
 
 def _condition_field(value: Any) -> Condition:
     """Validator of condition fields: the class of the condition's type (its errors keep their field path)."""
-    try:
-        found = _condition_fields(value)
-    except ValueError as e:
-        raise PydanticCustomError("condition", "{problem}", {"problem": str(e)}) from None
-    return found if isinstance(found, Condition) else found[0].model_validate(found[1])
+    return typed_field(_condition_fields, value, "condition")
 
 
 ConditionField = Annotated[Condition, BeforeValidator(_condition_field),

@@ -37,7 +37,7 @@ from ..errors import CheckpointError, GraphError, shown
 from ..files.text import read_json, read_yaml
 from ..version import __version__
 from .conditions import ConditionField
-from .config_base import ConfigModel, _validation_errors, describe_errors
+from .config_base import ConfigModel, _validation_errors, describe_errors, parse_typed, typed_field
 from .limits import AGENTS, EDGES, LATENT_STEPS, ROUNDS, Limit
 
 CONFIG_NAME = "latentgraph_config.json"
@@ -137,28 +137,12 @@ def _link_fields(spec: Any) -> tuple[type[LinkConfig], dict[str, Any]] | LinkCon
 def parse_link_config(spec: Any, where: str) -> LinkConfig:
     """A type name, a dict of fields or a :class:`LinkConfig`, as the config class of its type; a
     :class:`~latentgraph.GraphError` naming ``where`` and each bad field otherwise."""
-    try:
-        found = _link_fields(spec)
-    except ValueError as e:
-        raise GraphError(f"{where}: {e}") from None
-    if isinstance(found, LinkConfig):
-        return found
-    cls, fields = found
-    try:
-        with _validation_errors():
-            return cls.model_validate(fields)
-    except ValidationError as e:
-        raise GraphError(f"{where}: invalid {fields.get('type', 'ln_res')!r} link config: {describe_errors(e)}; "
-                         f"its fields are: {', '.join(cls.model_fields)}") from None
+    return parse_typed(_link_fields, spec, where, lambda fields: f"{fields.get('type', 'ln_res')!r} link config")
 
 
 def _link_field(value: Any) -> LinkConfig:
     """Validator of link fields: the config class of the link's type (its errors keep their field path)."""
-    try:
-        found = _link_fields(value)
-    except ValueError as e:
-        raise PydanticCustomError("link_config", "{problem}", {"problem": str(e)}) from None
-    return found if isinstance(found, LinkConfig) else found[0].model_validate(found[1])
+    return typed_field(_link_fields, value, "link_config")
 
 
 class BackboneConfig(ConfigModel):
