@@ -31,7 +31,7 @@ from .plan import Plan, build_plan
 from .prompt import QUESTION
 from .sampling import Sampling
 from .stopping import Stop
-from .subsystem import Subsystem, flatten
+from .subsystem import Subsystem, flatten, inner_rounds
 from .system_files import SystemFiles
 from .validation import graph_problems
 
@@ -192,11 +192,12 @@ class System(SystemFiles, nn.Module):
         ``backbone``, ``revision``, ``hidden_size``, ``latent_steps``, ``answer`` (bool), ``tools`` (tags) and
         ``system`` (the nested system it runs in, as ``"team"`` or ``"team.sub"``; ``None`` for the system's own
         agents). Edges carry ``name``, ``slot``, ``mode``, ``feedback``, ``link_type``, ``in_dim``, ``out_dim``
-        and ``params`` (link attributes are ``None`` on text edges). The graph attributes are ``rounds`` and
-        ``answer``.
+        and ``params`` (link attributes are ``None`` on text edges). The graph attributes are ``rounds``,
+        ``answer`` and ``inner_rounds`` (each nested system's rounds, by the name ``system`` gives it). A nested
+        system of several rounds appears once, its feedback edges as built.
         """
         flat = self.graph()
-        graph = nx.DiGraph(rounds=self.rounds, answer=flat.answer)
+        graph = nx.DiGraph(rounds=self.rounds, answer=flat.answer, inner_rounds=inner_rounds(self))
         for name, agent in flat.agents.items():
             graph.add_node(name, backbone=str(agent.backbone.name_or_path), revision=agent.backbone.revision,
                            hidden_size=agent.hidden_size, latent_steps=agent.latent_steps,
@@ -214,19 +215,20 @@ class System(SystemFiles, nn.Module):
 
     def order(self) -> list[str]:
         """Agents in topological order of the forward edges; ties keep the order agents were added (a nested
-        system's agents come after the system's own)."""
-        return self.graph().order()
+        system's agents come after the system's own, in each of its inner rounds: ``team#1.a`` before ``team.a``)."""
+        return self.graph(unrolled=True).order()
 
-    def graph(self) -> Graph:
+    def graph(self, unrolled: bool = False) -> Graph:
         """The graph as data: a snapshot of the agents, edges, answer node and outer links, with nested systems
-        flattened into it (:func:`~latentgraph.core.subsystem.flatten`)."""
+        flattened into it (:func:`~latentgraph.core.subsystem.flatten`). ``unrolled``: the graph a plan runs,
+        a nested system of several rounds written out once per inner round; else each appears once."""
         if not self.subsystems:
             return Graph.of(self.agents, self.edges, self.answer, self.links)
-        return flatten(self)
+        return flatten(self, unrolled)
 
     def validate(self) -> System:
         """Check the whole graph; raise one :class:`GraphError` listing every problem and its fix."""
-        if problems := graph_problems(self.graph()):
+        if problems := graph_problems(self.graph(unrolled=True)):
             raise GraphError("the system is invalid:\n  - " + "\n  - ".join(problems))
         return self
 
@@ -235,7 +237,7 @@ class System(SystemFiles, nn.Module):
         (default ``system.rounds``) in run mode ``mode`` (see :meth:`run`): the turns of each round, who reads
         what and sends where. ``print(system.plan())`` shows it as a table. A plan is compiled once and reused
         while the graph stays the same (the same agents, prompts, edges, links and answer node)."""
-        graph = self.graph()
+        graph = self.graph(unrolled=True)
         rounds = self.rounds if rounds is None else rounds
         key = (graph.key(), rounds, mode) if isinstance(rounds, int) and isinstance(mode, str) else None
         if key is None or key not in self._plans:
