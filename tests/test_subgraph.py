@@ -213,7 +213,8 @@ def test_inner_feedback_needs_more_inner_rounds_and_conditions_need_one(tiny):
     with pytest.raises(lg.GraphError, match=r"nested system 'team' has feedback edges \(c->a\), but it runs one "
                                             r"round .* give it more inner rounds \(node\(\.\.\., rounds=2\)\)"):
         outer.validate()
-    team.disconnect("c", "a").disconnect("b", "c").connect("b", "c", mode="text", when={"type": "rounds", "rounds": [1]})
+    team.disconnect("c", "a").disconnect("b", "c")
+    team.connect("b", "c", mode="text", when={"type": "rounds", "rounds": [1]})
     with pytest.raises(lg.GraphError, match=r"nested system 'again' runs 2 inner rounds and has conditional edges "
                                             r"\(b->c\).*pass rounds=1"):
         team.node("again", entry=["a"], rounds=2)
