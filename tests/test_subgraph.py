@@ -218,6 +218,8 @@ def test_inner_feedback_needs_more_inner_rounds_and_conditions_need_one(tiny):
     with pytest.raises(lg.GraphError, match=r"nested system 'again' runs 2 inner rounds and has conditional edges "
                                             r"\(b->c\).*pass rounds=1"):
         team.node("again", entry=["a"], rounds=2)
+    with pytest.raises(lg.GraphError, match="nested system 'many': rounds: .*use fewer rounds"):
+        team.node("many", entry=["a"], rounds=10**9)
 
 
 def test_a_nested_system_can_be_the_answer_node(tiny):

@@ -3,13 +3,19 @@
 ``team.node("team", entry=["a"])`` wraps the system ``team`` as a node, which ``System([...])`` or
 ``System.add`` take beside agents. An edge ``x -> team`` delivers to each entry agent, into the slot the edge
 names (a latent edge carries one link per entry); an edge ``team -> y`` carries what the inner answer node
-sends (it thinks, speaks or keeps its cache as the edge's kind needs). The nested system runs one round inside
-each round of the outer system.
+sends (it thinks, speaks or keeps its cache as the edge's kind needs).
+
+The nested system runs ``rounds=k`` of its own rounds (one by default) inside each round of the outer system,
+exactly as it runs on its own for ``k`` rounds, except that its entries also read, in every inner round, what
+the outer in-edges delivered in this outer round; its out-edges carry what its answer node sends in the last
+inner round, and it starts afresh in each outer round (its feedback from one outer round does not reach the next).
 
 A nested system is flattened where the graph is made (:func:`flatten`, which ``System.graph()`` calls): its
 agents and edges join the outer graph under prefixed names (``team.a``, ``team.a->team.b``), the outer edges
 are redirected to the entries and from the inner answer node, and the plan and the engine run the result like
-any graph. The links stay where they are registered (the inner system's own modules, the outer edges' links
+any graph. With ``k`` inner rounds, :func:`unroll_rounds` writes it out once per inner round
+(``team#1.a``, ..., ``team.a``) for the plan; each copy runs the same Agent objects and links. The links stay
+where they are registered (the inner system's own modules, the outer edges' links
 in the outer system), so ``outer.parameters()`` holds each once and training moves them.
 """
 
@@ -26,6 +32,7 @@ from ..errors import GraphError
 from .agent import Agent, _is_int, check_name
 from .edges import Edge
 from .graph import Graph
+from .limits import ROUNDS
 
 
 class Composite(Protocol):
@@ -42,8 +49,9 @@ class Composite(Protocol):
 
 class Subsystem(nn.Module):
     """A system as a node named ``name`` of another system; make one with :meth:`System.node
-    <latentgraph.System.node>`. ``entry``: the inner agents an in-edge delivers to. ``rounds``: how many of its
-    own rounds it runs inside each outer round (one; more are not supported yet)."""
+    <latentgraph.System.node>`. ``entry``: the inner agents an in-edge delivers to (in each inner round).
+    ``rounds``: how many of its own rounds it runs inside each outer round, its feedback edges delivering
+    between them, afresh in each outer round (see the module docstring)."""
 
     def __init__(self, system: Composite, name: str, entry: Sequence[str], rounds: int = 1):
         super().__init__()
@@ -56,6 +64,8 @@ class Subsystem(nn.Module):
             raise GraphError(f"{where}: entry {list(entry)} names an agent twice; name each entry agent once")
         if not (_is_int(rounds) and rounds >= 1):
             raise GraphError(f"{where}: rounds must be an integer >= 1, got {rounds!r}")
+        if problem := ROUNDS.problem(rounds):
+            raise GraphError(f"{where}: rounds: {problem}")
         self.system = system
         self.entry, self.rounds = tuple(entry), rounds
         self.graph()  # fail now on an entry it does not have

@@ -83,7 +83,7 @@ class System(SystemFiles, nn.Module):
             raise GraphError(f"System takes Agent objects and nested systems (system.node(...)), got {agent!r}")
         if agent.name in self.agents or agent.name in self.subsystems:
             raise GraphError(f"duplicate agent name '{agent.name}'; give each agent and nested system its own name")
-        count = sum(len(node.graph().agents) if isinstance(node, Subsystem) else 1
+        count = sum(len(node.graph(unrolled=True).agents) if isinstance(node, Subsystem) else 1
                     for node in [*self.agents.values(), *self.subsystems.values(), agent])
         if problem := AGENTS.problem(count, f"a system of {count} agents"):
             raise GraphError(f"cannot add agent '{agent.name}': {problem}")
@@ -97,9 +97,10 @@ class System(SystemFiles, nn.Module):
         """This system as a node named ``name`` of another system (a subgraph): ``outer = System([planner,
         team.node("team", entry=["a"])])``. An in-edge ``x -> team`` delivers to each ``entry`` agent, into the
         slot it names (which every entry's prompt must have; a latent edge gets one link per entry); an out-edge
-        ``team -> y`` carries what this system's answer node sends. It runs ``rounds`` of its own rounds inside
-        each outer round: one (more are not supported yet), so it may have no feedback edges. Its agents run
-        as ``<name>.<agent>``; see :mod:`~latentgraph.core.subsystem`."""
+        ``team -> y`` carries what this system's answer node sends in its last inner round. It runs ``rounds``
+        of its own rounds inside each outer round, starting afresh in each (its feedback edges deliver between
+        them; with one round it may have none). Its agents run as ``<name>.<agent>`` (in inner rounds before the
+        last, ``<name>#<j>.<agent>``); see :mod:`~latentgraph.core.subsystem`."""
         return Subsystem(self, name, entry, rounds)
 
     def connect(self, src: str, dst: str, *, slot: str | None = None, feedback: bool = False,
