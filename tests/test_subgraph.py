@@ -384,3 +384,11 @@ def test_training_moves_the_links_shared_by_the_inner_rounds(tiny):
              if any(not torch.equal(p, q) for p, q in zip(m.parameters(), before[name]))}
     # the feedback link reaches the answer only through the second inner round; the solver only speaks
     assert moved == set(outer.link_modules()) - {"solver"}
+
+
+def test_an_inner_round_leaves_out_who_sends_to_no_agent_that_runs_in_it(tiny):
+    team, agents = looping_team(tiny)
+    team.disconnect("c", "a")  # no feedback: the first inner round's answer node sends nothing, nor then do a, b
+    agents["a"].feedback_prompt = None
+    outer = lg.System([team.node("team", entry=["a"], rounds=2)], rounds=1, answer="team")
+    assert list(outer.graph(unrolled=True).agents) == ["team.a", "team.b", "team.c"]
