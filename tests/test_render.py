@@ -80,7 +80,8 @@ def test_an_unknown_suffix_is_an_input_error_naming_the_formats(system, tmp_path
 
 def test_to_networkx_holds_every_edge_feedback_included_with_its_attributes(system):
     graph = system.to_networkx()
-    assert list(graph.nodes) == ["planner", "critic", "solver"] and graph.graph == {"rounds": 3, "answer": "solver"}
+    assert list(graph.nodes) == ["planner", "critic", "solver"]
+    assert graph.graph == {"rounds": 3, "answer": "solver", "inner_rounds": {}}
     assert graph.nodes["critic"] == {"backbone": "LlamaForCausalLM", "revision": None, "hidden_size": 48,
                                      "latent_steps": 4, "answer": False, "tools": [], "system": None}
     assert graph.nodes["solver"]["answer"] is True

@@ -97,7 +97,10 @@ class EdgeKind(ABC):
 @dataclass(frozen=True)
 class Edge:
     """A directed connection ``src -> dst`` of kind ``kind``; a slot kind fills ``{slot}`` of the receiver's
-    prompt. ``when``: the condition under which it carries its message (None: always)."""
+    prompt. ``when``: the condition under which it carries its message (None: always). ``feedback``: it
+    delivers in the next round. ``inner_feedback``: a nested system's feedback edge unrolled between two of
+    its inner rounds (:mod:`~latentgraph.core.subsystem`): it delivers in this round, like a forward edge,
+    but the receiver reads it as feedback (with its ``feedback_prompt``)."""
 
     src: str
     dst: str
@@ -105,6 +108,12 @@ class Edge:
     kind: EdgeKind
     feedback: bool = False
     when: Condition | None = None
+    inner_feedback: bool = False
+
+    @property
+    def reads_as_feedback(self) -> bool:
+        """The receiver reads its message with its ``feedback_prompt``."""
+        return self.feedback or self.inner_feedback
 
     @property
     def name(self) -> str:

@@ -263,4 +263,4 @@ def _may_send(edge: Edge, round_: int, rounds: int) -> bool:
 
 def _reads_feedback(incoming: tuple[Edge, ...]) -> bool:
     """Feedback fills a slot: the agent reads its feedback_prompt (a KV cache fed back fills none)."""
-    return any(e.feedback and e.kind.fills_slot for e in incoming)
+    return any(e.reads_as_feedback and e.kind.fills_slot for e in incoming)

@@ -5,7 +5,8 @@ size and latent steps; the answer node has a double border. Each edge is drawn a
 (:mod:`~latentgraph.core.edges`): latent edges show their link type, dims and parameter count, text edges say
 ``text`` (in grey), KV edges ``kv`` (bold); feedback edges are dashed, and conditional edges dotted, with their
 condition as a last label line (``when ...``). A nested system is a cluster (``subgraph cluster_<name>``)
-holding its agents and the edges between them. Building
+holding its agents and the edges between them, drawn once however many inner rounds it runs (its label says
+``team (2 rounds)``). Building
 the DOT source needs no Graphviz binary; writing SVG or PNG does (Debian package ``graphviz``).
 """
 
@@ -41,7 +42,7 @@ def render(system: System, path: str | Path | None = None, *, sizes: bool = True
     edges = {edge.name: edge for edge in system.graph().edges}
     clusters = {"": graph}  # by nested system ("team", "team.sub"); "" is the system itself
     for name in sorted({node["system"] for _, node in network.nodes(data=True) if node["system"]}):
-        _cluster(clusters, name)
+        _cluster(clusters, name, network.graph["inner_rounds"])
     for name, node in network.nodes(data=True):
         title = f"{name} (answer)" if node["answer"] else name
         steps = f"{node['latent_steps']} latent steps"
@@ -69,11 +70,13 @@ def render(system: System, path: str | Path | None = None, *, sizes: bool = True
     return graph
 
 
-def _cluster(clusters: dict[str, graphviz.Digraph], name: str) -> None:
-    """The cluster of nested system ``name``, and those of the systems it is nested in."""
+def _cluster(clusters: dict[str, graphviz.Digraph], name: str, rounds: dict[str, int]) -> None:
+    """The cluster of nested system ``name``, and those of the systems it is nested in; its label says how many
+    inner rounds it runs when more than one."""
     if name and name not in clusters:
-        _cluster(clusters, name.rpartition(".")[0])
-        clusters[name] = graphviz.Digraph(name=f"cluster_{name}", graph_attr={"label": name, "style": "rounded"})
+        _cluster(clusters, name.rpartition(".")[0], rounds)
+        label = name if rounds[name] == 1 else f"{name} ({rounds[name]} rounds)"
+        clusters[name] = graphviz.Digraph(name=f"cluster_{name}", graph_attr={"label": label, "style": "rounded"})
 
 
 def _lines(*lines: str) -> str:

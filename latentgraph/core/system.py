@@ -31,7 +31,7 @@ from .plan import Plan, build_plan
 from .prompt import QUESTION
 from .sampling import Sampling
 from .stopping import Stop
-from .subsystem import Subsystem, flatten
+from .subsystem import Subsystem, flatten, inner_rounds
 from .system_files import SystemFiles
 from .validation import graph_problems
 
@@ -83,7 +83,7 @@ class System(SystemFiles, nn.Module):
             raise GraphError(f"System takes Agent objects and nested systems (system.node(...)), got {agent!r}")
         if agent.name in self.agents or agent.name in self.subsystems:
             raise GraphError(f"duplicate agent name '{agent.name}'; give each agent and nested system its own name")
-        count = sum(len(node.graph().agents) if isinstance(node, Subsystem) else 1
+        count = sum(len(node.graph(unrolled=True).agents) if isinstance(node, Subsystem) else 1
                     for node in [*self.agents.values(), *self.subsystems.values(), agent])
         if problem := AGENTS.problem(count, f"a system of {count} agents"):
             raise GraphError(f"cannot add agent '{agent.name}': {problem}")
@@ -97,9 +97,10 @@ class System(SystemFiles, nn.Module):
         """This system as a node named ``name`` of another system (a subgraph): ``outer = System([planner,
         team.node("team", entry=["a"])])``. An in-edge ``x -> team`` delivers to each ``entry`` agent, into the
         slot it names (which every entry's prompt must have; a latent edge gets one link per entry); an out-edge
-        ``team -> y`` carries what this system's answer node sends. It runs ``rounds`` of its own rounds inside
-        each outer round: one (more are not supported yet), so it may have no feedback edges. Its agents run
-        as ``<name>.<agent>``; see :mod:`~latentgraph.core.subsystem`."""
+        ``team -> y`` carries what this system's answer node sends in its last inner round. It runs ``rounds``
+        of its own rounds inside each outer round, starting afresh in each (its feedback edges deliver between
+        them; with one round it may have none). Its agents run as ``<name>.<agent>`` (in inner rounds before the
+        last, ``<name>#<j>.<agent>``); see :mod:`~latentgraph.core.subsystem`."""
         return Subsystem(self, name, entry, rounds)
 
     def connect(self, src: str, dst: str, *, slot: str | None = None, feedback: bool = False,
@@ -192,11 +193,12 @@ class System(SystemFiles, nn.Module):
         ``backbone``, ``revision``, ``hidden_size``, ``latent_steps``, ``answer`` (bool), ``tools`` (tags) and
         ``system`` (the nested system it runs in, as ``"team"`` or ``"team.sub"``; ``None`` for the system's own
         agents). Edges carry ``name``, ``slot``, ``mode``, ``feedback``, ``link_type``, ``in_dim``, ``out_dim``
-        and ``params`` (link attributes are ``None`` on text edges). The graph attributes are ``rounds`` and
-        ``answer``.
+        and ``params`` (link attributes are ``None`` on text edges). The graph attributes are ``rounds``,
+        ``answer`` and ``inner_rounds`` (each nested system's rounds, by the name ``system`` gives it). A nested
+        system of several rounds appears once, its feedback edges as built.
         """
         flat = self.graph()
-        graph = nx.DiGraph(rounds=self.rounds, answer=flat.answer)
+        graph = nx.DiGraph(rounds=self.rounds, answer=flat.answer, inner_rounds=inner_rounds(self))
         for name, agent in flat.agents.items():
             graph.add_node(name, backbone=str(agent.backbone.name_or_path), revision=agent.backbone.revision,
                            hidden_size=agent.hidden_size, latent_steps=agent.latent_steps,
@@ -214,19 +216,20 @@ class System(SystemFiles, nn.Module):
 
     def order(self) -> list[str]:
         """Agents in topological order of the forward edges; ties keep the order agents were added (a nested
-        system's agents come after the system's own)."""
-        return self.graph().order()
+        system's agents come after the system's own, in each of its inner rounds: ``team#1.a`` before ``team.a``)."""
+        return self.graph(unrolled=True).order()
 
-    def graph(self) -> Graph:
+    def graph(self, unrolled: bool = False) -> Graph:
         """The graph as data: a snapshot of the agents, edges, answer node and outer links, with nested systems
-        flattened into it (:func:`~latentgraph.core.subsystem.flatten`)."""
+        flattened into it (:func:`~latentgraph.core.subsystem.flatten`). ``unrolled``: the graph a plan runs,
+        a nested system of several rounds written out once per inner round; else each appears once."""
         if not self.subsystems:
             return Graph.of(self.agents, self.edges, self.answer, self.links)
-        return flatten(self)
+        return flatten(self, unrolled)
 
     def validate(self) -> System:
         """Check the whole graph; raise one :class:`GraphError` listing every problem and its fix."""
-        if problems := graph_problems(self.graph()):
+        if problems := graph_problems(self.graph(unrolled=True)):
             raise GraphError("the system is invalid:\n  - " + "\n  - ".join(problems))
         return self
 
@@ -235,7 +238,7 @@ class System(SystemFiles, nn.Module):
         (default ``system.rounds``) in run mode ``mode`` (see :meth:`run`): the turns of each round, who reads
         what and sends where. ``print(system.plan())`` shows it as a table. A plan is compiled once and reused
         while the graph stays the same (the same agents, prompts, edges, links and answer node)."""
-        graph = self.graph()
+        graph = self.graph(unrolled=True)
         rounds = self.rounds if rounds is None else rounds
         key = (graph.key(), rounds, mode) if isinstance(rounds, int) and isinstance(mode, str) else None
         if key is None or key not in self._plans:

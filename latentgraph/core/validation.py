@@ -21,8 +21,10 @@ def graph_problems(graph: Graph) -> list[str]:
         problems.append("no answer node: pass answer='<agent>' to System(...) or set system.answer")
     elif graph.answer not in graph.agents:
         problems.append(f"answer node '{graph.answer}' is not an agent; agents are {list(graph.agents)}")
+    # an agent a nested system runs in several inner rounds reads feedback under one of its names only
+    fed_back = {id(graph.agents[e.dst]) for e in graph.edges if e.reads_as_feedback}
     for name, agent in graph.agents.items():
-        problems += _agent_problems(graph, name, agent)
+        problems += _agent_problems(graph, name, agent, id(agent) in fed_back)
     for edge in graph.edges:
         sender, receiver = graph.agents[edge.src], graph.agents[edge.dst]
         if edge.kind.carries_link:
@@ -52,7 +54,7 @@ def _condition_problems(graph: Graph, edge: Edge) -> list[str]:
     return problems
 
 
-def _agent_problems(graph: Graph, name: str, agent: Agent) -> list[str]:
+def _agent_problems(graph: Graph, name: str, agent: Agent, fed_back: bool) -> list[str]:
     problems = []
     try:
         check_link(agent.inner_link, role="inner", in_dim=agent.hidden_size, out_dim=agent.hidden_size,
@@ -73,8 +75,8 @@ def _agent_problems(graph: Graph, name: str, agent: Agent) -> list[str]:
         if len(names) > 1:
             problems.append(f"agent '{name}' receives {len(names)} edges into slot '{slot}' ({', '.join(names)}); "
                             "give each its own slot= and placeholder")
-    forward = {e.slot: e for e in incoming if not e.feedback}
-    feedback = {e.slot: e for e in incoming if e.feedback}
+    forward = {e.slot: e for e in incoming if not e.reads_as_feedback}
+    feedback = {e.slot: e for e in incoming if e.reads_as_feedback}
     problems += _slot_problems(name, "prompt", agent.template(feedback=False).slots, forward, feedback)
     if feedback and agent.feedback_prompt is None:
         names = ", ".join(e.name for e in feedback.values())
@@ -83,7 +85,7 @@ def _agent_problems(graph: Graph, name: str, agent: Agent) -> list[str]:
     elif feedback:
         problems += _slot_problems(name, "feedback_prompt", agent.template(feedback=True).slots,
                                    {**forward, **feedback}, {})
-    elif agent.feedback_prompt is not None:
+    elif agent.feedback_prompt is not None and not fed_back:
         warnings.warn(f"agent '{name}' has a feedback_prompt but no feedback edge; it is never used",
                       stacklevel=4)
     return problems
