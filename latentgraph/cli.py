@@ -131,7 +131,8 @@ def run_record(question: str, style: str, out: Any) -> dict:
 
 def step_record(s: Any) -> dict:
     record = {"prompt": s.prompt, "seconds": round(s.seconds, 4), "tokens_in": s.tokens_in[0],
-              "latents_in": s.latents_in, "latent_steps": s.latent_shape[1] if s.latent_shape else 0,
+              "latents_in": s.latents_in, "cache_in": s.cache_in,
+              "latent_steps": s.latent_shape[1] if s.latent_shape else 0,
               "tokens_out": s.tokens_out[0] if s.tokens_out else 0}
     if s.tool_calls is not None:
         record["tool_calls"] = [{"tool": c.tool, "input": c.input, "output": c.output,
@@ -139,9 +140,14 @@ def step_record(s: Any) -> dict:
     return record
 
 
+def _total(counts: list[int | None]) -> int:
+    """A per-question count summed over the questions the agent ran for (routing may skip some: None)."""
+    return sum(count for count in counts if count is not None)
+
+
 def trace_table(out: Any) -> Table:
     table = Table(title=f"{out.mode} mode: {out.seconds:.1f} s, {out.tokens_out} tokens generated")
-    for column in ("round", "agent", "did", "tokens in", "latents in", "tokens out", "seconds"):
+    for column in ("round", "agent", "did", "tokens in", "latents in", "cache in", "tokens out", "seconds"):
         table.add_column(column, justify="left" if column in ("agent", "did") else "right", no_wrap=True)
     for r, steps in enumerate(out.trace, start=1):
         for name, s in steps.items():
@@ -149,8 +155,8 @@ def trace_table(out: Any) -> Table:
             did = " + ".join(filter(None, [f"thought {s.latent_shape[1]}" if s.latent_shape else "",
                                            "spoke" if s.tokens_out else "",
                                            f"{calls} tool call{'s' * (calls != 1)}" if calls else ""]))
-            table.add_row(str(r), name, did, str(sum(s.tokens_in)), str(s.latents_in),
-                          str(sum(s.tokens_out)) if s.tokens_out else "-", f"{s.seconds:.2f}")
+            table.add_row(str(r), name, did, str(_total(s.tokens_in)), str(s.latents_in), str(s.cache_in),
+                          str(_total(s.tokens_out)) if s.tokens_out else "-", f"{s.seconds:.2f}")
     return table
 
 

@@ -24,8 +24,9 @@ def test_run_json_is_one_object_with_the_documented_keys(saved):
     assert record["question"] == "What is 2 + 2?" and record["mode"] == "latent" and len(record["rounds"]) == 2
     first = record["rounds"][0]
     assert first["round"] == 1 and list(first["agents"]) == ["planner", "critic", "solver"]
-    assert set(first["agents"]["critic"]) == {"prompt", "seconds", "tokens_in", "latents_in", "latent_steps",
-                                              "tokens_out"}
+    assert set(first["agents"]["critic"]) == {"prompt", "seconds", "tokens_in", "latents_in", "cache_in",
+                                              "latent_steps", "tokens_out"}
+    assert first["agents"]["critic"]["cache_in"] == 0  # no KV edge
     assert first["agents"]["critic"]["latents_in"] == 3 and first["agents"]["critic"]["latent_steps"] == 3
     solver = record["rounds"][1]["agents"]["solver"]
     assert 1 <= solver["tokens_out"] <= 4 and record["tokens_out"] == solver["tokens_out"]
