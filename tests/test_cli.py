@@ -96,7 +96,9 @@ def test_allow_unsandboxed_tools_opts_code_scoring_in(monkeypatch, tmp_path):
 
     code = [Example("k1", "Write add(a, b).", "", "code", tests="assert add(2, 3) == 5")]
     monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: code)
-    monkeypatch.setattr(cli, "load", lambda style, **kwargs: types.SimpleNamespace(agents={}))
+    empty = types.SimpleNamespace(agents={})
+    empty.graph = lambda: empty  # a system with no agents, nested or not
+    monkeypatch.setattr(cli, "load", lambda style, **kwargs: empty)
     runners = []
 
     def evaluate(system, examples, *, code_runner, **kwargs):
