@@ -68,7 +68,8 @@ def test_every_raised_error_is_a_latentgraph_error():
     # raised and converted within the package before a user sees them: (module, exception)
     internal = {("latentgraph.core.config", "ValueError"), ("latentgraph.core.config", "PydanticCustomError"),
                 ("latentgraph.core.links", "ValueError"), ("latentgraph.core.conditions", "ValueError"),
-                ("latentgraph.core.conditions", "PydanticCustomError"), ("latentgraph.training.data", "KeyError"),
+                ("latentgraph.core.conditions", "PydanticCustomError"),
+                ("latentgraph.core.config_base", "PydanticCustomError"), ("latentgraph.training.data", "KeyError"),
                 ("latentgraph.files.atomic", "OSError"), ("latentgraph.tools.cgroups", "OSError"),
                 ("latentgraph.files.text", "NotJSON")}
     offenders = []
