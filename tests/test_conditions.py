@@ -352,3 +352,17 @@ def test_the_edges_page_examples_are_valid_conditions():
         == [True, False]
     edge = json.loads(re.findall(r"```json\n(.*?)```", page, flags=re.DOTALL)[0])
     assert parse_condition(edge["when"], "e").to_dict() == edge["when"]  # the stored form, every field shown
+
+
+@register_condition("any_word")
+def any_word(state, *, words: list[str] = ["x"]):  # noqa: B006 (a default read, never changed)
+    return [any(w in q for w in words) for q in state.questions]
+
+
+def test_a_user_condition_with_a_list_field_hashes_by_its_stored_form():
+    made = parse_condition({"type": "any_word", "words": ["7", "8"]}, WHERE)
+    again = parse_condition(made.to_dict(), WHERE)
+    assert made == again and hash(made) == hash(again)  # so a plan keyed by its graph's edges can be cached
+    assert {made: 1}[again] == 1
+    assert hash(made) != hash(parse_condition({"type": "any_word", "words": ["9"]}, WHERE))
+    assert made.on(RouteState(round=1, rounds=1, questions=["a 7", "b"], said={})) == [True, False]

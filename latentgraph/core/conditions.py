@@ -14,6 +14,7 @@ a :class:`~latentgraph.GraphError` naming the field. What a condition returns at
 from __future__ import annotations
 
 import inspect
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -96,6 +97,11 @@ class Condition(ConfigModel):
         """The JSON-able dict a config file holds, ``type`` first; :func:`parse_condition` reads it back."""
         fields = self.model_dump(mode="json")
         return {"type": self.type, **{k: v for k, v in fields.items() if k != "type"}}
+
+    def __hash__(self) -> int:
+        # By the stored form: a user condition's list field has no hash of its own, and a plan is cached by
+        # its graph's edges, conditions included.
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
 
 def _wrong_result(result: Any, rows: int) -> str | None:
