@@ -1,4 +1,4 @@
-"""The ``latentgraph`` command line: run a system, serve it, render it, list and convert the published styles."""
+"""The ``latentgraph`` command line: run a system, serve it, render it, list and convert the styles."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def run(
     temperature: float = typer.Option(0.6, help="Sampling temperature (the published 0.6)."),
     top_p: float = typer.Option(0.95, help="Sampling top-p (the published 0.95)."),
     seed: int | None = typer.Option(None, help="Seed for sampling."),
-    task: str = typer.Option("math", help="For published styles: math or code links and answer format."),
+    task: str = typer.Option("math", help="For styles: math or code links and answer format."),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
     device_map: str | None = typer.Option(None, help=DEVICE_MAP_HELP),
     max_memory: str | None = typer.Option(None, help=MAX_MEMORY_HELP),
@@ -162,9 +162,9 @@ def trace_table(out: Any) -> Table:
 
 @app.command()
 def render(
-    style: str = typer.Argument(..., help="'default', a published style, or a saved directory."),
+    style: str = typer.Argument(..., help="'default', a style (see `latentgraph styles`), or a saved directory."),
     output: Path = typer.Option(..., "-o", "--output", help="File to write: .svg, .png, .pdf or .dot."),
-    task: str = typer.Option("math", help="For published styles: math or code."),
+    task: str = typer.Option("math", help="For styles: math or code."),
 ) -> None:
     """Draw a system: agents with backbone, hidden size and latent steps; links with type and size."""
     from .core.render import render as draw
@@ -185,15 +185,16 @@ def styles() -> None:
 
 @app.command()
 def convert(
-    style: str = typer.Argument(..., help="A published style (see `latentgraph styles`)."),
+    style: str = typer.Argument(..., help="A style (see `latentgraph styles`)."),
     out_dir: Path = typer.Argument(..., help="Where to write the system in latentgraph's format."),
     task: str = typer.Option("math", help="Which inner links to take: math or code."),
     revision: str | None = typer.Option(None, help="Hub revision of the style's repos."),
 ) -> None:
-    """Write a published style in latentgraph's format: safetensors links, backbones referenced by hub id.
+    """Write a style in latentgraph's format: safetensors links, backbones referenced by hub id or folder.
 
-    Only configs and link files are read; backbone weights are not downloaded. The links are written in the dtype
-    the published files hold (bf16), value for value.
+    For a published style only configs and link files are read (backbone weights are not downloaded), and the
+    links are written in the dtype the published files hold (bf16), value for value. A training-free style
+    (latent_mas) is built on its embedded backbone and written with its fitted links.
     """
     from .checkpoints.published import load_style
 
@@ -209,7 +210,7 @@ def eval_command(
                                           "file."),
     output: Path = typer.Option(..., help="Directory for results.jsonl, summary.json and plot.png; a rerun "
                                           "into it resumes."),
-    style: str = typer.Option(DEFAULT, help="'default', a published style, or a saved directory."),
+    style: str = typer.Option(DEFAULT, help="'default', a style (see `latentgraph styles`), or a saved directory."),
     compare: str = typer.Option("latent", help="Comma list of methods: single, text, latent."),
     rounds: str | None = typer.Option(None, help="Comma list of round counts, each run separately (default: "
                                                  "the system's)."),
@@ -230,7 +231,7 @@ def eval_command(
     top_p: float | None = typer.Option(None, help="Sampling top-p (default 0.95, the published one); needs "
                                                   "--sample or --samples > 1."),
     upstream: bool = typer.Option(False, help="Also report the published lenient accuracy (separately)."),
-    task: str | None = typer.Option(None, help="For published styles: math or code (default: from the data)."),
+    task: str | None = typer.Option(None, help="For styles: math or code (default: from the data)."),
     seed: int = typer.Option(0, help="Seeds sampling and the order of multiple-choice options."),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
     device_map: str | None = typer.Option(None, help=DEVICE_MAP_HELP),
@@ -304,7 +305,7 @@ def eval_command(
 def train_command(
     data: Path = typer.Option(..., help="Training JSONL: our rows (question, answer, plan, targets) or GSM8K's."),
     output: Path = typer.Option(..., help="Where the trained system, checkpoints and train_log.jsonl go."),
-    style: str = typer.Option(DEFAULT, help="The system to train: 'default', a published style, or a directory."),
+    style: str = typer.Option(DEFAULT, help="'default', a style (see `latentgraph styles`), or a directory."),
     data_format: str | None = typer.Option(None, "--format", help="'gsm8k' for GSM8K rows."),
     offset: int = typer.Option(0, help="First data row to use."),
     limit: int | None = typer.Option(None, help="Most data rows to use."),
@@ -317,7 +318,7 @@ def train_command(
                                                      "then trains on ranks x batch size x accumulate)."),
     save_every: int | None = typer.Option(None, help="Write a checkpoint every N steps."),
     resume: Path | None = typer.Option(None, help="A checkpoint directory to continue from."),
-    task: str = typer.Option("math", help="For published styles: math or code."),
+    task: str = typer.Option("math", help="For styles: math or code."),
 ) -> None:
     """Train a system's links on frozen backbones; the result loads with `latentgraph run --style OUTPUT`.
 
