@@ -260,6 +260,9 @@ def test_kv_problem_names_what_differs(tiny, tmp_path):
     assert "hidden_size 64 against 32" in smaller and "head_dim 16 against 8" in smaller
     assert "model_type llama against qwen2" in kv_problem(same, _config_only(tmp_path, "qwen2"))
     assert not same.loaded
+    spread = get_backbone(tmp_path / "llama-64", device_map="auto", max_memory={"cpu": "2GiB"})
+    assert "is spread by a device map" in kv_problem(spread, spread) and "use a latent edge" in kv_problem(same, spread)
+    assert not spread.loaded
 
 
 @pytest.mark.parametrize("arch, kind", [("gemma3_text", "sliding_attention"), ("qwen3_5_text", "linear_attention"),

@@ -197,6 +197,10 @@ def kv_problem(sender: Backbone, receiver: Backbone) -> str | None:
     for backbone in (sender, receiver):
         if (layout := _cache_layout_problem(backbone)) is not None:
             return layout
+        if backbone.device_map is not None:  # its layers' caches would live on several devices
+            return (f"backbone {backbone.name_or_path!r} is spread by a device map ({backbone.device_map}), and a KV "
+                    "cache passed between agents is only supported on a backbone placed on one device (device=); "
+                    "place it on one device, or use a latent edge")
     if sender is receiver:
         return None
     ours, theirs = sender.config.get_text_config(), receiver.config.get_text_config()
