@@ -392,3 +392,32 @@ def test_an_inner_round_leaves_out_who_sends_to_no_agent_that_runs_in_it(tiny):
     agents["a"].feedback_prompt = None
     outer = lg.System([team.node("team", entry=["a"], rounds=2)], rounds=1, answer="team")
     assert list(outer.graph(unrolled=True).agents) == ["team.a", "team.b", "team.c"]
+
+
+def test_ray_workers_rebuild_a_nested_system_with_its_inner_agents_placed_and_equipped(tiny, tmp_path):
+    from latentgraph.evaluation.workers import rebuild, shipped
+    from latentgraph.tools.base import Tool
+
+    class Echo(Tool):
+        name = tag = "echo"
+
+        def run(self, text):
+            return text
+
+    model, tok = tiny("llama", 64, seed=3)
+    model.save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    source = str(tmp_path / "llama")
+    team = lg.System([lg.Agent("a", source, "A {outer} {question}", latent_steps=2),
+                      lg.Agent("b", source, "B {a} {question}", latent_steps=2)], rounds=1, answer="b")
+    team.connect("a", "b")
+    outer = lg.System([lg.Agent("outer", source, "O {question}", latent_steps=2),
+                       team.node("team", entry=["a"])], rounds=1, answer="team")
+    outer.connect("outer", "team")
+    checkpoint, dtypes = shipped(outer, "cpu")
+    assert set(dtypes) == {"outer", "team.a", "team.b"}  # the nested agents' dtypes travel too
+    replica = rebuild(checkpoint, dtypes, {"team.b": [Echo()]}, {"device": "cpu"})
+    assert [t.tag for t in replica.graph().agents["team.b"].tools] == ["echo"]
+    assert all(agent.backbone.loaded for agent in replica.graph().agents.values())
+    settings = {"do_sample": False, "max_new_tokens": 3}
+    assert replica.run(QUESTIONS[:2], **settings).texts == outer.run(QUESTIONS[:2], **settings).texts

@@ -111,27 +111,37 @@ def rebuild(checkpoint: dict[str, bytes], dtypes: dict[str, torch.dtype | None],
     ``placement`` says (``device=`` one device, or ``device_map="auto"`` over the worker's GPUs)."""
     config = json.loads(checkpoint[native.CONFIG_NAME])
     backbones = {}
-    for agent in config["agents"]:
+    for name, agent in _agent_configs(config):
         source = agent["backbone"]
         try:
-            backbones[agent["name"]] = get_backbone(source["name_or_path"], revision=source["revision"],
-                                                    dtype=dtypes[agent["name"]], **placement).load()
+            backbones[name] = get_backbone(source["name_or_path"], revision=source["revision"], dtype=dtypes[name],
+                                           **placement).load()
         except CheckpointError as e:
-            raise CheckpointError(f"agent '{agent['name']}' on a Ray worker: {e}; workers load backbones from "
+            raise CheckpointError(f"agent '{name}' on a Ray worker: {e}; workers load backbones from "
                                   "their source, so a folder must be at that path on every node") from None
     system = System.from_config(config, backbones=backbones)
     weights = load_safetensors(checkpoint[native.WEIGHTS_NAME])
     # "auto": each link in the dtype the driver's was in (the tensors were sent in it), so rows match the driver's
     native.assign(system.link_modules(), weights, source="the link weights sent by the driver", link_dtype=AUTO)
+    agents = system.graph().agents  # nested systems' agents too, by their full names
     for name, agent_tools in tools.items():
-        system.agents[name].tools = agent_tools
+        agents[name].tools = agent_tools
     return system
+
+
+def _agent_configs(config: dict, prefix: str = "") -> Iterator[tuple[str, dict]]:
+    """Every agent of a system config, nested systems' included, by its full name (``team.a``)."""
+    for agent in config["agents"]:
+        yield prefix + agent["name"], agent
+    for nested in config.get("subsystems") or []:
+        yield from _agent_configs(nested["system"], f"{prefix}{nested['name']}.")
 
 
 def shipped(system: System, device: str) -> tuple[dict[str, bytes], dict[str, torch.dtype | None]]:
     """What a worker rebuilds ``system`` from: its checkpoint's bytes and each backbone's dtype (the driver's
     on the driver's kind of device, so results match; None, the device's default, elsewhere)."""
-    for name, agent in system.agents.items():
+    agents = system.graph().agents  # nested systems' agents too, by their full names
+    for name, agent in agents.items():
         backbone = agent.backbone
         if backbone.config.name_or_path != backbone.name_or_path:  # given as a loaded model: no source to load
             raise InputError(f"agent '{name}': its backbone was given as a loaded model ({backbone.name_or_path}), "
@@ -144,7 +154,7 @@ def shipped(system: System, device: str) -> tuple[dict[str, bytes], dict[str, to
         raise InputError(f"Ray workers rebuild the system from its config, which cannot describe it: {e}; or "
                          "evaluate in this process (no workers)") from None
     dtypes = {name: agent.backbone.dtype if _device_kind(agent.backbone) == device else None
-              for name, agent in system.agents.items()}
+              for name, agent in agents.items()}
     return native.files(config, system.link_modules()), dtypes
 
 
@@ -169,7 +179,7 @@ class RayWorkers:
         # a worker with several GPUs spreads each backbone over them (Ray shows it only its own)
         self.placement = {"device_map": "auto"} if options.gpus_per_worker > 1 else {"device": device}
         self.checkpoint, self.dtypes = shipped(system, device)
-        tools = {name: agent.tools for name, agent in system.agents.items() if agent.tools}
+        tools = {name: agent.tools for name, agent in system.graph().agents.items() if agent.tools}
         try:
             self.extras = self.ray.cloudpickle.dumps({"tools": tools, "code_runner": code_runner,
                                                       "code_timeout": code_timeout})
