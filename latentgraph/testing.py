@@ -93,3 +93,15 @@ def tiny_backbone(arch: str = "llama", hidden_size: int = 64, *, seed: int = 0, 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, hidden_size, tokenizer, max_positions, init_std))
     return model.eval(), tokenizer
+
+
+def left_padded(lengths: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompt embeddings (from torch's global generator) for rows of the given lengths, left-padded with
+    zeros, and their mask: ``(B, L, width)`` and ``(B, L)``."""
+    longest = max(lengths)
+    embeds = torch.zeros(len(lengths), longest, width)
+    mask = torch.zeros(len(lengths), longest, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        embeds[i, longest - n:] = torch.randn(n, width)
+        mask[i, longest - n:] = 1
+    return embeds, mask

@@ -16,7 +16,7 @@ from latentgraph.core.messages import Encoded
 from latentgraph.core.speak import Sampling, generate, run_to_end
 from latentgraph.core.think import latent_rollout
 from latentgraph.errors import GraphError
-from latentgraph.testing import tiny_config
+from latentgraph.testing import left_padded, tiny_config
 from latentgraph.training.objectives import teacher_forced
 
 ARCHS = ["llama", "qwen2"]
@@ -29,17 +29,6 @@ def _setup(tiny, arch):
     sender = make_link("ln_res", role="inner", in_dim=64, out_dim=64, where="sender")
     receiver = make_link("ln_res", role="inner", in_dim=64, out_dim=64, where="receiver")
     return backbone, sender, receiver
-
-
-def _padded(lengths, width=64):
-    """Random prompt embeddings for rows of the given lengths, left-padded with zeros, and their mask."""
-    longest = max(lengths)
-    embeds = torch.zeros(len(lengths), longest, width)
-    mask = torch.zeros(len(lengths), longest, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        embeds[i, longest - n:] = torch.randn(n, width)
-        mask[i, longest - n:] = 1
-    return embeds, mask
 
 
 def _ones(embeds):
@@ -92,9 +81,9 @@ def test_continuing_a_prefix_equals_a_rollout_over_the_concatenation(tiny, arch,
 def test_rollout_without_cache_keeps_the_same_prefix(tiny, arch):
     """The re-encoding reference (use_cache=False) continues a prefix and returns one like the cached rollout's."""
     backbone, sender, receiver = _setup(tiny, arch)
-    embeds, mask = _padded([4, 7])
+    embeds, mask = left_padded([4, 7], 64)
     with torch.no_grad():
-        prefix = prefill(backbone, *_padded([5, 3]))
+        prefix = prefill(backbone, *left_padded([5, 3], 64))
         cached = latent_rollout(backbone, sender, embeds, mask, 3, prefix=prefix, keep_cache=True)
         encoded = latent_rollout(backbone, sender, embeds, mask, 3, prefix=prefix, keep_cache=True, use_cache=False)
     _close(cached.hidden, encoded.hidden)
@@ -124,8 +113,8 @@ def test_padded_rows_continue_their_prefix_as_if_alone(tiny, arch):
     """Left padding of the sender's and the receiver's prompts ends up inside the concatenated cache; it is
     masked there, and every row's positions continue its own sender's."""
     backbone, sender, receiver = _setup(tiny, arch)
-    sent, sent_mask = _padded([3, 7, 5])
-    said, said_mask = _padded([6, 2, 4])
+    sent, sent_mask = left_padded([3, 7, 5], 64)
+    said, said_mask = left_padded([6, 2, 4], 64)
     greedy = Sampling(do_sample=False, max_new_tokens=5)
     with torch.no_grad():
         first = latent_rollout(backbone, sender, sent, sent_mask, steps=3, keep_cache=True)
@@ -208,8 +197,8 @@ def test_a_loss_on_the_receiver_reaches_the_sender(tiny, arch, grad_steps):
 def test_teacher_forcing_after_a_prefix_equals_forcing_the_concatenation(tiny, arch, logits):
     model, tokenizer = tiny(arch, 64)
     agent = Agent("solver", model, tokenizer=tokenizer)
-    sent, sent_mask = _padded([5, 3])
-    said, said_mask = _padded([2, 4])
+    sent, sent_mask = left_padded([5, 3], 64)
+    said, said_mask = left_padded([2, 4], 64)
     targets = [[7, 8, 9], [10, 11]]
     with torch.no_grad():
         prefix = prefill(agent.backbone, sent, sent_mask)
@@ -225,7 +214,7 @@ def test_teacher_forcing_after_a_prefix_equals_forcing_the_concatenation(tiny, a
 def test_a_prefix_can_be_selected_moved_and_trimmed_without_changing_positions(tiny):
     backbone, sender, _ = _setup(tiny, "llama")
     with torch.no_grad():
-        prefix = latent_rollout(backbone, sender, *_padded([4, 6]), steps=2, keep_cache=True).cache
+        prefix = latent_rollout(backbone, sender, *left_padded([4, 6], 64), steps=2, keep_cache=True).cache
     row = prefix.select([1])
     assert torch.equal(row.mask, prefix.mask[1:]) and row.next_position.tolist() == [8]
     assert torch.equal(row.layers[1][1], prefix.layers[1][1][1:])

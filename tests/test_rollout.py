@@ -9,17 +9,7 @@ from latentgraph.core.forward import positions_from_mask
 from latentgraph.core.links import make_link
 from latentgraph.core.speak import Sampling, generate, run_to_end
 from latentgraph.core.think import latent_rollout
-
-
-def _padded_batch(backbone, lengths):
-    """Random prompt embeddings for rows of the given lengths, left-padded with zeros."""
-    width, longest = backbone.hidden_size, max(lengths)
-    embeds = torch.zeros(len(lengths), longest, width)
-    mask = torch.zeros(len(lengths), longest, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        embeds[i, longest - n:] = torch.randn(n, width)
-        mask[i, longest - n:] = 1
-    return embeds, mask
+from latentgraph.testing import left_padded
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)
@@ -27,7 +17,7 @@ def test_cached_rollout_equals_reencoding(tiny, arch):
     model, tokenizer = tiny(arch, 64)
     backbone = get_backbone(model, tokenizer=tokenizer)
     inner = make_link("ln_res", role="inner", in_dim=64, out_dim=64, where="test")
-    embeds, mask = _padded_batch(backbone, [7, 12])
+    embeds, mask = left_padded([7, 12], backbone.hidden_size)
     with torch.no_grad():
         cached = latent_rollout(backbone, inner, embeds, mask, steps=10)
         reference = latent_rollout(backbone, inner, embeds, mask, steps=10, use_cache=False)
@@ -55,7 +45,7 @@ def test_rollout_and_decoding_do_not_depend_on_padding(tiny, arch):
     model, tokenizer = tiny(arch, 64)
     backbone = get_backbone(model, tokenizer=tokenizer)
     inner = make_link("ln_res", role="inner", in_dim=64, out_dim=64, where="test")
-    embeds, mask = _padded_batch(backbone, [5, 11, 8])
+    embeds, mask = left_padded([5, 11, 8], backbone.hidden_size)
     greedy = Sampling(do_sample=False, max_new_tokens=6)
     with torch.no_grad():
         batch = latent_rollout(backbone, inner, embeds, mask, steps=6)
@@ -77,14 +67,14 @@ def test_zero_latent_steps_give_empty_thoughts(tiny):
     model, tokenizer = tiny("llama", 64)
     backbone = get_backbone(model, tokenizer=tokenizer)
     inner = make_link("ln_res", role="inner", in_dim=64, out_dim=64, where="test")
-    thoughts = latent_rollout(backbone, inner, *_padded_batch(backbone, [4, 6]), steps=0)
+    thoughts = latent_rollout(backbone, inner, *left_padded([4, 6], backbone.hidden_size), steps=0)
     assert thoughts.hidden.shape == thoughts.embeds.shape == (2, 0, 64)
 
 
 def test_sampling_is_seeded_and_respects_top_k(tiny):
     model, tokenizer = tiny("qwen2", 64)
     backbone = get_backbone(model, tokenizer=tokenizer)
-    embeds, mask = _padded_batch(backbone, [6, 9])
+    embeds, mask = left_padded([6, 9], backbone.hidden_size)
     sampling = Sampling(do_sample=True, temperature=1.0, top_p=1.0, top_k=1, max_new_tokens=5)
     with torch.no_grad():
         top1 = run_to_end(generate(backbone, embeds, mask, sampling, generators(1)))
@@ -103,7 +93,7 @@ def generators(seed, rows=2):
 def test_decoding_stops_rows_at_their_end_token(tiny):
     model, tokenizer = tiny("llama", 64)
     backbone = get_backbone(model, tokenizer=tokenizer)
-    embeds, mask = _padded_batch(backbone, [3, 4])
+    embeds, mask = left_padded([3, 4], backbone.hidden_size)
     eos = tokenizer.eos_token_id
     with torch.no_grad():
         bias = model.lm_head.bias
