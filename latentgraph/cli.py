@@ -147,7 +147,10 @@ def _total(counts: list[int | None]) -> int:
 
 def trace_table(out: Any) -> Table:
     table = Table(title=f"{out.mode} mode: {out.seconds:.1f} s, {out.tokens_out} tokens generated")
-    for column in ("round", "agent", "did", "tokens in", "latents in", "cache in", "tokens out", "seconds"):
+    cached = any(s.cache_in for steps in out.trace for s in steps.values())  # a column only where KV edges ran
+    columns = ("round", "agent", "did", "tokens in", "latents in", *(("cache in",) if cached else ()), "tokens out",
+               "seconds")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("agent", "did") else "right", no_wrap=True)
     for r, steps in enumerate(out.trace, start=1):
         for name, s in steps.items():
@@ -155,7 +158,8 @@ def trace_table(out: Any) -> Table:
             did = " + ".join(filter(None, [f"thought {s.latent_shape[1]}" if s.latent_shape else "",
                                            "spoke" if s.tokens_out else "",
                                            f"{calls} tool call{'s' * (calls != 1)}" if calls else ""]))
-            table.add_row(str(r), name, did, str(_total(s.tokens_in)), str(s.latents_in), str(s.cache_in),
+            table.add_row(str(r), name, did, str(_total(s.tokens_in)), str(s.latents_in),
+                          *((str(s.cache_in),) if cached else ()),
                           str(_total(s.tokens_out)) if s.tokens_out else "-", f"{s.seconds:.2f}")
     return table
 

@@ -145,3 +145,18 @@ def test_kv_edges_round_trip_through_the_config_and_are_drawn(tiny, tmp_path):
     assert "kv" not in plain.to_config().edges[0].model_dump()  # written only when set
     source = lg.render(system).source
     assert 'planner -> solver [label="kv (thoughts)" color=navy fontcolor=navy style=bold]' in source
+
+
+def test_the_cli_trace_table_has_a_cache_column_only_where_kv_edges_ran(tiny):
+    from latentgraph.cli import trace_table
+
+    planner, solver = agents(tiny, "llama")
+    kv = lg.System([planner, solver], rounds=1, answer="solver").connect("planner", "solver", mode="kv")
+    out = kv.run(QUESTIONS[:1], do_sample=False, max_new_tokens=2)
+    table = trace_table(out)
+    columns = [c.header for c in table.columns]
+    assert "cache in" in columns
+    assert list(table.columns[columns.index("cache in")].cells) == ["0", str(out.trace[0]["solver"].cache_in)]
+    plain = lg.System([planner, lg.Agent("reader", planner.model, tokenizer=planner.tokenizer, prompt="{planner}")],
+                      rounds=1, answer="reader").connect("planner", "reader")
+    assert "cache in" not in [c.header for c in trace_table(plain.run("q", do_sample=False, max_new_tokens=2)).columns]
