@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -89,6 +90,10 @@ class Plan:
 
     def readers(self) -> frozenset[str]:
         """The agents whose text some edge's condition reads (they speak in each of their turns, for every row)."""
+        return self._readers
+
+    @cached_property
+    def _readers(self) -> frozenset[str]:  # asked before every turn of a run: worked out once per plan
         return frozenset(name for turn in self.turns_in_order() for name in _reads(turn))
 
     def turns_in_order(self) -> list[Turn]:

@@ -23,9 +23,9 @@ from .limits import API_KEY_VARIABLE, Limits
 
 
 def serve(
-    style: str = typer.Option(DEFAULT, help="'default' (real small models, offline), a published style, a "
+    style: str = typer.Option(DEFAULT, help="'default' (real small models, offline), a style, a "
                                             "directory written by save_pretrained, or a .json/.yaml system file."),
-    task: str = typer.Option("math", help="For published styles: math or code links and answer format."),
+    task: str = typer.Option("math", help="For styles: math or code links and answer format."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on. One that other machines can reach needs "
                                                "--api-key (or --allow-no-key)."),
     port: int = typer.Option(8000, help="Port to listen on (0: any free one)."),
